@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine:
+#   make run   sets everything up and trains the default NoisyViT on Fashion-MNIST
+#   make test  sets everything up and runs the test suite (CPU, 8 fake devices)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/default
+CONFIG ?= configs/default.py
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+
+.PHONY: run test install data clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml .ci/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Fashion-MNIST ships as a Debian package; nothing is downloaded from a dataset hub.
+data:
+	@if [ ! -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; \
+	  fi; \
+	fi
+
+run: install data
+	$(PY) -m noisy_flax.main --config $(CONFIG) --workdir $(WORKDIR)
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) workdirs .pytest_cache

@@ -1,0 +1,15 @@
+"""Test set-up: CPU only, 8 fake devices so every sharding path runs, no network."""
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ["NO_GCE_CHECK"] = "true"  # tfds/gcs must not probe the network
+
+import jax  # noqa: E402
+
+jax.config.update("jax_platforms", "cpu")
