@@ -1,0 +1,45 @@
+"""What the ViT and the ResNet share: applying a Noise at one site."""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from noisy_flax.noise import Noise
+
+
+def resolve_index(index: int, size: int, what: str) -> int:
+    """A Python-style index (negative counts from the end), checked."""
+    if not -size <= index < size:
+        raise ValueError(f"noise {what} {index} is out of range for a model with {size} "
+                         f"{what}s; use {-size}..{size - 1} (negative counts from the end)")
+    return index % size
+
+
+def noise_is_here(noise: Optional[Noise], site: str, train: bool) -> bool:
+    return noise is not None and noise.site == site and noise.active(train)
+
+
+def apply_noise(module: nn.Module, noise: Noise, x: jax.Array, mask=None) -> jax.Array:
+    """Calls the noise function with a key from the module's 'noise' stream."""
+    key = None
+    if noise.needs_key:
+        if not module.has_rng("noise"):
+            raise ValueError(f"{noise.name} noise is random: pass rngs={{'noise': key}} to "
+                             "model.apply (or switch the noise off for this mode)")
+        key = module.make_rng("noise")
+    return noise.fn(x, key=key, mask=mask)
+
+
+def apply_noise_to_patch_tokens(module: nn.Module, noise: Noise, tokens: jax.Array,
+                                grid: tuple[int, int], num_prefix: int = 1,
+                                mask=None) -> jax.Array:
+    """Noise on the patch tokens, laid out as an image grid; the class token
+    (the first ``num_prefix`` tokens) is never modified."""
+    prefix, patches = tokens[:, :num_prefix], tokens[:, num_prefix:]
+    batch, count, dim = patches.shape
+    grid_tokens = patches.reshape(batch, grid[0], grid[1], dim)
+    noisy = apply_noise(module, noise, grid_tokens, mask).reshape(batch, count, dim)
+    return jnp.concatenate([prefix, noisy.astype(tokens.dtype)], axis=1)
