@@ -22,7 +22,14 @@ def noise_is_here(noise: Optional[Noise], site: str, train: bool) -> bool:
     return noise is not None and noise.site == site and noise.active(train)
 
 
-def apply_noise(module: nn.Module, noise: Noise, x: jax.Array, mask=None) -> jax.Array:
+def _sow_site(module: nn.Module, before: jax.Array, after: jax.Array) -> None:
+    # Studies read the features at the noise site through
+    # model.apply(..., mutable=['intermediates']); free otherwise.
+    module.sow("intermediates", "noise_input", before)
+    module.sow("intermediates", "noise_output", after)
+
+
+def _call(module: nn.Module, noise: Noise, x: jax.Array, mask) -> jax.Array:
     """Calls the noise function with a key from the module's 'noise' stream."""
     key = None
     if noise.needs_key:
@@ -30,7 +37,14 @@ def apply_noise(module: nn.Module, noise: Noise, x: jax.Array, mask=None) -> jax
             raise ValueError(f"{noise.name} noise is random: pass rngs={{'noise': key}} to "
                              "model.apply (or switch the noise off for this mode)")
         key = module.make_rng("noise")
-    return noise.fn(x, key=key, mask=mask)
+    return noise.fn(x, key=key, mask=mask).astype(x.dtype)
+
+
+def apply_noise(module: nn.Module, noise: Noise, x: jax.Array, mask=None) -> jax.Array:
+    """Noise on a whole (batch, height, width, channels) map."""
+    out = _call(module, noise, x, mask)
+    _sow_site(module, x, out)
+    return out
 
 
 def apply_noise_to_patch_tokens(module: nn.Module, noise: Noise, tokens: jax.Array,
@@ -41,5 +55,7 @@ def apply_noise_to_patch_tokens(module: nn.Module, noise: Noise, tokens: jax.Arr
     prefix, patches = tokens[:, :num_prefix], tokens[:, num_prefix:]
     batch, count, dim = patches.shape
     grid_tokens = patches.reshape(batch, grid[0], grid[1], dim)
-    noisy = apply_noise(module, noise, grid_tokens, mask).reshape(batch, count, dim)
-    return jnp.concatenate([prefix, noisy.astype(tokens.dtype)], axis=1)
+    noisy = _call(module, noise, grid_tokens, mask).reshape(batch, count, dim)
+    out = jnp.concatenate([prefix, noisy], axis=1)
+    _sow_site(module, tokens, out)
+    return out

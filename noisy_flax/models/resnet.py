@@ -94,7 +94,7 @@ class ResNet(nn.Module):
         self._check(images)
         x = images.astype(self.dtype)
         if noise_is_here(self.noise, "image", train):
-            x = apply_noise(self, self.noise, x, mask).astype(self.dtype)
+            x = apply_noise(self, self.noise, x, mask)
         if self.stem == "imagenet":
             x = _conv(self.width, 7, 2, self.dtype, "conv1")(x)
             x = nn.relu(_norm(train, self.dtype, "bn1")(x))
@@ -106,7 +106,7 @@ class ResNet(nn.Module):
         for s, blocks in enumerate(self.stage_sizes):
             for b in range(blocks):
                 if (s, b) == (noisy_stage, noisy_block) and noise_is_here(self.noise, "block_input", train):
-                    x = apply_noise(self, self.noise, x, mask).astype(self.dtype)
+                    x = apply_noise(self, self.noise, x, mask)
                 x = self.block_cls(self.width * 2 ** s, stride=2 if s > 0 and b == 0 else 1,
                                    dtype=self.dtype, name=f"layer{s + 1}_{b}")(x, train=train)
         x = jnp.mean(x, axis=(1, 2))

@@ -200,7 +200,7 @@ class VisionTransformer(nn.Module):
         _check_images(images, self.patch_size)
         images = images.astype(self.dtype)
         if noise_is_here(self.noise, "image", train):
-            images = apply_noise(self, self.noise, images, mask).astype(self.dtype)
+            images = apply_noise(self, self.noise, images, mask)
         x = nn.Conv(self.hidden_size, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                     padding="VALID", dtype=self.dtype, name="embedding")(images)
         batch, gh, gw, dim = x.shape

@@ -1,0 +1,282 @@
+"""ViT and ResNet: published parameter counts, noise sites and switches."""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from noisy_flax import noise
+from noisy_flax.models import create_model, input_size
+from noisy_flax.models.vit import VisionTransformer
+
+# Published parameter counts for 1000 classes (timm / torchvision model cards),
+# BatchNorm running statistics not counted.
+PUBLISHED_COUNTS = {
+    "vit_tiny_patch16_224": 5_717_416,
+    "vit_small_patch16_224": 22_050_664,
+    "vit_base_patch16_224": 86_567_656,
+    "vit_base_patch16_384": 86_859_496,
+    "vit_base_patch32_224": 88_224_232,
+    "vit_large_patch16_224": 304_326_632,
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+}
+
+
+def param_count(model, size):
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                                               train=False))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+@pytest.mark.parametrize("name,count", PUBLISHED_COUNTS.items())
+def test_published_parameter_counts(name, count):
+    model = create_model(name, num_classes=1000)
+    assert param_count(model, input_size(model) if "vit" in name else 224) == count
+
+
+def test_vit_parameter_names_follow_augreg_layout():
+    model = create_model("vit_nano_patch4_32", num_classes=10, num_layers=2,
+                         representation_size=16)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    names = {"/".join(k) for k in flax.traverse_util.flatten_dict(shapes["params"])}
+    for expected in ["embedding/kernel", "cls", "Transformer/posembed_input/pos_embedding",
+                     "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel",
+                     "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/out/kernel",
+                     "Transformer/encoderblock_0/LayerNorm_0/scale",
+                     "Transformer/encoderblock_0/LayerNorm_2/bias",
+                     "Transformer/encoderblock_0/MlpBlock_3/Dense_1/kernel",
+                     "Transformer/encoder_norm/scale", "pre_logits/kernel", "head/bias"]:
+        assert expected in names
+    q = flax.traverse_util.flatten_dict(shapes["params"])[
+        ("Transformer", "encoderblock_0", "MultiHeadDotProductAttention_1", "query", "kernel")]
+    assert q.shape == (64, 4, 16)  # (width, heads, head_dim) as in augreg files
+
+
+def tiny_vit(noise_cfg=None, **kw):
+    return create_model("vit_nano_patch4_16", num_classes=5, num_layers=3,
+                        noise=noise_cfg, **kw)
+
+
+def images(batch=6, size=16, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, size, size, 3)), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def vit_variables():
+    variables = tiny_vit().init(jax.random.key(0), images(), train=False)
+    # The head starts at zero (as in vit_jax); give it weights so logits differ.
+    head = variables["params"]["head"]
+    head["kernel"] = jax.random.normal(jax.random.key(1), head["kernel"].shape)
+    return variables
+
+
+OPTIMAL = {"type": "optimal_q", "scope": "global"}
+
+
+@pytest.mark.parametrize("site", ["image", "embedding", "block_input", "attn_input"])
+def test_noise_switched_off_for_mode_is_exactly_noiseless(vit_variables, site):
+    x = images()
+    clean = tiny_vit().apply(vit_variables, x, train=False)
+    off = tiny_vit({**OPTIMAL, "site": site, "train": True, "eval": False}).apply(
+        vit_variables, x, train=False)
+    on = tiny_vit({**OPTIMAL, "site": site, "train": False, "eval": True}).apply(
+        vit_variables, x, train=False)
+    np.testing.assert_array_equal(off, clean)
+    assert not np.allclose(on, clean, atol=1e-4)
+
+
+@pytest.mark.parametrize("site", ["embedding", "block_input", "attn_input"])
+def test_class_token_untouched_at_noise_site(vit_variables, site):
+    model = tiny_vit({**OPTIMAL, "site": site, "layer": 1})
+    _, state = model.apply(vit_variables, images(), train=False, mutable=["intermediates"])
+    leaves = flax.traverse_util.flatten_dict(state["intermediates"])
+    (before,) = [v[0] for k, v in leaves.items() if k[-1] == "noise_input"]
+    (after,) = [v[0] for k, v in leaves.items() if k[-1] == "noise_output"]
+    np.testing.assert_array_equal(after[:, 0], before[:, 0])
+    expected = np.asarray(noise.optimal_q_noise(before[:, 1:]))
+    np.testing.assert_allclose(after[:, 1:], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_noise_at_block_changes_nothing_before_it(vit_variables):
+    x = images()
+    def block_outputs(noise_cfg):
+        _, state = tiny_vit(noise_cfg).apply(vit_variables, x, train=False,
+                                             capture_intermediates=True, mutable=["intermediates"])
+        tr = state["intermediates"]["Transformer"]
+        return [np.asarray(tr[f"encoderblock_{i}"]["__call__"][0]) for i in range(3)]
+    clean = block_outputs(None)
+    noisy = block_outputs({**OPTIMAL, "site": "attn_input", "layer": 2})
+    for i in range(2):
+        np.testing.assert_array_equal(noisy[i], clean[i])
+    assert not np.allclose(noisy[2], clean[2], atol=1e-4)
+
+
+def test_negative_layer_counts_from_end(vit_variables):
+    x = images()
+    last = tiny_vit({**OPTIMAL, "layer": -1}).apply(vit_variables, x)
+    explicit = tiny_vit({**OPTIMAL, "layer": 2}).apply(vit_variables, x)
+    np.testing.assert_array_equal(last, explicit)
+
+
+def test_layer_out_of_range_is_clear(vit_variables):
+    with pytest.raises(ValueError, match="out of range.*-3..2"):
+        tiny_vit({**OPTIMAL, "layer": 3}).apply(vit_variables, images())
+
+
+def test_published_vit_protocol_noise_only_at_eval(vit_variables):
+    """train=False, eval=True: training forward is clean, evaluation is not."""
+    x = images()
+    model = tiny_vit({**OPTIMAL, "train": False, "eval": True})
+    clean = tiny_vit()
+    np.testing.assert_array_equal(model.apply(vit_variables, x, train=True),
+                                  clean.apply(vit_variables, x, train=True))
+    assert not np.allclose(model.apply(vit_variables, x, train=False),
+                           clean.apply(vit_variables, x, train=False), atol=1e-4)
+
+
+def test_within_image_noise_never_mixes_samples(vit_variables):
+    x = np.asarray(images())
+    model = tiny_vit({"type": "within_image", "site": "embedding"})
+    out = model.apply(vit_variables, jnp.asarray(x))
+    x2 = x.copy(); x2[0] = 0
+    out2 = model.apply(vit_variables, jnp.asarray(x2))
+    np.testing.assert_allclose(out[1:], out2[1:], atol=1e-6)
+    assert not np.allclose(out, tiny_vit().apply(vit_variables, jnp.asarray(x)), atol=1e-4)
+
+
+def test_random_noise_needs_and_uses_noise_rng(vit_variables):
+    model = tiny_vit({"type": "gaussian", "strength": 1.0})
+    with pytest.raises(ValueError, match="rngs"):
+        model.apply(vit_variables, images())
+    a = model.apply(vit_variables, images(), rngs={"noise": jax.random.key(1)})
+    b = model.apply(vit_variables, images(), rngs={"noise": jax.random.key(1)})
+    c = model.apply(vit_variables, images(), rngs={"noise": jax.random.key(2)})
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_eval_mask_keeps_padding_out_of_real_predictions(vit_variables):
+    x = np.asarray(images(batch=6))
+    model = tiny_vit(OPTIMAL)
+    real_only = model.apply(vit_variables, jnp.asarray(x[:4]))
+    padded = np.concatenate([x[:4], np.zeros_like(x[:2])])
+    masked = model.apply(vit_variables, jnp.asarray(padded), mask=jnp.asarray([1, 1, 1, 1, 0, 0], bool))
+    np.testing.assert_allclose(masked[:4], real_only, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_params(vit_variables):
+    model = tiny_vit(dtype=jnp.bfloat16)
+    variables = model.init(jax.random.key(0), images())
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    out16 = model.apply(vit_variables, images())
+    out32 = tiny_vit().apply(vit_variables, images())
+    # bf16 keeps 8 bits of mantissa: a few percent of the logit scale.
+    assert np.max(np.abs(out16 - out32)) < 0.03 * np.max(np.abs(out32))
+    assert out16.dtype == jnp.float32
+
+
+def test_remat_gives_same_gradients(vit_variables):
+    x = images()
+    def loss(model, params):
+        return jnp.sum(model.apply({"params": params}, x, train=False) ** 2)
+    plain = jax.grad(lambda p: loss(tiny_vit(), p))(vit_variables["params"])
+    remat = jax.grad(lambda p: loss(tiny_vit(remat=True), p))(vit_variables["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain, remat)
+
+
+def test_stochastic_depth_and_dropout_only_in_training(vit_variables):
+    model = tiny_vit(drop_path_rate=0.5, dropout_rate=0.1)
+    x = images()
+    np.testing.assert_array_equal(model.apply(vit_variables, x, train=False),
+                                  tiny_vit().apply(vit_variables, x, train=False))
+    a = model.apply(vit_variables, x, train=True, rngs={"dropout": jax.random.key(0)})
+    b = model.apply(vit_variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    assert not np.allclose(a, b)
+
+
+def test_image_size_not_divisible_by_patch(vit_variables):
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        tiny_vit().init(jax.random.key(0), jnp.zeros((1, 18, 18, 3)))
+
+
+def test_unknown_model_name_suggests():
+    with pytest.raises(ValueError, match="did you mean.*resnet50"):
+        create_model("resnet5O", num_classes=10)
+
+
+# --------------------------------------------------------------------------
+# ResNet
+# --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def resnet_setup():
+    model = create_model("resnet18_small", num_classes=10, width=8)
+    variables = model.init(jax.random.key(0), images(4, 16), train=False)
+    return variables
+
+
+def small_resnet(noise_cfg=None):
+    return create_model("resnet18_small", num_classes=10, width=8, noise=noise_cfg)
+
+
+def test_resnet_noise_at_last_block_of_stage4(resnet_setup):
+    x = images(4, 16)
+    def outputs(noise_cfg):
+        _, state = small_resnet(noise_cfg).apply(resnet_setup, x, train=False,
+                                                 capture_intermediates=True, mutable=["intermediates"])
+        inter = state["intermediates"]
+        return {k: np.asarray(v["__call__"][0]) for k, v in inter.items() if k.startswith("layer")}
+    clean = outputs(None)
+    noisy = outputs({"type": "circulant", "alpha": 0.4, "site": "block_input", "stage": 4,
+                     "layer": -1, "scope": "global"})
+    for name in ["layer1_0", "layer2_1", "layer3_1", "layer4_0"]:
+        np.testing.assert_array_equal(noisy[name], clean[name])
+    assert not np.allclose(noisy["layer4_1"], clean["layer4_1"], atol=1e-5)
+
+
+def test_resnet_noise_input_is_circulant_of_previous_block(resnet_setup):
+    model = small_resnet({"type": "circulant", "alpha": 0.4, "site": "block_input",
+                          "stage": 3, "layer": 1, "scope": "global"})
+    _, state = model.apply(resnet_setup, images(4, 16), train=False,
+                           capture_intermediates=True, mutable=["intermediates"])
+    inter = state["intermediates"]
+    before = np.asarray(inter["layer3_0"]["__call__"][0])
+    np.testing.assert_allclose(inter["noise_input"][0], before)
+    k = before.shape[0]
+    expected = np.stack([0.6 * before[b] + 0.4 * before[(b + 1) % k] for b in range(k)])
+    np.testing.assert_allclose(inter["noise_output"][0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_resnet_rejects_vit_site(resnet_setup):
+    with pytest.raises(ValueError, match="ViT site"):
+        small_resnet({"type": "optimal_q", "site": "attn_input"}).apply(resnet_setup, images(4, 16))
+
+
+def test_resnet_stage_out_of_range(resnet_setup):
+    with pytest.raises(ValueError, match="stage 5"):
+        small_resnet({"type": "optimal_q", "site": "block_input", "stage": 5}).apply(
+            resnet_setup, images(4, 16))
+
+
+def test_resnet_imagenet_stem_downsamples_32x():
+    model = create_model("resnet18", num_classes=3, width=8)
+    _, state = model.init_with_output(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                                      capture_intermediates=True)
+    assert state["intermediates"]["layer4_1"]["__call__"][0].shape == (1, 2, 2, 64)
+
+
+def test_resnet_batch_stats_follow_pytorch_momentum(resnet_setup):
+    model = small_resnet()
+    x = images(4, 16)
+    _, state = model.apply(resnet_setup, x, train=True, capture_intermediates=True,
+                           mutable=["batch_stats", "intermediates"])
+    conv_out = np.asarray(state["intermediates"]["conv1"]["__call__"][0])
+    old = np.asarray(resnet_setup["batch_stats"]["bn1"]["mean"])
+    # PyTorch momentum 0.1: new = 0.9 old + 0.1 batch mean.
+    expected = 0.9 * old + 0.1 * conv_out.mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(state["batch_stats"]["bn1"]["mean"], expected, rtol=1e-5, atol=1e-6)
+    _, unchanged = model.apply(resnet_setup, x, train=False, mutable=["batch_stats"])
+    np.testing.assert_array_equal(unchanged["batch_stats"]["bn1"]["mean"], old)

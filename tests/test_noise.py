@@ -1,0 +1,263 @@
+"""Noise functions against numpy references and closed forms."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from noisy_flax import noise
+
+
+def published_optimal_q(x):
+    """The published per-sample formula, written out in numpy."""
+    k = x.shape[0]
+    out = np.empty_like(x)
+    for b in range(k):
+        others = sum(x[j] for j in range(k) if j != b)
+        out[b] = x[b] - x[b] * (k - 1) / (k + 1) + others / (k + 1)
+    return out
+
+
+def numpy_circulant(x, alpha):
+    k = x.shape[0]
+    return np.stack([(1 - alpha) * x[b] + alpha * x[(b + 1) % k] for b in range(k)])
+
+
+@pytest.fixture
+def batch():
+    return np.random.default_rng(0).normal(size=(10, 5, 3)).astype(np.float32)
+
+
+class TestQualityMatrices:
+    @pytest.mark.parametrize("k", [1, 2, 7, 10, 16])
+    def test_optimal_q_rows_of_i_plus_q_sum_to_one(self, k):
+        np.testing.assert_allclose((np.eye(k) + noise.optimal_q(k)).sum(1), np.ones(k), atol=1e-12)
+
+    def test_optimal_q_diagonal_and_off_diagonal(self):
+        m = np.eye(10) + noise.optimal_q(10)
+        np.testing.assert_allclose(np.diag(m), 2 / 11)
+        np.testing.assert_allclose(m[0, 1:], 1 / 11)
+
+    @pytest.mark.parametrize("k", [1, 2, 5, 10, 32])
+    def test_optimal_q_log_det_closed_form(self, k):
+        sign, logdet = np.linalg.slogdet(np.eye(k) + noise.optimal_q(k))
+        assert sign != 0
+        np.testing.assert_allclose(logdet, (1 - k) * np.log(k + 1), atol=1e-9)
+
+    @pytest.mark.parametrize("k,alpha", [(2, 0.3), (3, 0.5), (10, 0.4), (7, 0.9), (16, 0.1)])
+    def test_circulant_det_closed_form(self, k, alpha):
+        det = np.linalg.det(np.eye(k) + noise.circulant_q(k, alpha))
+        np.testing.assert_allclose(det, (1 - alpha) ** k - (-alpha) ** k, atol=1e-12)
+
+    @pytest.mark.parametrize("k,alpha", [(2, 0.5), (10, 0.5), (4, 1.0), (3, -0.1)])
+    def test_impossible_circulant_raises(self, k, alpha):
+        with pytest.raises(ValueError, match="alpha"):
+            noise.circulant_q(k, alpha)
+
+    def test_singular_circulant_really_is_singular(self):
+        # The rejected setting: the determinant formula gives exactly zero.
+        assert (1 - 0.5) ** 10 - (-0.5) ** 10 == 0
+
+
+class TestLinearTransform:
+    def test_optimal_q_matches_published_formula(self, batch):
+        np.testing.assert_allclose(noise.optimal_q_noise(jnp.asarray(batch)),
+                                   published_optimal_q(batch), rtol=1e-5, atol=1e-6)
+
+    def test_optimal_q_equals_general_linear_transform(self, batch):
+        general = noise.linear_transform_noise(jnp.asarray(batch), noise.optimal_q(10))
+        np.testing.assert_allclose(general, published_optimal_q(batch), rtol=1e-5, atol=1e-6)
+
+    def test_optimal_q_identity_at_k1(self, batch):
+        np.testing.assert_allclose(noise.optimal_q_noise(jnp.asarray(batch[:1])), batch[:1], atol=1e-7)
+
+    def test_optimal_q_mask_mixes_real_rows_only(self, batch):
+        mask = np.array([1] * 6 + [0] * 4, bool)
+        out = noise.optimal_q_noise(jnp.asarray(batch), mask=jnp.asarray(mask))
+        np.testing.assert_allclose(out[:6], published_optimal_q(batch[:6]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(out[6:], batch[6:])
+
+    def test_optimal_q_gradient_is_i_plus_q_transposed(self):
+        x = jnp.arange(4.0)
+        jac = jax.jacobian(noise.optimal_q_noise)(x)
+        np.testing.assert_allclose(jac, np.eye(4) + noise.optimal_q(4), atol=1e-6)
+
+    @pytest.mark.parametrize("alpha", [0.3, 0.4])
+    def test_circulant_matches_numpy(self, batch, alpha):
+        out = noise.circulant_noise(jnp.asarray(batch), alpha=alpha)
+        np.testing.assert_allclose(out, numpy_circulant(batch, alpha), rtol=1e-5, atol=1e-6)
+
+    def test_circulant_mask_cycles_over_real_rows(self, batch):
+        mask = np.array([1, 0, 1, 1, 0, 1, 0, 0, 0, 0], bool)
+        out = np.asarray(noise.circulant_noise(jnp.asarray(batch), alpha=0.3, mask=jnp.asarray(mask)))
+        real = np.flatnonzero(mask)
+        np.testing.assert_allclose(out[real], numpy_circulant(batch[real], 0.3), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(out[~mask], batch[~mask])
+
+    def test_circulant_stop_gradient(self):
+        x = jnp.arange(5.0)
+        plain = jax.jacobian(lambda v: noise.circulant_noise(v, alpha=0.4))(x)
+        stopped = jax.jacobian(lambda v: noise.circulant_noise(v, alpha=0.4, stop_gradient=True))(x)
+        np.testing.assert_allclose(plain, np.eye(5) + noise.circulant_q(5, 0.4), atol=1e-6)
+        np.testing.assert_allclose(stopped, np.eye(5), atol=1e-7)
+        # The forward value is unchanged by stopping the gradient.
+        np.testing.assert_allclose(noise.circulant_noise(x, alpha=0.4, stop_gradient=True),
+                                   numpy_circulant(np.arange(5.0), 0.4), atol=1e-6)
+
+    def test_circulant_even_batch_at_half_raises(self, batch):
+        with pytest.raises(ValueError, match="singular"):
+            noise.circulant_noise(jnp.asarray(batch), alpha=0.5)
+
+    def test_within_image_mixes_rows_inside_each_sample(self):
+        x = np.random.default_rng(1).normal(size=(3, 4, 5, 2)).astype(np.float32)
+        out = np.asarray(noise.within_image_noise(jnp.asarray(x)))
+        m = np.eye(4) + noise.optimal_q(4)
+        expected = np.einsum("rs,bscd->brcd", m, x)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+        # No leak: changing sample 0 leaves samples 1.. unchanged.
+        x2 = x.copy(); x2[0] += 100
+        np.testing.assert_allclose(np.asarray(noise.within_image_noise(jnp.asarray(x2)))[1:], out[1:], atol=1e-5)
+
+    def test_jit_and_vmap(self, batch):
+        jitted = jax.jit(noise.optimal_q_noise)(jnp.asarray(batch))
+        np.testing.assert_allclose(jitted, published_optimal_q(batch), rtol=1e-5, atol=1e-6)
+        stacked = np.stack([batch, 2 * batch])
+        vmapped = jax.vmap(noise.optimal_q_noise)(jnp.asarray(stacked))
+        np.testing.assert_allclose(vmapped[1], published_optimal_q(2 * batch), rtol=1e-5, atol=1e-5)
+
+
+class TestRandomNoise:
+    def test_gaussian_moments(self):
+        x = jnp.zeros((200, 500))
+        out = np.asarray(noise.gaussian_noise(x, key=jax.random.key(0), strength=0.5, mean=1.0, std=2.0))
+        n = out.size
+        # mean = 0.5 * 1 = 0.5, std = 0.5 * 2 = 1; bounds of 6 standard errors.
+        assert abs(out.mean() - 0.5) < 6 * 1.0 / np.sqrt(n)
+        assert abs(out.std() - 1.0) < 6 * 1.0 / np.sqrt(2 * n)
+
+    def test_same_key_same_noise(self):
+        x = jnp.ones((4, 8))
+        a = noise.gaussian_noise(x, key=jax.random.key(3))
+        b = noise.gaussian_noise(x, key=jax.random.key(3))
+        c = noise.gaussian_noise(x, key=jax.random.key(4))
+        np.testing.assert_array_equal(a, b)
+        assert not np.allclose(a, c)
+
+    def test_gaussian_requires_key(self):
+        with pytest.raises(ValueError, match="key"):
+            noise.gaussian_noise(jnp.ones(3), key=None)
+
+    def test_salt_pepper_flip_fraction_and_values(self):
+        x = jnp.asarray(np.random.default_rng(2).normal(size=(100, 1000)).astype(np.float32))
+        p = 0.3
+        out = np.asarray(noise.salt_pepper_noise(x, key=jax.random.key(0), prob=p))
+        xs = np.asarray(x)
+        high, low = xs.max(), xs.min()
+        n = out.size
+        salt, pepper = np.mean(out == high), np.mean(out == low)
+        bound = 6 * np.sqrt((p / 2) * (1 - p / 2) / n)
+        assert abs(salt - p / 2) < bound + 1 / n
+        assert abs(pepper - p / 2) < bound + 1 / n
+        changed = out != xs
+        np.testing.assert_array_equal(out[~changed], xs[~changed])
+        assert set(np.unique(out[changed])) <= {high, low}
+
+    def test_salt_pepper_gradient_is_zero_on_replaced_values(self):
+        x = jnp.asarray(np.random.default_rng(3).normal(size=(8, 16)).astype(np.float32))
+        key = jax.random.key(1)
+        out = noise.salt_pepper_noise(x, key=key, prob=0.5)
+        grad = np.asarray(jax.grad(lambda v: noise.salt_pepper_noise(v, key=key, prob=0.5).sum())(x))
+        replaced = np.asarray(out != x)
+        assert replaced.any() and (~replaced).any()
+        np.testing.assert_array_equal(grad[replaced], 0.0)
+        np.testing.assert_array_equal(grad[~replaced], 1.0)
+
+    def test_salt_pepper_extremes_ignore_padding(self):
+        x = jnp.asarray([[1.0, 2.0], [3.0, 4.0], [100.0, -100.0]])
+        out = np.asarray(noise.salt_pepper_noise(x, key=jax.random.key(0), prob=1.0,
+                                                 mask=jnp.asarray([True, True, False])))
+        assert set(np.unique(out)) <= {1.0, 4.0}
+
+
+class TestKeepLeadingTokens:
+    def test_class_token_untouched(self, batch):
+        fn = noise.keep_leading_tokens(noise.optimal_q_noise, 1)
+        out = np.asarray(fn(jnp.asarray(batch)))
+        np.testing.assert_array_equal(out[:, 0], batch[:, 0])
+        np.testing.assert_allclose(out[:, 1:], published_optimal_q(batch[:, 1:]), rtol=1e-5, atol=1e-6)
+
+
+class TestMakeNoise:
+    def test_none_gives_none(self):
+        assert noise.make_noise({"type": "none"}) is None
+        assert noise.make_noise(None) is None
+
+    def test_fields_carried(self):
+        n = noise.make_noise(ml_collections.ConfigDict(
+            {"type": "circulant", "alpha": 0.3, "site": "block_input", "layer": 2,
+             "train": False, "eval": True, "scope": "global"}))
+        assert (n.site, n.layer, n.train, n.eval, n.name) == ("block_input", 2, False, True, "circulant")
+        x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+        np.testing.assert_allclose(n.fn(jnp.asarray(x)), numpy_circulant(x, 0.3), rtol=1e-5, atol=1e-6)
+
+    @pytest.mark.parametrize("cfg,message", [
+        ({"type": "optimal"}, "did you mean 'optimal_q'"),
+        ({"type": "gaussian", "strenght": 1.0}, "did you mean 'strength'"),
+        ({"type": "circulant", "alpha": 1.0}, "alpha"),
+        ({"type": "salt_pepper", "prob": 1.5}, "prob"),
+        ({"type": "gaussian", "site": "head"}, "site"),
+        ({"type": "gaussian", "scope": "host"}, "scope"),
+    ])
+    def test_bad_config_is_one_clear_error(self, cfg, message):
+        with pytest.raises(ValueError, match=message):
+            noise.make_noise(cfg)
+
+    def test_device_scope_without_mesh_on_many_devices_refuses_to_guess(self, batch):
+        n = noise.make_noise({"type": "optimal_q", "scope": "device"})
+        with pytest.raises(ValueError, match="mesh"):
+            n.fn(jnp.asarray(np.zeros((8, 2), np.float32)))
+
+
+class TestScope:
+    @pytest.fixture
+    def mesh(self):
+        return Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+
+    def _sharded(self, mesh, x):
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+
+    def test_device_scope_equals_reference_per_shard(self, mesh):
+        x = np.random.default_rng(5).normal(size=(16, 3, 2)).astype(np.float32)
+        n = noise.make_noise({"type": "optimal_q", "scope": "device"}, mesh=mesh)
+        out = np.asarray(jax.jit(n.fn)(self._sharded(mesh, x)))
+        expected = np.concatenate([published_optimal_q(s) for s in np.split(x, 8)])
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+    def test_device_scope_circulant_per_shard(self, mesh):
+        x = np.random.default_rng(6).normal(size=(24, 4)).astype(np.float32)
+        n = noise.make_noise({"type": "circulant", "alpha": 0.4, "scope": "device"}, mesh=mesh)
+        out = np.asarray(jax.jit(n.fn)(self._sharded(mesh, x)))
+        expected = np.concatenate([numpy_circulant(s, 0.4) for s in np.split(x, 8)])
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+    def test_device_scope_from_ambient_mesh(self, mesh):
+        x = np.random.default_rng(7).normal(size=(16, 2)).astype(np.float32)
+        n = noise.make_noise({"type": "optimal_q", "scope": "device"})
+        with jax.set_mesh(mesh):
+            out = np.asarray(jax.jit(n.fn)(self._sharded(mesh, x)))
+        expected = np.concatenate([published_optimal_q(s) for s in np.split(x, 8)])
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+    def test_global_scope_equals_reference_on_whole_batch(self, mesh):
+        x = np.random.default_rng(8).normal(size=(16, 3)).astype(np.float32)
+        n = noise.make_noise({"type": "optimal_q", "scope": "global"}, mesh=mesh)
+        out = np.asarray(jax.jit(n.fn)(self._sharded(mesh, x)))
+        np.testing.assert_allclose(out, published_optimal_q(x), rtol=1e-5, atol=1e-6)
+
+    def test_device_scope_salt_pepper_uses_shard_extremes(self, mesh):
+        x = np.arange(16 * 4, dtype=np.float32).reshape(16, 4)
+        n = noise.make_noise({"type": "salt_pepper", "prob": 1.0, "scope": "device"}, mesh=mesh)
+        out = np.asarray(jax.jit(n.fn)(self._sharded(mesh, x), key=jax.random.key(0)))
+        for shard_in, shard_out in zip(np.split(x, 8), np.split(out, 8)):
+            assert set(np.unique(shard_out)) <= {shard_in.max(), shard_in.min()}
