@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 import tensorflow_datasets as tfds
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -124,6 +125,13 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
       "Install Debian's dataset-fashion-mnist (idx files in "
       f"{DEFAULT_DIR}) or point manual_dir / ${DIR_ENV_VAR} at a directory "
       "holding the four Fashion-MNIST idx .gz files.")
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # tfds's own lookup imports `importlib_resources`, which tfds 4.9.10 does
+    # not declare as a dependency; this file is the answer anyway.
+    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(

@@ -1,0 +1,285 @@
+"""The tf.data input pipeline: idx parsing, the local builder, resume
+equality, exact eval, fast failures. Mock data or tiny fake idx files only."""
+import gzip
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from noisy_flax import input_pipeline
+from noisy_flax.datasets import fashion_mnist_local
+
+TRAIN_SIZE, TEST_SIZE = 13, 11
+
+
+def make_config(**overrides) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict({
+      "dataset": "fashion_mnist", "data_dir": None, "download": False,
+      "train_split": "train", "eval_split": "test", "image_size": 28,
+      "batch_size": 4, "eval_batch_size": 4, "seed": 3,
+      "input": input_pipeline.default_input_config(),
+  })
+  inp = overrides.pop("input", {})
+  config.update(overrides)
+  config.input.update(inp)
+  return config
+
+
+def write_idx(path, array: np.ndarray) -> None:
+  """The idx format by its spec: 0, 0, type 0x08, ndim, big-endian dims, bytes."""
+  header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+  with gzip.open(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_images(n: int, offset: int) -> np.ndarray:
+  """Image i is constant (offset + i) * 9 except a marker pixel: ids survive resizes."""
+  images = np.repeat(((offset + np.arange(n)) * 9)[:, None, None], 28, 1).repeat(28, 2)
+  images[:, 0, 0] = 255
+  return images.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def fake_idx_dir(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("idx")
+  for split, n, offset in (("train", TRAIN_SIZE, 0), ("test", TEST_SIZE, TRAIN_SIZE)):
+    images_name, labels_name = fashion_mnist_local.IDX_FILES[split]
+    write_idx(directory / (images_name + ".gz"), fake_images(n, offset))
+    write_idx(directory / (labels_name + ".gz"), (offset + np.arange(n)) % 10)
+  return directory
+
+
+@pytest.fixture(scope="module")
+def local_config(fake_idx_dir, tmp_path_factory):
+  """A config reading the fake idx files through the local builder."""
+  data_dir = tmp_path_factory.mktemp("tfds")
+  return make_config(data_dir=str(data_dir),
+                     input={"local_dir": str(fake_idx_dir), "channels": 1,
+                            "shuffle_buffer": 8})
+
+
+# --- idx parsing -----------------------------------------------------------
+def test_parse_idx_reads_values_and_shape(tmp_path):
+  images = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+  write_idx(tmp_path / "x.gz", images)
+  got = fashion_mnist_local.parse_idx(
+      fashion_mnist_local.read_bytes(tmp_path / "x.gz"), ndim=3)
+  assert got.dtype == np.uint8
+  np.testing.assert_array_equal(got, images)
+
+
+def test_parse_idx_rejects_bad_magic_number():
+  data = bytes([0, 0, 0x0D, 1]) + np.asarray([2], ">u4").tobytes() + b"\0" * 8
+  with pytest.raises(fashion_mnist_local.IdxFormatError, match="magic"):
+    fashion_mnist_local.parse_idx(data, ndim=1)
+
+
+def test_parse_idx_rejects_truncated_payload_and_wrong_rank():
+  data = bytes([0, 0, 0x08, 1]) + np.asarray([5], ">u4").tobytes() + b"\1\2"
+  with pytest.raises(fashion_mnist_local.IdxFormatError, match="payload"):
+    fashion_mnist_local.parse_idx(data, ndim=1)
+  with pytest.raises(fashion_mnist_local.IdxFormatError, match="dimensions"):
+    fashion_mnist_local.parse_idx(data, ndim=3)
+
+
+def test_corrupt_gzip_is_a_clear_error(tmp_path):
+  (tmp_path / "bad.gz").write_bytes(b"not gzip at all")
+  with pytest.raises(fashion_mnist_local.IdxFormatError, match="bad.gz"):
+    fashion_mnist_local.read_bytes(tmp_path / "bad.gz")
+
+
+# --- local Fashion-MNIST builder ---------------------------------------------
+def test_local_builder_prepares_once_and_yields_the_idx_contents(local_config):
+  builder = input_pipeline.get_builder(local_config)
+  assert builder.name == "fashion_mnist_local"
+  assert builder.info.splits["train"].num_examples == TRAIN_SIZE
+  assert builder.info.splits["test"].num_examples == TEST_SIZE
+  assert builder.info.features["label"].names[0] == "T-shirt/top"
+  # tfds stores examples in key-hash order; the pixel value names the example.
+  examples = list(tfds.as_numpy(builder.as_dataset(split="test", shuffle_files=False)))
+  want = fake_images(TEST_SIZE, TRAIN_SIZE)
+  ids = sorted(int(ex["image"][14, 14, 0]) // 9 for ex in examples)
+  assert ids == list(range(TRAIN_SIZE, TRAIN_SIZE + TEST_SIZE))
+  for example in examples:
+    i = int(example["image"][14, 14, 0]) // 9
+    np.testing.assert_array_equal(example["image"][..., 0], want[i - TRAIN_SIZE])
+    assert example["label"] == i % 10
+  # A second call finds it prepared (no idx files needed any more).
+  again = make_config(data_dir=local_config.data_dir,
+                      input={"local_dir": "/nonexistent"})
+  assert input_pipeline.get_builder(again).name == "fashion_mnist_local"
+
+
+def test_dataset_info_counts_and_shape(local_config):
+  info = input_pipeline.dataset_info(local_config)
+  assert info.num_classes == 10
+  assert (info.num_train_examples, info.num_eval_examples) == (TRAIN_SIZE, TEST_SIZE)
+  assert info.image_shape == (28, 28, 1)
+
+
+# --- train stream --------------------------------------------------------------
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+
+
+@pytest.mark.parametrize("process_index,process_count", [(0, 1), (1, 2)])
+def test_resume_from_start_step_equals_uninterrupted_stream(
+    local_config, process_index, process_count):
+  # 13 examples in batches of 4 (2 per process): the 8 steps cross several
+  # epoch boundaries, and the resume point falls inside an epoch.
+  config = make_config(data_dir=local_config.data_dir,
+                       input={"local_dir": local_config.input.local_dir,
+                              "shuffle_buffer": 8, "crop_area": (0.3, 1.0)})
+  kwargs = dict(process_index=process_index, process_count=process_count)
+  straight = _take(input_pipeline.train_iterator(config, **kwargs), 8)
+  resumed = _take(input_pipeline.train_iterator(config, start_step=5, **kwargs), 3)
+  _assert_same_batches(straight[5:], resumed)
+  # The stream is really augmented and shuffled, not constant.
+  assert not np.array_equal(straight[0]["image"], straight[5]["image"])
+
+
+def test_resume_equality_under_mock_data_with_randaugment():
+  config = make_config(dataset="cifar10", image_size=16,
+                       input={"randaugment": (2, 9), "shuffle_buffer": 4})
+  with tfds.testing.mock_data(num_examples=6):
+    straight = _take(input_pipeline.train_iterator(config), 5)
+    resumed = _take(input_pipeline.train_iterator(config, start_step=2), 3)
+  _assert_same_batches(straight[2:], resumed)
+
+
+def test_each_epoch_is_a_permutation_of_the_process_slice(local_config):
+  config = make_config(data_dir=local_config.data_dir, batch_size=13,
+                       input={"local_dir": local_config.input.local_dir,
+                              "train_crop": "none", "flip": False,
+                              "channels": 1, "shuffle_buffer": 16})
+  first, second = _take(input_pipeline.train_iterator(config), 2)
+  for batch in (first, second):
+    assert sorted(batch["label"].tolist()) == sorted((np.arange(13) % 10).tolist())
+  assert first["label"].tolist() != second["label"].tolist()  # reshuffled
+
+
+def test_train_batch_shapes_dtypes_and_range(local_config):
+  batch = next(input_pipeline.train_iterator(local_config, process_count=2))
+  assert batch["image"].shape == (2, 28, 28, 1) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (2,) and batch["label"].dtype == np.int32
+  assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+
+
+# --- eval pass ------------------------------------------------------------------
+def _example_ids(batch):
+  """Recovers the fake image ids from normalised pixels (x / 127.5 - 1)."""
+  pixels = (batch["image"][:, 14, 14, 0] + 1.0) * 127.5
+  return np.round(pixels / 9).astype(int)
+
+
+def test_eval_sees_every_example_once_across_two_processes(local_config):
+  # 11 test examples, global eval batch 4 -> 2 per process; slices of 6 and 5
+  # -> 3 batches each, the last ones partly padded.
+  config = make_config(data_dir=local_config.data_dir, eval_batch_size=4,
+                       input={"local_dir": local_config.input.local_dir, "channels": 1})
+  per_process = [list(input_pipeline.eval_batches(config, process_index=p, process_count=2))
+                 for p in range(2)]
+  assert [len(b) for b in per_process] == [3, 3]
+  assert input_pipeline.num_eval_batches(config, process_count=2) == 3
+  seen = []
+  for batches in per_process:
+    for batch in batches:
+      assert batch["image"].shape == (2, 28, 28, 1)
+      real = batch["mask"] > 0
+      seen += _example_ids(batch)[real].tolist()
+      np.testing.assert_array_equal(batch["label"][real],
+                                    _example_ids(batch)[real] % 10)
+      assert set(np.unique(batch["mask"])) <= {0.0, 1.0}
+  assert sorted(seen) == list(range(TRAIN_SIZE, TRAIN_SIZE + TEST_SIZE))
+  masked = sum(int((b["mask"] == 0).sum()) for bs in per_process for b in bs)
+  assert masked == 3 * 4 - TEST_SIZE
+  assert input_pipeline.num_eval_examples(config, process_count=2) == TEST_SIZE
+
+
+def test_eval_fully_masked_batches_pad_the_shorter_process(local_config):
+  # 11 examples over 2 processes with local batch 5: slices of 6 and 5, so
+  # process 0 needs 2 batches and process 1 gets a fully masked second batch.
+  config = make_config(data_dir=local_config.data_dir, eval_batch_size=10,
+                       input={"local_dir": local_config.input.local_dir})
+  batches = list(input_pipeline.eval_batches(config, process_index=1, process_count=2))
+  assert len(batches) == 2
+  assert batches[0]["mask"].sum() == 5 and batches[1]["mask"].sum() == 0
+  assert batches[0]["image"].shape == (5, 28, 28, 3)  # grayscale tiled to RGB
+
+
+def test_eval_counts_are_exact_under_mock_data():
+  config = make_config(dataset="cifar10", image_size=32, eval_batch_size=4,
+                       input={"channels": 1, "eval_resize": "resize_crop",
+                              "normalize": "imagenet"})
+  with tfds.testing.mock_data(num_examples=7):
+    batches = list(input_pipeline.eval_batches(config))
+    count = input_pipeline.num_eval_examples(config)
+  assert count == 7 and len(batches) == 2
+  assert sum(b["mask"].sum() for b in batches) == 7
+  assert batches[0]["image"].shape == (4, 32, 32, 1)  # RGB -> grayscale
+
+
+# --- failures --------------------------------------------------------------------
+def test_missing_dataset_fails_fast_naming_dataset_and_directory(tmp_path):
+  config = make_config(dataset="cifar10", data_dir=str(tmp_path))
+  start = time.monotonic()
+  with pytest.raises(input_pipeline.DataError) as error:
+    next(input_pipeline.train_iterator(config))
+  assert time.monotonic() - start < 10
+  message = str(error.value)
+  assert "cifar10" in message and str(tmp_path) in message
+  assert "tfds build cifar10" in message and "download" in message
+  assert "\n" not in message
+
+
+def test_missing_fashion_mnist_says_how_to_install_it(tmp_path):
+  config = make_config(data_dir=str(tmp_path), input={"local_dir": str(tmp_path / "none")})
+  start = time.monotonic()
+  with pytest.raises(input_pipeline.DataError,
+                     match="apt-get install dataset-fashion-mnist.*FASHION_MNIST_DIR"):
+    input_pipeline.dataset_info(config)
+  assert time.monotonic() - start < 10
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+  config = make_config(dataset="cifar10", data_dir=str(tmp_path / "nowhere"))
+  with pytest.raises(input_pipeline.DataError, match="does not exist"):
+    input_pipeline.get_builder(config)
+
+
+def test_unknown_dataset_lists_close_matches(tmp_path):
+  config = make_config(dataset="cifar_10", data_dir=str(tmp_path))
+  with pytest.raises(input_pipeline.DataError, match="unknown.*cifar10"):
+    input_pipeline.get_builder(config)
+
+
+def test_mock_data_bypasses_the_prepared_check(tmp_path):
+  # Unprepared, even in an empty data_dir: under mock_data it must still load.
+  config = make_config(dataset="oxford_iiit_pet", data_dir=str(tmp_path),
+                       image_size=24, batch_size=2)
+  with tfds.testing.mock_data(num_examples=3):
+    assert input_pipeline.get_builder(config).name == "oxford_iiit_pet"
+    batch = next(input_pipeline.train_iterator(config))
+  assert batch["image"].shape == (2, 24, 24, 3)
+
+
+def test_tensorflow_sees_no_gpu():
+  assert tf.config.get_visible_devices("GPU") == []
+
+
+def test_default_input_config_is_complete():
+  inp = input_pipeline.default_input_config()
+  assert inp.randaugment is None and inp.local_dir is None
+  for key in ("channels", "train_crop", "crop_area", "flip", "eval_resize",
+              "crop_fraction", "normalize", "shuffle_buffer", "cache", "prefetch"):
+    assert key in inp

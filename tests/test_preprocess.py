@@ -1,0 +1,202 @@
+"""Image ops of noisy_flax.preprocess against numpy and closed forms."""
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from noisy_flax import input_pipeline  # noqa: F401  (hides GPUs from TF first)
+from noisy_flax import preprocess
+
+
+def _seed(i):
+  return tf.constant([17, i], tf.int64)
+
+
+def _random_image(h, w, c, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (h, w, c)).astype(np.float32)
+
+
+# --- normalisation ---------------------------------------------------------
+def test_minus_one_to_one_matches_numpy():
+  image = _random_image(5, 4, 3)
+  got = preprocess.normalize(tf.constant(image), "minus_one_to_one").numpy()
+  np.testing.assert_allclose(got, image / 127.5 - 1.0, rtol=1e-6, atol=1e-6)
+  assert got.min() >= -1.0 and got.max() <= 1.0
+
+
+def test_imagenet_normalisation_matches_numpy():
+  image = _random_image(5, 4, 3, seed=1)
+  mean = np.array([0.485, 0.456, 0.406])  # torchvision's published statistics
+  std = np.array([0.229, 0.224, 0.225])
+  got = preprocess.normalize(tf.constant(image), "imagenet").numpy()
+  np.testing.assert_allclose(got, (image / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+def test_imagenet_normalisation_of_one_channel_uses_mean_statistics():
+  image = _random_image(3, 3, 1)
+  got = preprocess.normalize(tf.constant(image), "imagenet").numpy()
+  want = (image / 255.0 - np.mean([0.485, 0.456, 0.406])) / np.mean([0.229, 0.224, 0.225])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_normalisation_is_rejected():
+  with pytest.raises(ValueError, match="normalize"):
+    preprocess.normalize(tf.zeros([2, 2, 3]), "zero_one")
+
+
+# --- channels --------------------------------------------------------------
+def test_grayscale_to_rgb_tiles_the_channel():
+  image = _random_image(4, 6, 1)
+  got = preprocess.to_channels(tf.constant(image), 3).numpy()
+  np.testing.assert_array_equal(got, np.repeat(image, 3, axis=-1))
+
+
+def test_rgb_to_grayscale_uses_itu_r_601_luma():
+  image = _random_image(4, 6, 3)
+  got = preprocess.to_channels(tf.constant(image), 1).numpy()
+  want = image @ np.array([0.299, 0.587, 0.114])  # ITU-R BT.601
+  assert got.shape == (4, 6, 1)
+  np.testing.assert_allclose(got[..., 0], want, atol=0.1)
+
+
+def test_matching_channels_pass_through():
+  image = _random_image(2, 2, 3)
+  np.testing.assert_array_equal(preprocess.to_channels(tf.constant(image), 3), image)
+
+
+# --- crops -----------------------------------------------------------------
+@pytest.mark.parametrize("height,width,area", [(48, 64, (0.08, 1.0)),
+                                               (48, 64, (0.25, 0.5)),
+                                               (97, 31, (0.3, 0.9))])
+def test_inception_crop_window_respects_area_and_aspect_bounds(height, width, area):
+  lo, hi = area
+  for i in range(200):
+    top, left, h, w = (int(v) for v in preprocess.random_resized_crop_window(
+        tf.constant(height), tf.constant(width), _seed(i), area))
+    assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+    # Rounding each side to whole pixels moves the area by < (h + w) / 2 + 1/4.
+    slack = (h + w) / 2 + 0.25
+    fallback = (h, w) == (height, width) or h == height or w == width
+    if not fallback:
+      assert lo * height * width - slack <= h * w <= hi * height * width + slack
+      ratio = w / h
+      assert 3 / 4 * (1 - 1 / min(h, w)) <= ratio <= 4 / 3 * (1 + 1 / min(h, w))
+
+
+def test_inception_crop_window_never_fails_when_every_draw_fits():
+  # With area <= 1/2 and aspect <= 4/3 on a 48x64 image both sides always fit
+  # (sqrt(0.5 * 3072 * 4/3) ~ 45.3 <= 48), so no draw may fall back.
+  for i in range(100):
+    _, _, h, w = preprocess.random_resized_crop_window(
+        tf.constant(48), tf.constant(64), _seed(i), (0.25, 0.5))
+    assert int(h) * int(w) <= 0.5 * 48 * 64 + (int(h) + int(w)) / 2 + 0.25
+
+
+def test_inception_crop_fallback_is_centred_and_ratio_clamped():
+  # An impossible area range forces the fallback: on a 30x100 (wide) image
+  # torchvision keeps the full height and width = round(30 * 4/3) = 40.
+  top, left, h, w = (int(v) for v in preprocess.random_resized_crop_window(
+      tf.constant(30), tf.constant(100), _seed(0), (2.0, 3.0)))
+  assert (h, w) == (30, 40)
+  assert (top, left) == (0, (100 - 40) // 2)
+
+
+def test_inception_crop_output_shape_and_determinism():
+  image = tf.constant(_random_image(50, 70, 3))
+  a = preprocess.random_resized_crop(image, 24, _seed(3))
+  b = preprocess.random_resized_crop(image, 24, _seed(3))
+  assert a.shape == (24, 24, 3) and a.dtype == tf.float32
+  np.testing.assert_array_equal(a, b)
+
+
+def test_central_crop_matches_numpy_slice():
+  image = _random_image(10, 13, 3)
+  got = preprocess.central_crop(tf.constant(image), 4).numpy()
+  np.testing.assert_array_equal(got, image[3:7, 4:8])
+
+
+def test_resize_and_central_crop_shape():
+  image = tf.constant(_random_image(60, 90, 3))
+  out = preprocess.resize_and_central_crop(image, 32, 0.875)
+  assert out.shape == (32, 32, 3)
+  # The shorter side became floor(32 / 0.875) = 36 before the crop.
+  resized = preprocess.resize_shorter_side(image, math.floor(32 / 0.875))
+  assert tuple(resized.shape) == (36, 54, 3)
+
+
+def test_resize_of_a_constant_image_is_constant():
+  out = preprocess.resize(tf.fill([7, 9, 1], 42.0), 5).numpy()
+  np.testing.assert_allclose(out, 42.0, atol=1e-4)
+
+
+# --- flip ------------------------------------------------------------------
+def test_flip_is_identity_or_mirror_and_both_happen():
+  image = _random_image(4, 5, 3)
+  flipped = 0
+  for i in range(40):
+    out = preprocess.random_flip(tf.constant(image), _seed(i)).numpy()
+    if np.array_equal(out, image[:, ::-1]):
+      flipped += 1
+    else:
+      np.testing.assert_array_equal(out, image)
+  assert 5 < flipped < 35
+
+
+# --- RandAugment -----------------------------------------------------------
+@pytest.mark.parametrize("channels", [1, 3])
+def test_randaugment_keeps_shape_and_uint8_range(channels):
+  image = tf.constant(_random_image(16, 12, channels))
+  for i in range(30):
+    out = preprocess.randaugment(image, _seed(i), 2, 9).numpy()
+    assert out.shape == (16, 12, channels)
+    assert out.min() >= 0 and out.max() <= 255
+    np.testing.assert_array_equal(out, np.round(out))
+  again = preprocess.randaugment(image, _seed(5), 2, 9)
+  np.testing.assert_array_equal(again, preprocess.randaugment(image, _seed(5), 2, 9))
+
+
+def test_randaugment_rejects_magnitude_out_of_range():
+  with pytest.raises(ValueError, match="magnitude"):
+    preprocess.randaugment(tf.zeros([4, 4, 3]), _seed(0), 2, 31)
+
+
+def test_posterize_and_solarize_closed_forms():
+  image = _random_image(6, 6, 3)
+  poster = preprocess._posterize(tf.constant(image), 4).numpy()
+  np.testing.assert_array_equal(poster, (image.astype(np.uint8) & 0xF0))
+  solar = preprocess._solarize(tf.constant(image), 128.0).numpy()
+  np.testing.assert_array_equal(solar, np.where(image >= 128, 255 - image, image))
+
+
+def test_autocontrast_stretches_each_channel_to_full_range():
+  rng = np.random.default_rng(4)
+  image = rng.integers(50, 200, (8, 8, 3)).astype(np.float32)
+  got = preprocess._autocontrast(tf.constant(image)).numpy()
+  lo, hi = image.min((0, 1)), image.max((0, 1))
+  np.testing.assert_allclose(got, (image - lo) * 255.0 / (hi - lo), atol=1e-3)
+
+
+def test_equalize_flattens_a_two_level_histogram():
+  # Half the pixels 10, half 20: PIL's algorithm maps 10 -> 0 and 20 -> 128
+  # (step = (64 - 32) // 255 = 0 -> no change when step is 0, so use more pixels).
+  image = np.concatenate([np.full((32, 32, 1), 10.0), np.full((32, 32, 1), 20.0)])
+  got = preprocess._equalize(tf.constant(image)).numpy()
+  n = image.size  # 2048 pixels; step = (2048 - 1024) // 255 = 4
+  step = (n - n // 2) // 255
+  want_20 = min(255, (n // 2 + step // 2) // step)
+  assert set(np.unique(got[:32])) == {0.0}
+  assert set(np.unique(got[32:])) == {float(want_20)}
+
+
+def test_rotation_by_ninety_degrees_matches_numpy_rot90():
+  image = _random_image(9, 9, 1)  # odd side: the centre is a pixel centre
+  got = preprocess._rotate(tf.constant(image), tf.constant(90.0)).numpy()
+  np.testing.assert_array_equal(got, np.rot90(image, k=1, axes=(0, 1)))
+
+
+def test_translate_moves_content_and_fills_zero():
+  image = _random_image(5, 6, 1) + 1  # no zeros in the content
+  got = preprocess._translate(tf.constant(image), tf.constant(2.0), tf.constant(0.0)).numpy()
+  np.testing.assert_array_equal(got[:, 2:], image[:, :-2])
+  np.testing.assert_array_equal(got[:, :2], 0)
