@@ -1,0 +1,144 @@
+"""What every experiment config shares.
+
+* ``base_config()``: every top-level key, so that ``--config.lr=...`` works the
+  same way in every experiment.
+* ``parse_arg('model=resnet18,noise=optimal_q,runlocal', **defaults)``: the
+  ``key=value,flag`` argument string after the config file name, typed by the
+  defaults.
+* ``apply_runlocal(config)``: shrinks any experiment to a few steps on tiny
+  batches, for tests and laptops.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import ml_collections
+
+from noisy_flax.input_pipeline import default_input_config
+from noisy_flax.noise import noise_config
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses ``key=value,flag,...``; values take the type of their default.
+
+    A bare ``flag`` sets a boolean default to True. Unknown keys and values
+    that do not parse raise ValueError naming the key and what was expected.
+    """
+    result = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+        key, has_value, raw = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown config argument {key!r}{hint}; this config takes "
+                             f"{', '.join(sorted(defaults))}")
+        default = defaults[key]
+        if not has_value:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {key!r} needs a value: write {key}=VALUE")
+            result[key] = True
+            continue
+        result[key] = _typed(key, raw.strip(), default)
+    return result
+
+
+def _typed(key: str, raw: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return raw.lower() in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"config argument {key}={raw!r} does not parse as "
+                         f"{type(default).__name__}; write e.g. {key}={default!r}") from None
+    return raw
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key an experiment may set, with neutral defaults."""
+    c = ml_collections.ConfigDict()
+    # Data.
+    c.dataset = "fashion_mnist"
+    c.data_dir = ml_collections.config_dict.placeholder(str)
+    c.download = False
+    c.train_split = "train"
+    c.eval_split = "test"
+    c.image_size = 28
+    c.input = default_input_config()
+    # Model.
+    c.model = "vit_nano_patch4_28"
+    c.num_classes = 10
+    c.model_kwargs = ml_collections.ConfigDict()  # e.g. dropout_rate, drop_path_rate, width
+    c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
+    c.remat = False
+    c.noise = noise_config()
+    # Optimisation.
+    c.batch_size = 128
+    c.eval_batch_size = 256
+    c.optimizer = "adamw"
+    c.lr = 1e-3
+    c.end_lr = 0.0
+    c.warmup_init_lr = 0.0
+    c.schedule = "cosine"
+    c.warmup_steps = 0
+    c.warmup_epochs = 0.0
+    c.weight_decay = 1e-4
+    c.wd_mask = "kernels"  # 'kernels' (no decay on biases, norms, embeddings) or 'all'
+    c.b1 = 0.9
+    c.b2 = 0.999
+    c.eps = 1e-8
+    c.momentum = 0.9
+    c.nesterov = False
+    c.grad_clip_norm = 0.0  # 0 = off
+    c.label_smoothing = 0.0
+    c.grad_accum_steps = 1
+    # Length: total_steps wins when > 0, else num_epochs.
+    c.total_steps = 0
+    c.num_epochs = 1.0
+    # Start and placement.
+    c.init_from = ml_collections.config_dict.placeholder(str)
+    c.init_dont_load = ()  # regexes of parameters kept at their init value
+    c.seed = 0
+    c.mesh = [("data", -1), ("fsdp", 1)]
+    c.sharding = "replicate"  # or 'fsdp'
+    # Evaluation, logging and checkpoints.
+    c.eval_every = 0  # steps; 0 = at the end only
+    c.eval_max_examples = 0  # 0 = the whole split
+    c.eval_order = "dataset"  # batch order at evaluation; see noisy_flax.batch_order
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.save_best = False  # also keep the best checkpoint by eval top-1
+    c.plot = True
+    c.runlocal = False
+    return c
+
+
+def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A few steps on tiny batches: the same code path, seconds to run."""
+    c.runlocal = True
+    c.total_steps = 2
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.warmup_steps = 1
+    c.warmup_epochs = 0.0
+    c.log_every = 1
+    c.eval_every = 2
+    c.checkpoint_every = 2
+    c.input.shuffle_buffer = 64
+    c.eval_max_examples = 40
+    return c
+
+
+def finalize(c: ml_collections.ConfigDict, runlocal: bool) -> ml_collections.ConfigDict:
+    if runlocal:
+        apply_runlocal(c)
+    # Lock the key set: a typo in --config.x=... is then an error, not a new key.
+    c.lock()
+    return c

@@ -1,0 +1,58 @@
+"""optax optimizer and learning-rate schedule from a config."""
+from __future__ import annotations
+
+import flax
+import jax
+import optax
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")
+WD_MASKS = ("all", "kernels")
+
+
+def learning_rate_schedule(config, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """Linear warm-up from ``config.warmup_init_lr`` (0 in the published ViT
+    run, so its first steps train at lr 0), then cosine / linear decay to
+    ``config.end_lr``, or constant."""
+    if config.lr <= 0:
+        raise ValueError(f"config.lr={config.lr} must be positive (e.g. 1e-3)")
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"unknown config.schedule {config.schedule!r}; use one of {SCHEDULES}")
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if config.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(config.lr, decay_steps, alpha=config.end_lr / config.lr)
+    elif config.schedule == "linear":
+        decay = optax.linear_schedule(config.lr, config.end_lr, decay_steps)
+    else:
+        decay = optax.constant_schedule(config.lr)
+    if warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(config.warmup_init_lr, config.lr, warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def decay_mask(params):
+    """True for weight matrices and conv kernels; False for biases, norms,
+    the class token and position embeddings."""
+    def keep(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        return leaf.ndim > 1 and "pos_embedding" not in name and not name.endswith("cls")
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(config, total_steps: int, warmup_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = learning_rate_schedule(config, total_steps, warmup_steps)
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown config.optimizer {config.optimizer!r}; use one of {OPTIMIZERS}")
+    if config.wd_mask not in WD_MASKS:
+        raise ValueError(f"unknown config.wd_mask {config.wd_mask!r}; use one of {WD_MASKS}")
+    mask = decay_mask if config.wd_mask == "kernels" else None
+    if config.optimizer == "adamw":
+        opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                          weight_decay=config.weight_decay, mask=mask)
+    else:
+        opt = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=mask),
+                          optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
+    if config.grad_clip_norm:
+        opt = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), opt)
+    return opt, schedule

@@ -1,0 +1,116 @@
+"""Device mesh, parameter placement rules and batch placement."""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+STRATEGIES = ("replicate", "fsdp")
+
+
+def create_mesh(axes: Sequence[tuple[str, int]] | None = None, devices=None) -> Mesh:
+    """A mesh from ``[(name, size), ...]``; one size may be -1 (the rest).
+
+    The batch is sharded over all axes, so ``data`` x ``fsdp`` is the data
+    parallel degree; ``fsdp`` is also the axis that FSDP shards parameters on.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    axes = list(axes or [("data", -1), ("fsdp", 1)])
+    names = tuple(name for name, _ in axes)
+    unknown = set(names) - set(BATCH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axis {sorted(unknown)}; use the axes {BATCH_AXES}")
+    sizes = [int(size) for _, size in axes]
+    if sizes.count(-1) > 1:
+        raise ValueError("config.mesh: at most one axis may have size -1 (the remaining devices)")
+    known = math.prod(s for s in sizes if s != -1)
+    if len(devices) % known:
+        raise ValueError(f"config.mesh {axes} does not divide the {len(devices)} devices")
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"config.mesh {axes} uses {math.prod(sizes)} devices but "
+                         f"{len(devices)} are present; set one axis to -1")
+    # Auto axes: XLA propagates shardings from the ones we set explicitly.
+    return jax.make_mesh(tuple(sizes), names, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch dimension split over every mesh axis."""
+    return NamedSharding(mesh, P(mesh.axis_names))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = "config.batch_size") -> None:
+    if batch_size <= 0:
+        raise ValueError(f"{what}={batch_size} must be a positive integer")
+    if batch_size % mesh.size:
+        raise ValueError(f"{what}={batch_size} is not divisible by the {mesh.size} devices; "
+                         f"use a multiple of {mesh.size}")
+
+
+def fsdp_spec(shape: Sequence[int], axis_size: int, axes=BATCH_AXES, min_size: int = 2 ** 16) -> P:
+    """ZeRO-3 style: shard the largest dimension that the axis divides."""
+    if math.prod(shape) < min_size or axis_size == 1:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % axis_size == 0:
+            spec = [None] * len(shape)
+            spec[dim] = axes
+            return P(*spec)
+    return P()
+
+
+def param_shardings(abstract_tree: Any, mesh: Mesh, strategy: str = "replicate",
+                    rules: Sequence[tuple[str, P]] = ()) -> Any:
+    """Shardings for a pytree of arrays (or ShapeDtypeStructs).
+
+    ``rules``: ``(regex, PartitionSpec)`` pairs matched against the
+    '/'-joined path first; then the strategy decides (replicate, or FSDP over
+    all batch axes).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown config.sharding {strategy!r}; use one of {STRATEGIES}")
+    compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
+
+    def choose(path, leaf):
+        name = "/".join(_key_name(k) for k in path)
+        for pattern, spec in compiled:
+            if pattern.search(name):
+                return NamedSharding(mesh, spec)
+        if strategy == "fsdp" and getattr(leaf, "ndim", 0) > 0:
+            return NamedSharding(mesh, fsdp_spec(leaf.shape, mesh.size, mesh.axis_names))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(choose, abstract_tree)
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Per-process numpy arrays -> global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local_batch.items()}
+
+
+def bytes_per_device(shardings: Any, abstract_tree: Any) -> int:
+    """Bytes one device holds for a tree placed with ``shardings``."""
+    total = 0
+    for sharding, leaf in zip(jax.tree.leaves(shardings), jax.tree.leaves(abstract_tree)):
+        shard = sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total

@@ -1,0 +1,386 @@
+"""Training and evaluation: ``train_and_evaluate(config, workdir)``.
+
+Read top to bottom: set-up (mesh, data, model, optimizer, state), the jitted
+train and eval steps, then the loop with logging, evaluation, checkpoints
+and preemption handling.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from noisy_flax import checkpointing, input_pipeline, optim, plotting, reporting, sharding
+from noisy_flax.models import create_model
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to change."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key: noise and dropout keys are folded from it
+
+
+# ---------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------
+def build_model(config: ml_collections.ConfigDict, mesh: Optional[Mesh] = None):
+    if config.dtype not in DTYPES:
+        raise ValueError(f"unknown config.dtype {config.dtype!r}; use one of {tuple(DTYPES)}")
+    kwargs = dict(config.model_kwargs)
+    if config.remat:
+        kwargs["remat"] = True
+    return create_model(config.model, num_classes=config.num_classes, noise=config.noise,
+                        mesh=mesh, dtype=DTYPES[config.dtype], **kwargs)
+
+
+def schedule_lengths(config, num_train_examples: int) -> tuple[int, int, int]:
+    """(steps_per_epoch, total_steps, warmup_steps) from steps or epochs."""
+    steps_per_epoch = max(num_train_examples // config.batch_size, 1)
+    total = config.total_steps if config.total_steps > 0 else \
+        math.ceil(config.num_epochs * steps_per_epoch)
+    if total <= 0:
+        raise ValueError("set config.total_steps or config.num_epochs to a positive value")
+    warmup = config.warmup_steps or int(round(config.warmup_epochs * steps_per_epoch))
+    return steps_per_epoch, total, min(warmup, total)
+
+
+def input_shape(config) -> tuple[int, int, int, int]:
+    return (1, config.image_size, config.image_size, config.input.channels)
+
+
+def create_train_state(config, model, tx, mesh: Mesh) -> tuple[TrainState, Any]:
+    """Initialises the state directly in its sharded layout.
+
+    ``jax.eval_shape`` gives the shapes, the rules give the shardings, and
+    the jitted init writes each device's part only: a large model is never
+    materialised whole on one device.
+    """
+    # Parameters do not depend on the noise: initialise without it, so a
+    # batch-mixing noise never sees the one-image init batch.
+    plain = model.clone(noise=None)
+
+    def init(seed_key):
+        params_key, state_key = jax.random.split(seed_key)
+        variables = plain.init({"params": params_key}, jnp.zeros(input_shape(config)), train=False)
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get("batch_stats", {}),
+                          opt_state=tx.init(params), rng=jax.random.key_data(state_key))
+
+    seed_key = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(init, seed_key)
+    shardings = sharding.param_shardings(abstract, mesh, config.sharding)
+    state = jax.jit(init, out_shardings=shardings)(seed_key)
+    return state, shardings
+
+
+def load_initial_weights(config, model, state: TrainState, shardings) -> TrainState:
+    """Replaces params (and batch statistics) with the weights named by init_from."""
+    from noisy_flax import pretrained  # torch-free, imported only when needed
+
+    variables = pretrained.load_variables(
+        config.init_from, model, num_classes=config.num_classes,
+        dont_load=tuple(config.init_dont_load), image_size=config.image_size)
+    params = jax.device_put(variables["params"], shardings.params)
+    batch_stats = jax.device_put(variables.get("batch_stats", {}), shardings.batch_stats)
+    return state.replace(params=params, batch_stats=batch_stats)
+
+
+# ---------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------
+def cross_entropy(logits, labels, num_classes: int, smoothing: float = 0.0):
+    targets = jax.nn.one_hot(labels, num_classes)
+    if smoothing:
+        targets = optax.smooth_labels(targets, smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def make_train_step(model, tx, schedule, config) -> Callable:
+    has_batch_stats = "resnet" in config.model
+    accum = config.grad_accum_steps
+
+    def loss_fn(params, batch_stats, images, labels, rngs):
+        variables = {"params": params}
+        if has_batch_stats:
+            variables["batch_stats"] = batch_stats
+            logits, updated = model.apply(variables, images, train=True, rngs=rngs,
+                                          mutable=["batch_stats"])
+            batch_stats = updated["batch_stats"]
+        else:
+            logits = model.apply(variables, images, train=True, rngs=rngs)
+        loss = cross_entropy(logits, labels, config.num_classes, config.label_smoothing).mean()
+        correct = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return loss, (correct, batch_stats)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro_step(carry, micro):
+        grads_sum, loss_sum, correct_sum, batch_stats, index = carry
+        key = jax.random.fold_in(micro["key"], index)
+        rngs = dict(zip(("dropout", "noise"), jax.random.split(key)))
+        (loss, (correct, batch_stats)), grads = grad_fn(
+            micro["params"], batch_stats, micro["image"], micro["label"], rngs)
+        grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+        return (grads_sum, loss_sum + loss, correct_sum + correct, batch_stats, index + 1), None
+
+    def train_step(state: TrainState, batch):
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if accum == 1:
+            rngs = dict(zip(("dropout", "noise"), jax.random.split(step_key)))
+            (loss, (accuracy, batch_stats)), grads = grad_fn(
+                state.params, state.batch_stats, batch["image"], batch["label"], rngs)
+        else:
+            # Micro-batch j takes rows j, j+accum, ...: every device keeps its
+            # own rows, so splitting the batch moves no data between devices.
+            def split(x):
+                x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+                return jnp.moveaxis(x, 1, 0)
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            carry = (zeros, 0.0, 0.0, state.batch_stats, 0)
+            for j in range(accum):  # unrolled: accum is small and static
+                micro = {"image": split(batch["image"])[j], "label": split(batch["label"])[j],
+                         "params": state.params, "key": step_key}
+                carry, _ = micro_step(carry, micro)
+            grads_sum, loss_sum, correct_sum, batch_stats, _ = carry
+            grads = jax.tree.map(lambda g: g / accum, grads_sum)
+            loss, accuracy = loss_sum / accum, correct_sum / accum
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(state.step)}
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                  opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model, config) -> Callable:
+    """Per-batch sums (never means), so padded batches count correctly."""
+    has_batch_stats = "resnet" in config.model
+    top_k = min(5, config.num_classes)
+
+    def eval_step(params, batch_stats, batch, key):
+        variables = {"params": params}
+        if has_batch_stats:
+            variables["batch_stats"] = batch_stats
+        mask = batch["mask"].astype(bool)
+        logits = model.apply(variables, batch["image"], train=False, mask=mask,
+                             rngs={"noise": key})
+        labels = batch["label"]
+        real = mask.astype(jnp.float32)
+        top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        in_top_k = jnp.any(jax.lax.top_k(logits, top_k)[1] == labels[:, None], axis=-1)
+        loss = cross_entropy(logits, labels, config.num_classes)
+        return {"correct_top1": jnp.sum(top1 * real), "correct_top5": jnp.sum(in_top_k * real),
+                "loss_sum": jnp.sum(loss * real), "count": jnp.sum(real)}
+
+    return eval_step
+
+
+def evaluate(eval_step, state: TrainState, batches: Iterator[dict], mesh: Mesh,
+             seed: int = 0, max_batches: int = 0) -> dict[str, float]:
+    """Top-1 / top-5 as correct / total over every real example, and the
+    running average of per-batch accuracy that the published code reports."""
+    per_batch = []
+    base_key = jax.random.PRNGKey(seed + 1)
+    for index, local in enumerate(batches):
+        if max_batches and index >= max_batches:
+            break
+        batch = sharding.global_batch(local, mesh)
+        per_batch.append(eval_step(state.params, state.batch_stats, batch,
+                                   jax.random.fold_in(base_key, index)))
+    per_batch = jax.device_get(per_batch)
+    return summarize_eval(per_batch)
+
+
+def summarize_eval(per_batch: list[dict]) -> dict[str, float]:
+    total = {k: float(sum(b[k] for b in per_batch)) for k in per_batch[0]} if per_batch else {}
+    count = total.get("count", 0.0)
+    if count == 0:
+        raise TrainingError("the evaluation saw no examples; check config.eval_split")
+    batch_accuracies = [b["correct_top1"] / b["count"] for b in per_batch if b["count"] > 0]
+    return {"top1": total["correct_top1"] / count, "top5": total["correct_top5"] / count,
+            "loss": total["loss_sum"] / count, "count": count,
+            "batch_mean_top1": float(np.mean(batch_accuracies))}
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+class _StopSignal:
+    """SIGTERM (what a preemption sends) asks for a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(metrics: dict, step: int, last_saved: Optional[int]) -> None:
+    if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+        kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None \
+            else "no checkpoint was written"
+        raise TrainingError(
+            f"loss or gradient became {metrics['loss']}/{metrics['grad_norm']} at step {step}; "
+            f"{kept}. Lower config.lr or set config.grad_clip_norm")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains, evaluates and checkpoints; returns the final metrics."""
+    is_main = jax.process_index() == 0
+    mesh = sharding.create_mesh(config.mesh)
+    sharding.check_batch_size(config.batch_size, mesh)
+    sharding.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+    if config.batch_size % (mesh.size * config.grad_accum_steps):
+        raise ValueError(f"config.batch_size={config.batch_size} must be divisible by devices x "
+                         f"grad_accum_steps = {mesh.size * config.grad_accum_steps}")
+
+    # --- Data.
+    info = input_pipeline.dataset_info(config)
+    if info.num_classes != config.num_classes:
+        raise ValueError(f"{config.dataset} has {info.num_classes} classes but config.num_classes="
+                         f"{config.num_classes}; set --config.num_classes={info.num_classes}")
+    steps_per_epoch, total_steps, warmup_steps = schedule_lengths(config, info.num_train_examples)
+
+    # --- Model, optimizer, state.
+    model = build_model(config, mesh)
+    tx, schedule = optim.make_optimizer(config, total_steps, warmup_steps)
+    state, state_shardings = create_train_state(config, model, tx, mesh)
+
+    # --- Checkpoints: resume, or start from init_from.
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                      keep=config.keep_checkpoints,
+                                      save_every=config.checkpoint_every)
+    abstract = checkpointing.abstract_with_shardings(state, state_shardings)
+    restored_step, restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+        state = restored
+        reporting.echo(f"Resumed from {ckpt.directory / str(restored_step)}")
+    elif config.init_from:
+        state = load_initial_weights(config, model, state, state_shardings)
+        reporting.echo(f"Initialised from {config.init_from}")
+    start_step = int(jax.device_get(state.step))
+
+    # --- Steps.
+    batch_spec = sharding.batch_sharding(mesh)
+    train_step = jax.jit(make_train_step(model, tx, schedule, config),
+                         in_shardings=(state_shardings, batch_spec),
+                         out_shardings=(state_shardings, sharding.replicated(mesh)),
+                         donate_argnums=(0,))
+    eval_step = jax.jit(make_eval_step(model, config))
+
+    def run_eval(step: int) -> dict[str, float]:
+        max_batches = math.ceil(config.eval_max_examples / config.eval_batch_size) \
+            if config.eval_max_examples else 0
+        batches = input_pipeline.eval_batches(config, process_index=jax.process_index(),
+                                              process_count=jax.process_count())
+        result = evaluate(eval_step, state, batches, mesh, config.seed, max_batches)
+        reporter.write(step, "eval", result)
+        reporting.echo(f"eval at step {step}: top-1 {100 * result['top1']:.2f}% "
+                       f"top-5 {100 * result['top5']:.2f}% loss {result['loss']:.4f} "
+                       f"({int(result['count'])} examples)")
+        return result
+
+    # --- Reporting.
+    reporter = reporting.MetricsReporter(workdir)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    reporting.echo(f"{config.model}: {n_params:,} parameters | {config.dataset} "
+                   f"({info.num_train_examples:,} train) | {mesh.size} device(s) {dict(mesh.shape)} | "
+                   f"noise {config.noise.type} at {config.noise.site} "
+                   f"(train={config.noise.train}, eval={config.noise.eval}) | "
+                   f"{total_steps} steps, batch {config.batch_size}")
+
+    # --- Loop.
+    train_iter = input_pipeline.train_iterator(config, process_index=jax.process_index(),
+                                               process_count=jax.process_count(),
+                                               start_step=start_step)
+    progress = reporting.Progress(total_steps, config.batch_size, start_step)
+    stop = _StopSignal()
+    last_saved = restored_step
+    eval_result, best_top1, metrics = None, -1.0, None
+    started = time.perf_counter()
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            batch = sharding.global_batch(next(train_iter), mesh)
+            state, metrics = train_step(state, batch)
+            is_last = step == total_steps
+            preempted = stop.received or ckpt.manager.reached_preemption(step)
+            must_save = is_last or preempted or ckpt.manager.should_save(step)
+            if step % config.log_every == 0 or must_save:
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                _check_finite(host, step, last_saved)
+                if step % config.log_every == 0 or is_last:
+                    reporter.write(step, "train", host)
+                    progress.update(step, host)
+            if (config.eval_every and step % config.eval_every == 0) or is_last:
+                eval_result = run_eval(step)
+                if config.save_best and eval_result["top1"] > best_top1:
+                    best_top1 = eval_result["top1"]
+                    _save_best(workdir, step, state)
+            if must_save:
+                ckpt.save(step, state, force=is_last or preempted)
+                last_saved = step
+            if preempted and not is_last:
+                reporting.echo(f"Stop requested: checkpoint saved at step {step}; "
+                               "rerun the same command to resume")
+                break
+    finally:
+        stop.restore()
+        ckpt.close()
+        reporter.close()
+
+    elapsed = time.perf_counter() - started
+    steps_run = int(jax.device_get(state.step)) - start_step
+    summary = {"model": config.model, "steps": int(jax.device_get(state.step)),
+               "train_seconds": round(elapsed, 1),
+               "images_per_second": round(steps_run * config.batch_size / max(elapsed, 1e-9), 1)}
+    if metrics is not None:
+        summary["final_train_loss"] = float(jax.device_get(metrics["loss"]))
+    if eval_result is not None:
+        summary.update({f"eval_{k}": v for k, v in eval_result.items()})
+    if is_main:
+        reporting.echo(reporting.summary_table(summary))
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if config.plot and os.path.exists(reporter.jsonl_path):
+            plotting.plot_curves(reporter.jsonl_path, os.path.join(workdir, "curves.png"),
+                                 title=f"{config.model} on {config.dataset}")
+    return summary
+
+
+def _save_best(workdir: str, step: int, state: TrainState) -> None:
+    """Keeps the variables of the best evaluation so far (published protocol)."""
+    path = os.path.join(workdir, "best")
+    best = checkpointing.Checkpointer(path, keep=1, save_every=1, async_save=False)
+    best.save(step, {"params": state.params, "batch_stats": state.batch_stats}, force=True)
+    best.close()
