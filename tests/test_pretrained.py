@@ -1,0 +1,394 @@
+"""noisy_flax.pretrained without torch: files written here in each layout,
+loaded back and checked against where the values must land."""
+import json
+import os
+import struct
+import subprocess
+import sys
+import zipfile
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import scipy.ndimage
+from flax import traverse_util
+
+from noisy_flax import pretrained
+from noisy_flax.models import create_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VIT = "vit_nano_patch4_32"  # width 64, 6 blocks, 4 heads, 8x8 patches
+WIDTH, DEPTH, HEADS, MLP, PATCH, GRID = 64, 6, 4, 128, 4, 8
+HEAD_DIM = WIDTH // HEADS
+
+
+# ---------------------------------------------------------------------------
+# Files in each layout
+# ---------------------------------------------------------------------------
+def _flat(tree) -> dict:
+    return traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+
+
+@pytest.fixture(scope="module")
+def vit_params():
+    """Random (not init-valued) params of the tiny ViT, flat pre-Linen names."""
+    model = create_model(VIT, num_classes=10)
+    shapes = _flat(jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3)))["params"])
+    rng = np.random.default_rng(0)
+    return {name: rng.standard_normal(s.shape).astype(np.float32) for name, s in shapes.items()}
+
+
+def _augreg_npz(tmp_path, flat, name="augreg.npz"):
+    path = tmp_path / name
+    np.savez(path, **flat)
+    return str(path)
+
+
+SAFETENSORS_CODES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                     np.dtype(np.float64): "F64", np.dtype(np.int64): "I64",
+                     np.dtype(ml_dtypes.bfloat16): "BF16"}
+
+
+def _write_safetensors(path, arrays) -> str:
+    """The format written by hand: u64 header size, JSON header, raw data."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, array in arrays.items():
+        data = np.ascontiguousarray(array).tobytes()
+        header[name] = {"dtype": SAFETENSORS_CODES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    return str(path)
+
+
+def _timm_vit_state(rng, num_classes=10) -> dict:
+    """A timm ViT state dict by its published names and (out, in) shapes."""
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    state = {"cls_token": normal(1, 1, WIDTH), "pos_embed": normal(1, 1 + GRID * GRID, WIDTH),
+             "patch_embed.proj.weight": normal(WIDTH, 3, PATCH, PATCH),
+             "patch_embed.proj.bias": normal(WIDTH),
+             "norm.weight": normal(WIDTH), "norm.bias": normal(WIDTH),
+             "head.weight": normal(num_classes, WIDTH), "head.bias": normal(num_classes)}
+    for i in range(DEPTH):
+        for layer, (out, inp) in {"attn.qkv": (3 * WIDTH, WIDTH), "attn.proj": (WIDTH, WIDTH),
+                                  "mlp.fc1": (MLP, WIDTH), "mlp.fc2": (WIDTH, MLP)}.items():
+            state[f"blocks.{i}.{layer}.weight"] = normal(out, inp)
+            state[f"blocks.{i}.{layer}.bias"] = normal(out)
+        for norm in ("norm1", "norm2"):
+            state[f"blocks.{i}.{norm}.weight"] = normal(WIDTH)
+            state[f"blocks.{i}.{norm}.bias"] = normal(WIDTH)
+    return state
+
+
+def _torchvision_resnet18_state(rng, num_classes=10) -> dict:
+    """torchvision's ResNet-18 state dict by its definition (BasicBlock, 2-2-2-2)."""
+    state = {}
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+
+    def conv(name, out, inp, k):
+        state[f"{name}.weight"] = normal(out, inp, k, k)
+
+    def bn(name, c):
+        state.update({f"{name}.weight": normal(c), f"{name}.bias": normal(c),
+                      f"{name}.running_mean": normal(c),
+                      f"{name}.running_var": rng.uniform(0.5, 1.5, c).astype(np.float32),
+                      f"{name}.num_batches_tracked": np.array(7, np.int64)})
+
+    conv("conv1", 64, 3, 7)
+    bn("bn1", 64)
+    inplanes = 64
+    for s, planes in enumerate((64, 128, 256, 512), start=1):
+        for b in range(2):
+            block = f"layer{s}.{b}"
+            conv(f"{block}.conv1", planes, inplanes, 3)
+            bn(f"{block}.bn1", planes)
+            conv(f"{block}.conv2", planes, planes, 3)
+            bn(f"{block}.bn2", planes)
+            if inplanes != planes:
+                conv(f"{block}.downsample.0", planes, inplanes, 1)
+                bn(f"{block}.downsample.1", planes)
+            inplanes = planes
+    state["fc.weight"] = normal(num_classes, 512)
+    state["fc.bias"] = normal(num_classes)
+    return state
+
+
+# ---------------------------------------------------------------------------
+# augreg / vit_jax .npz
+# ---------------------------------------------------------------------------
+def test_augreg_npz_round_trips_exactly(tmp_path, vit_params):
+    variables = pretrained.load_params(_augreg_npz(tmp_path, vit_params),
+                                       create_model(VIT, num_classes=10))
+    assert set(variables) == {"params"}
+    loaded = _flat(variables["params"])
+    assert loaded.keys() == vit_params.keys()
+    for name, value in vit_params.items():
+        np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+
+
+def test_old_naming_variants_load_the_same(tmp_path, vit_params):
+    """vit_jax's Linen numbering, the old optimizer prefix and posemb placement."""
+    linen = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+             "LayerNorm_2": "LayerNorm_1", "MlpBlock_3": "MlpBlock_0"}
+    renamed = {}
+    for name, value in vit_params.items():
+        for old, new in linen.items():
+            name = name.replace(f"/{old}/", f"/{new}/")
+        name = name.replace("posembed_input/pos_embedding", "pos_embedding")
+        renamed["opt/target/" + name] = value
+    assert "opt/target/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel" in renamed
+    variables = pretrained.load_params(_augreg_npz(tmp_path, renamed),
+                                       create_model(VIT, num_classes=10))
+    loaded = _flat(variables["params"])
+    for name, value in vit_params.items():
+        np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+
+
+def test_pickled_npz_is_refused(tmp_path, vit_params):
+    flat = dict(vit_params, extra=np.array({"code": "runs on load"}, dtype=object))
+    with pytest.raises(pretrained.CheckpointError, match="pickled"):
+        pretrained.load_params(_augreg_npz(tmp_path, flat), create_model(VIT, num_classes=10))
+
+
+# ---------------------------------------------------------------------------
+# Position embeddings
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("old,new", [(7, (12, 12)), (24, (16, 16)), (8, (5, 11)), (3, (1, 4))])
+def test_resampled_posemb_equals_scipy_zoom(old, new):
+    posemb = np.random.default_rng(1).standard_normal((1, 1 + old * old, 6))
+    resampled = pretrained.resample_posemb(posemb, new)
+    grid = posemb[0, 1:].reshape(old, old, 6)
+    expected = scipy.ndimage.zoom(grid, (new[0] / old, new[1] / old, 1), order=1)
+    np.testing.assert_array_equal(resampled[0, :1], posemb[0, :1])  # the class token stays
+    np.testing.assert_allclose(resampled[0, 1:].reshape(expected.shape), expected, atol=1e-12)
+
+
+def test_resample_takes_a_token_count():
+    posemb = np.random.default_rng(2).standard_normal((1, 1 + 14 * 14, 4)).astype(np.float32)
+    assert pretrained.resample_posemb(posemb, 1 + 24 * 24).shape == (1, 577, 4)
+    with pytest.raises(pretrained.CheckpointError, match="square"):
+        pretrained.resample_posemb(posemb, 1 + 24 * 23)
+
+
+def test_checkpoint_at_another_resolution_is_resampled(tmp_path, vit_params):
+    """The res_384 case: a grid of 8 loaded into a model built for 48 px (grid 12)."""
+    model = create_model("vit_nano_patch4_48", num_classes=10)
+    variables = pretrained.load_params(_augreg_npz(tmp_path, vit_params), model)
+    posemb = variables["params"]["Transformer"]["posembed_input"]["pos_embedding"]
+    source = vit_params["Transformer/posembed_input/pos_embedding"]
+    np.testing.assert_array_equal(posemb, pretrained.resample_posemb(source, (12, 12)))
+    logits = model.apply(variables, np.zeros((1, 48, 48, 3), np.float32))
+    assert logits.shape == (1, 10)
+
+
+# ---------------------------------------------------------------------------
+# Head, representation layer, dont_load
+# ---------------------------------------------------------------------------
+def test_head_is_new_when_the_class_count_differs(tmp_path, vit_params):
+    variables = pretrained.load_params(_augreg_npz(tmp_path, vit_params),
+                                       create_model(VIT, num_classes=10), num_classes=5)
+    params = variables["params"]
+    assert params["head"]["kernel"].shape == (WIDTH, 5)
+    np.testing.assert_array_equal(params["head"]["kernel"], 0)  # the ViT head's zero init
+    np.testing.assert_array_equal(params["cls"], vit_params["cls"])
+
+
+def test_representation_layer_is_dropped_when_the_model_has_none(tmp_path, vit_params):
+    flat = dict(vit_params, **{"pre_logits/kernel": np.ones((WIDTH, WIDTH), np.float32),
+                               "pre_logits/bias": np.ones(WIDTH, np.float32)})
+    variables = pretrained.load_params(_augreg_npz(tmp_path, flat),
+                                       create_model(VIT, num_classes=10))
+    assert "pre_logits" not in variables["params"]
+
+
+def test_dont_load_keeps_the_initial_values(tmp_path, vit_params):
+    path = _augreg_npz(tmp_path, vit_params)
+    model = create_model(VIT, num_classes=10)
+    variables = pretrained.load_params(path, model, dont_load=["Transformer/encoderblock_0/.*"])
+    block = _flat(variables["params"]["Transformer"]["encoderblock_0"])
+    np.testing.assert_array_equal(block["LayerNorm_0/scale"], 1)  # LayerNorm's init
+    assert not np.array_equal(
+        block["MlpBlock_3/Dense_0/kernel"],
+        vit_params["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"])
+    np.testing.assert_array_equal(variables["params"]["cls"], vit_params["cls"])
+    with pytest.raises(pretrained.CheckpointError, match="match no name"):
+        pretrained.load_params(path, model, dont_load=["Transformer/encoderblock_99/.*"])
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+def test_missing_unexpected_and_misshaped_names_are_listed(tmp_path, vit_params):
+    flat = dict(vit_params)
+    del flat["Transformer/encoder_norm/scale"]
+    flat["Transformer/encoderblock_9/LayerNorm_0/scale"] = np.ones(WIDTH, np.float32)
+    flat["cls"] = np.zeros((1, 1, WIDTH + 1), np.float32)
+    with pytest.raises(pretrained.CheckpointError) as error:
+        pretrained.load_params(_augreg_npz(tmp_path, flat), create_model(VIT, num_classes=10))
+    message = str(error.value)
+    assert message.splitlines()[0].endswith(
+        "1 missing, 1 unexpected, 1 mis-shaped names (a different model size? dont_load=... "
+        "skips names on purpose)")
+    assert "missing:\n  params/Transformer/encoder_norm/scale" in message
+    assert "unexpected:\n  params/Transformer/encoderblock_9/LayerNorm_0/scale" in message
+    assert "mis-shaped:\n  params/cls: checkpoint (1, 1, 65), model (1, 1, 64)" in message
+
+
+def test_a_larger_model_is_reported_not_loaded(tmp_path, vit_params):
+    with pytest.raises(pretrained.CheckpointError, match="mis-shaped"):
+        pretrained.load_params(_augreg_npz(tmp_path, vit_params),
+                               create_model("vit_tiny_patch4_32", num_classes=10))
+
+
+def test_vit_checkpoint_into_resnet_is_refused(tmp_path, vit_params):
+    with pytest.raises(pretrained.CheckpointError,
+                       match="this checkpoint is a ViT .* but the model is a ResNet"):
+        pretrained.load_params(_augreg_npz(tmp_path, vit_params),
+                               create_model("resnet18", num_classes=10))
+
+
+def test_resnet_checkpoint_into_vit_is_refused(tmp_path):
+    path = _write_safetensors(tmp_path / "r.safetensors",
+                              _torchvision_resnet18_state(np.random.default_rng(0)))
+    with pytest.raises(pretrained.CheckpointError,
+                       match="this checkpoint is a ResNet .* but the model is a ViT"):
+        pretrained.load_params(path, create_model(VIT, num_classes=10))
+
+
+def test_unknown_files_are_refused(tmp_path):
+    junk = tmp_path / "weights.bin"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(pretrained.CheckpointError, match="neither"):
+        pretrained.load_params(str(junk), create_model(VIT, num_classes=10))
+    with pytest.raises(pretrained.CheckpointError, match="no checkpoint"):
+        pretrained.load_params(str(tmp_path / "absent.npz"), create_model(VIT, num_classes=10))
+
+
+def test_torch_file_without_torch_says_what_to_do(tmp_path, monkeypatch):
+    path = tmp_path / "model.pth"
+    with zipfile.ZipFile(path, "w") as archive:  # the shape of a torch.save file
+        archive.writestr("model/data.pkl", b"\x80\x02}q\x00.")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails
+    with pytest.raises(pretrained.CheckpointError, match="needs torch"):
+        pretrained.load_params(str(path), create_model(VIT, num_classes=10))
+
+
+# ---------------------------------------------------------------------------
+# timm ViT and torchvision ResNet layouts, as safetensors
+# ---------------------------------------------------------------------------
+def test_timm_vit_values_land_where_they_belong(tmp_path):
+    state = _timm_vit_state(np.random.default_rng(3))
+    path = _write_safetensors(tmp_path / "timm.safetensors", state)
+    params = _flat(pretrained.load_params(path, create_model(VIT, num_classes=10))["params"])
+    block = "Transformer/encoderblock_2"
+    attention = f"{block}/MultiHeadDotProductAttention_1"
+    qkv = state["blocks.2.attn.qkv.weight"]  # rows: (query, key, value) x heads x head_dim
+    for i, h, d in [(0, 0, 0), (5, 1, 3), (63, 3, 15), (17, 2, 9)]:
+        for s, part in enumerate(("query", "key", "value")):
+            row = s * WIDTH + h * HEAD_DIM + d
+            assert params[f"{attention}/{part}/kernel"][i, h, d] == qkv[row, i]
+            assert params[f"{attention}/{part}/bias"][h, d] == state["blocks.2.attn.qkv.bias"][row]
+        assert params[f"{attention}/out/kernel"][h, d, i] == \
+            state["blocks.2.attn.proj.weight"][i, h * HEAD_DIM + d]
+    conv = state["patch_embed.proj.weight"]  # (out, in, y, x) -> (y, x, in, out)
+    assert params["embedding/kernel"][1, 3, 2, 40] == conv[40, 2, 1, 3]
+    assert params["head/kernel"][7, 4] == state["head.weight"][4, 7]
+    assert params[f"{block}/MlpBlock_3/Dense_1/kernel"][100, 5] == state["blocks.2.mlp.fc2.weight"][5, 100]
+    np.testing.assert_array_equal(params[f"{block}/LayerNorm_2/scale"], state["blocks.2.norm2.weight"])
+    np.testing.assert_array_equal(params["Transformer/encoder_norm/bias"], state["norm.bias"])
+    np.testing.assert_array_equal(params["Transformer/posembed_input/pos_embedding"],
+                                  state["pos_embed"])
+    np.testing.assert_array_equal(params["cls"], state["cls_token"])
+
+
+def test_unknown_timm_names_are_unexpected(tmp_path):
+    state = dict(_timm_vit_state(np.random.default_rng(3)),
+                 **{"blocks.0.ls1.gamma": np.ones(WIDTH, np.float32)})
+    path = _write_safetensors(tmp_path / "timm.safetensors", state)
+    with pytest.raises(pretrained.CheckpointError, match="unexpected:\n  blocks.0.ls1.gamma"):
+        pretrained.load_params(path, create_model(VIT, num_classes=10))
+
+
+def test_torchvision_resnet_values_land_where_they_belong(tmp_path):
+    state = _torchvision_resnet18_state(np.random.default_rng(4))
+    path = _write_safetensors(tmp_path / "resnet18.safetensors", state)
+    variables = pretrained.load_params(path, create_model("resnet18", num_classes=10))
+    params, stats = _flat(variables["params"]), _flat(variables["batch_stats"])
+    assert params["conv1/kernel"][6, 2, 1, 33] == state["conv1.weight"][33, 1, 6, 2]
+    assert params["layer3_0/downsample_conv/kernel"][0, 0, 100, 7] == \
+        state["layer3.0.downsample.0.weight"][7, 100, 0, 0]
+    np.testing.assert_array_equal(params["layer2_1/bn2/scale"], state["layer2.1.bn2.weight"])
+    np.testing.assert_array_equal(params["layer4_0/downsample_bn/bias"],
+                                  state["layer4.0.downsample.1.bias"])
+    np.testing.assert_array_equal(stats["layer2_1/bn2/mean"], state["layer2.1.bn2.running_mean"])
+    np.testing.assert_array_equal(stats["bn1/var"], state["bn1.running_var"])
+    np.testing.assert_array_equal(params["fc/kernel"], state["fc.weight"].T)
+    np.testing.assert_array_equal(params["fc/bias"], state["fc.bias"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, ml_dtypes.bfloat16, np.int64])
+def test_safetensors_dtypes_decode(tmp_path, dtype):
+    array = (np.arange(24).reshape(2, 3, 4) - 7).astype(dtype)
+    path = _write_safetensors(tmp_path / "a.safetensors", {"a": array, "b": array[0]})
+    arrays = pretrained.read_safetensors(path)
+    assert arrays["a"].dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(arrays["a"], array)
+    np.testing.assert_array_equal(arrays["b"], array[0])
+
+
+def test_safetensors_reader_agrees_with_the_safetensors_package(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy",
+                                            reason="the safetensors package is not installed")
+    arrays = {"x": np.arange(6, dtype=np.float32).reshape(2, 3), "y": np.ones(4, np.float16)}
+    safetensors_numpy.save_file(arrays, str(tmp_path / "p.safetensors"))
+    ours = pretrained.read_safetensors(str(tmp_path / "p.safetensors"))
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(ours[name], value)
+
+
+# ---------------------------------------------------------------------------
+# convert -> orbax -> load_variables
+# ---------------------------------------------------------------------------
+def test_convert_round_trips_through_orbax(tmp_path, vit_params):
+    src = _augreg_npz(tmp_path, vit_params)
+    dst = str(tmp_path / "converted")
+    assert pretrained.main(["convert", src, dst, "--model", VIT]) == 0
+    model = create_model(VIT, num_classes=10)
+    from_orbax = pretrained.load_variables(dst, model, num_classes=10)
+    from_npz = pretrained.load_params(src, model)
+    jax.tree.map(np.testing.assert_array_equal, from_orbax, from_npz)
+
+
+def test_convert_keeps_batch_statistics(tmp_path):
+    state = _torchvision_resnet18_state(np.random.default_rng(5))
+    src = _write_safetensors(tmp_path / "resnet18.safetensors", state)
+    dst = str(tmp_path / "converted")
+    assert pretrained.main(["convert", src, dst, "--model", "resnet18", "--num_classes", "10"]) == 0
+    model = create_model("resnet18", num_classes=10)
+    from_orbax = pretrained.load_variables(dst, model)
+    assert set(from_orbax) == {"params", "batch_stats"}
+    jax.tree.map(np.testing.assert_array_equal, from_orbax, pretrained.load_params(src, model))
+
+
+def test_convert_command_line(tmp_path, vit_params):
+    """The documented entry point, in a fresh interpreter."""
+    src = _augreg_npz(tmp_path, vit_params)
+    dst = tmp_path / "converted"
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "noisy_flax.pretrained", "convert", src, str(dst),
+         "--model", VIT, "--num_classes", "3"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout
+    variables = pretrained.load_variables(str(dst), create_model(VIT, num_classes=3))
+    assert variables["params"]["head"]["kernel"].shape == (WIDTH, 3)
+    again = subprocess.run(
+        [sys.executable, "-m", "noisy_flax.pretrained", "convert", src, str(dst), "--model", VIT],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 1 and "exists" in again.stderr
