@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from noisy_flax import checkpointing, input_pipeline, optim, plotting, reporting, sharding
+from noisy_flax import checkpointing, optim, plotting, sharding
 from noisy_flax.models import create_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -254,6 +254,9 @@ def _check_finite(metrics: dict, step: int, last_saved: Optional[int]) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains, evaluates and checkpoints; returns the final metrics."""
+    # Imported here, not at the top: both pull in TensorFlow, which the steps
+    # (and noisy_flax.benchmark on an accelerator-only machine) must not need.
+    from noisy_flax import input_pipeline, reporting
     is_main = jax.process_index() == 0
     mesh = sharding.create_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
