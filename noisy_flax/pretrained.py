@@ -318,7 +318,8 @@ def _torch_leaf(name: str, value: np.ndarray, modules) -> Optional[tuple[str, np
     """One PyTorch tensor -> (our name, our array), or None for an unknown name.
 
     weight: 4-D conv OIHW -> kernel HWIO, 2-D Linear (out, in) -> kernel
-    (in, out), 1-D norm -> scale; BatchNorm running stats -> batch_stats."""
+    (in, out), 1-D norm -> scale; BatchNorm running stats -> batch_stats.
+    ``modules`` maps module names (regex, replacement) to ours."""
     module, _, leaf = name.rpartition(".")
     ours = next((re.sub(p, r, module) for p, r in modules if re.fullmatch(p, module)), None)
     if ours is None:
@@ -335,7 +336,9 @@ def _torch_leaf(name: str, value: np.ndarray, modules) -> Optional[tuple[str, np
         return f"params/{ours}/kernel", value.transpose(2, 3, 1, 0)
     if value.ndim == 2:
         return f"params/{ours}/kernel", value.T
-    return f"params/{ours}/scale", value
+    if value.ndim == 1:
+        return f"params/{ours}/scale", value
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -349,9 +352,9 @@ def resample_posemb(posemb: np.ndarray, new_num_tokens_or_grid) -> np.ndarray:
     with ``scipy.ndimage.zoom(order=1)``. The target is a token count
     (class token included, square grid) or a (rows, cols) grid."""
     posemb = np.asarray(posemb)
-    tokens = posemb.shape[1] - 1
-    side = int(round(np.sqrt(tokens)))
-    if posemb.ndim != 3 or side * side != tokens:
+    tokens = posemb.shape[1] - 1 if posemb.ndim == 3 else -1
+    side = int(round(np.sqrt(max(tokens, 0))))
+    if side * side != tokens:
         raise CheckpointError(f"position embedding of shape {posemb.shape} is not a class token "
                               "plus a square grid")
     rows, cols = _grid_of(new_num_tokens_or_grid)
@@ -427,7 +430,7 @@ def fit_to_model(converted: Arrays, model: nn.Module, *, unknown: Iterable[str] 
     converted = _drop_representation(dict(converted), shapes)
     converted = _resample_posemb_to(converted, shapes)
     _check_patterns_match(dont_load, list(shapes) + list(converted) + list(unknown))
-    from_init = _names_reset_to_init(converted, shapes, dont_load, model)
+    from_init = _names_reset_to_init(converted, shapes, dont_load)
     ignored = set(_matching(unknown, dont_load)) | set(_matching(converted, dont_load))
     _check_fit(converted, shapes, from_init, [n for n in unknown if n not in ignored],
                ignored, model)
@@ -486,8 +489,7 @@ def _resample_posemb_to(converted: Arrays, shapes: Mapping) -> Arrays:
     return converted
 
 
-def _names_reset_to_init(converted: Arrays, shapes: Mapping, dont_load: Sequence[str],
-                         model: nn.Module) -> set[str]:
+def _names_reset_to_init(converted: Arrays, shapes: Mapping, dont_load: Sequence[str]) -> set[str]:
     """Names whose value comes from the model's init: dont_load matches, and
     the head when the checkpoint has none or one for another class count."""
     reset = set(_matching(shapes, dont_load))
@@ -496,9 +498,9 @@ def _names_reset_to_init(converted: Arrays, shapes: Mapping, dont_load: Sequence
         if kernel not in shapes:
             continue
         classes = converted[kernel].shape[-1] if kernel in converted else None
-        if classes != model.num_classes:
+        if classes != shapes[kernel].shape[-1]:
             logging.info("pretrained: new %s for %d classes (the checkpoint's has %s)",
-                         classifier, model.num_classes, classes)
+                         classifier, shapes[kernel].shape[-1], classes)
             reset.update(n for n in shapes if n.startswith(f"params/{classifier}/"))
     return reset
 

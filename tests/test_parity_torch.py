@@ -64,6 +64,7 @@ def _logit_difference(torch_model, name: str, side: int, tmp_path) -> tuple[floa
                                        ("vit_base_patch16_224", 224),
                                        ("vit_base_patch16_384", 384)])
 def test_timm_vit_logits_match(name, side, tmp_path):
+    torch.manual_seed(0)  # timm's own initialisation draws from the global generator
     generator = torch.Generator().manual_seed(0)
     torch_model = timm.create_model(name, pretrained=False)
     _perturb_all_parameters(torch_model, generator)
@@ -74,6 +75,7 @@ def test_timm_vit_logits_match(name, side, tmp_path):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_torchvision_resnet_logits_match(name, tmp_path):
+    torch.manual_seed(0)  # torchvision's own initialisation draws from the global generator
     generator = torch.Generator().manual_seed(0)
     torch_model = getattr(torchvision.models, name)(weights=None)
     _perturb_all_parameters(torch_model, generator)
