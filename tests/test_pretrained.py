@@ -375,8 +375,8 @@ def test_convert_keeps_batch_statistics(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, from_orbax, pretrained.load_params(src, model))
 
 
-def test_convert_command_line(tmp_path, vit_params):
-    """The documented entry point, in a fresh interpreter."""
+def test_convert_command_line(tmp_path, vit_params, capsys):
+    """The documented entry point, in a fresh interpreter; then its refusal to overwrite."""
     src = _augreg_npz(tmp_path, vit_params)
     dst = tmp_path / "converted"
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
@@ -388,7 +388,5 @@ def test_convert_command_line(tmp_path, vit_params):
     assert "wrote" in result.stdout
     variables = pretrained.load_variables(str(dst), create_model(VIT, num_classes=3))
     assert variables["params"]["head"]["kernel"].shape == (WIDTH, 3)
-    again = subprocess.run(
-        [sys.executable, "-m", "noisy_flax.pretrained", "convert", src, str(dst), "--model", VIT],
-        capture_output=True, text=True, env=env, timeout=300)
-    assert again.returncode == 1 and "exists" in again.stderr
+    assert pretrained.main(["convert", src, str(dst), "--model", VIT]) == 1
+    assert "exists" in capsys.readouterr().err
