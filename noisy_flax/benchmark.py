@@ -1,0 +1,413 @@
+"""Speed of the real train / eval steps: step time, images/s, FLOPs, utilisation.
+
+    python -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --json
+    python -m noisy_flax.benchmark --model vit_tiny_patch16_224 --noise all
+    python -m noisy_flax.benchmark --model resnet18 --vs-torch      # needs the torch extra
+    python -m noisy_flax.benchmark --input mock_imagenet            # tf.data throughput
+
+Times the jitted step that ``noisy_flax.train`` builds, on synthetic data that
+already sits on the device. Every configuration of one run is measured in
+interleaved rounds (A B C A B C ...), so that load from other processes hits
+all of them alike and their ratios stay meaningful on a busy machine.
+
+Only the ``--input`` mode imports TensorFlow; everything else needs jax, flax
+and optax alone (and torch for ``--vs-torch``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from noisy_flax import noise as noise_lib
+from noisy_flax import optim, sharding, train
+
+# Dense peak per chip in FLOP/s, without sparsity: (bf16, fp32). GPU "fp32" is
+# the TF32 tensor-core figure: XLA runs f32 dots at default precision as TF32
+# there. TPUs publish no fp32 peak (f32 dots are bf16 passes), so none is given.
+PEAK_FLOPS = {
+    "TPU v4": (275e12, None),
+    "TPU v5 lite": (197e12, None),   # v5e
+    "TPU v5e": (197e12, None),
+    "TPU v5p": (459e12, None),
+    "TPU v5": (459e12, None),        # v5p reports itself as "TPU v5"
+    "TPU v6 lite": (918e12, None),   # v6e (Trillium)
+    "TPU v6e": (918e12, None),
+    "A100": (312e12, 156e12),
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 495e12),        # SXM
+    "H200": (989e12, 495e12),
+}
+NOISE_CHOICES = tuple(t for t in noise_lib.NOISE_TYPES)
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+def benchmark_config(model: str, batch: int, resolution: int, dtype: str = "float32",
+                     noise: str = "none", remat: bool = False,
+                     num_classes: int = 1000) -> ml_collections.ConfigDict:
+    """The keys the model, optimizer and steps read, with ImageNet-like values.
+
+    Built here rather than from configs.common, which imports the tf.data
+    pipeline (and so TensorFlow).
+    """
+    c = ml_collections.ConfigDict()
+    c.model, c.num_classes, c.image_size, c.dtype, c.remat = model, num_classes, resolution, dtype, remat
+    c.model_kwargs = ml_collections.ConfigDict()
+    c.input = ml_collections.ConfigDict({"channels": 3})
+    c.noise = noise_lib.noise_config(type=noise, site=default_noise_site(model))
+    c.batch_size, c.grad_accum_steps, c.label_smoothing = batch, 1, 0.0
+    c.optimizer, c.lr, c.end_lr, c.warmup_init_lr, c.schedule = "adamw", 1e-3, 0.0, 0.0, "cosine"
+    c.weight_decay, c.wd_mask, c.b1, c.b2, c.eps = 1e-4, "kernels", 0.9, 0.999, 1e-8
+    c.momentum, c.nesterov, c.grad_clip_norm = 0.9, False, 0.0
+    c.seed, c.sharding = 0, "replicate"
+    return c
+
+
+def default_noise_site(model: str) -> str:
+    """The published sites: last ViT block's attention input, ResNet block input."""
+    return "block_input" if model.startswith("resnet") else "attn_input"
+
+
+def parse_noises(text: str) -> list[str]:
+    names = list(NOISE_CHOICES) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in NOISE_CHOICES:
+            raise SystemExit(f"unknown noise {name!r}; use 'all' or some of {', '.join(NOISE_CHOICES)}")
+    if "none" in names:  # the reference comes first
+        names.remove("none")
+    return ["none"] + names
+
+
+# ---------------------------------------------------------------------------
+# Building the steps on synthetic, device-resident data
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class Case:
+    """One thing to time: ``run()`` does one blocking step."""
+    name: str
+    run: Callable[[], None]
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    times: list[float] = dataclasses.field(default_factory=list)
+
+
+def synthetic_batch(config, mesh, with_mask: bool = False) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(0)
+    shape = (config.batch_size, config.image_size, config.image_size, config.input.channels)
+    local = {"image": rng.uniform(-1, 1, shape).astype(np.float32),
+             "label": rng.integers(0, config.num_classes, config.batch_size).astype(np.int32)}
+    if with_mask:
+        local["mask"] = np.ones(config.batch_size, np.int32)
+    return sharding.global_batch(local, mesh)
+
+
+def compile_timed(jitted, *args) -> tuple[Any, float]:
+    """(compiled executable, seconds spent lowering and compiling)."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def cost_flops(compiled) -> Optional[float]:
+    """FLOPs of one call from XLA's cost analysis (None if the backend has none)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def compiled_memory_bytes(compiled) -> Optional[int]:
+    """Arguments + outputs + temporaries of the executable, as XLA plans them."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if m is None:
+        return None
+    aliased = getattr(m, "alias_size_in_bytes", 0)
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - aliased)
+
+
+def train_case(config, mesh, name: str) -> Case:
+    """The jitted, donated, sharded train step of noisy_flax.train, ready to run."""
+    model = train.build_model(config, mesh)
+    tx, schedule = optim.make_optimizer(config, total_steps=10_000, warmup_steps=0)
+    state, state_shardings = train.create_train_state(config, model, tx, mesh)
+    batch = synthetic_batch(config, mesh)
+    jitted = jax.jit(train.make_train_step(model, tx, schedule, config),
+                     in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                     out_shardings=(state_shardings, sharding.replicated(mesh)),
+                     donate_argnums=(0,))
+    compiled, seconds = compile_timed(jitted, state, batch)
+    holder = {"state": state}
+
+    def run():
+        # Metrics stay on the device; blocking on the new state ends the step.
+        holder["state"], _ = compiled(holder["state"], batch)
+        jax.block_until_ready(holder["state"])
+
+    info = {"compile_s": seconds, "flops": cost_flops(compiled),
+            "xla_memory_bytes": compiled_memory_bytes(compiled),
+            "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))}
+    return Case(name, run, info)
+
+
+def eval_case(config, mesh, name: str) -> Case:
+    model = train.build_model(config, mesh)
+    tx, _ = optim.make_optimizer(config, total_steps=10_000, warmup_steps=0)
+    state, _ = train.create_train_state(config, model, tx, mesh)
+    batch = synthetic_batch(config, mesh, with_mask=True)
+    key = jax.random.PRNGKey(1)
+    jitted = jax.jit(train.make_eval_step(model, config))
+    compiled, seconds = compile_timed(jitted, state.params, state.batch_stats, batch, key)
+
+    def run():
+        jax.block_until_ready(compiled(state.params, state.batch_stats, batch, key))
+
+    return Case(name, run, {"compile_s": seconds, "flops": cost_flops(compiled),
+                            "xla_memory_bytes": compiled_memory_bytes(compiled)})
+
+
+# ---------------------------------------------------------------------------
+# Peak FLOP/s
+# ---------------------------------------------------------------------------
+def published_peak(device, dtype: str) -> Optional[float]:
+    """The chip's published dense peak for ``dtype``; None if unknown."""
+    kind = getattr(device, "device_kind", "")
+    for name, (bf16, fp32) in PEAK_FLOPS.items():  # ordered: specific names first
+        if name.lower() in kind.lower():
+            return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def matmul_case(n: int = 1024, dtype: str = "float32") -> Case:
+    """A dense n x n matmul: what the CPU's FLOP/s can reach in this run."""
+    jdtype = train.DTYPES[dtype]
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jdtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jdtype)
+    compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+
+    def run():
+        jax.block_until_ready(compiled(a, b))
+
+    return Case(f"matmul_{n}", run, {"flops": 2.0 * n ** 3})
+
+
+def measure_matmul_peak(n: int = 1024, repeats: int = 10, dtype: str = "float32") -> float:
+    """FLOP/s of the fastest of ``repeats`` n x n matmuls (a stand-alone call)."""
+    case = matmul_case(n, dtype)
+    case.run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        case.run()
+        times.append(time.perf_counter() - start)
+    return case.info["flops"] / min(times)
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+def interleave(cases: Sequence[Case], steps: int, warmup: int, chunk: int = 5) -> None:
+    """Times ``steps`` runs of every case in rounds of ``chunk``.
+
+    Each round starts with one untimed run, so that a case never pays for the
+    previous one's caches or lingering worker threads.
+    """
+    for case in cases:
+        for _ in range(warmup):
+            case.run()
+    while any(len(c.times) < steps for c in cases):
+        for case in cases:
+            todo = min(chunk, steps - len(case.times))
+            if todo <= 0:
+                continue
+            case.run()
+            for _ in range(todo):
+                start = time.perf_counter()
+                case.run()
+                case.times.append(time.perf_counter() - start)
+
+
+def summarize(case: Case, batch: int, peak: Optional[float]) -> dict[str, Any]:
+    times = sorted(case.times)
+    median = statistics.median(times)
+    row = {"name": case.name, "steps": len(times), "step_ms_median": 1e3 * median,
+           "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
+           "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
+           "spread_pct": 100 * (float(np.percentile(times, 90)) - float(np.percentile(times, 10))) / median,
+           "images_per_s": batch / median}
+    row.update({k: v for k, v in case.info.items()})
+    flops = case.info.get("flops")
+    if flops:
+        row["flops_per_s"] = flops / median
+        if peak:
+            row["utilisation"] = flops / median / peak
+    return row
+
+
+def peak_memory_bytes(device) -> Optional[int]:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+def environment() -> dict[str, Any]:
+    device = jax.devices()[0]
+    env = {"backend": jax.default_backend(), "device_kind": device.device_kind,
+           "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
+           "cpu_model": cpu_model(), "python": platform.python_version(),
+           "jax": jax.__version__, "jaxlib": _version("jaxlib"), "flax": _version("flax"),
+           "optax": _version("optax"), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    return env
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return "?"
+
+
+def print_table(rows: Sequence[dict[str, Any]], out=sys.stdout) -> None:
+    head = f"{'case':<34}{'compile s':>10}{'step ms':>10}{'p10-p90 %':>10}{'img/s':>9}" \
+           f"{'GFLOP':>9}{'GFLOP/s':>10}{'util %':>8}{'vs ref':>8}"
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for r in rows:
+        def fmt(key, spec, scale=1.0):
+            v = r.get(key)
+            return format(v * scale, spec) if isinstance(v, (int, float)) else format("-", spec.split(".")[0].rstrip("f") or ">")
+        print(f"{r['name']:<34}{fmt('compile_s', '>10.1f')}{fmt('step_ms_median', '>10.1f')}"
+              f"{fmt('spread_pct', '>10.1f')}{fmt('images_per_s', '>9.2f')}"
+              f"{fmt('flops', '>9.1f', 1e-9)}{fmt('flops_per_s', '>10.1f', 1e-9)}"
+              f"{fmt('utilisation', '>8.1f', 100)}{fmt('ratio', '>8.3f')}", file=out)
+
+
+def emit_json(rows: Sequence[dict[str, Any]], common: dict[str, Any], out=sys.stdout) -> None:
+    for r in rows:
+        print(json.dumps({**common, **r}, default=float), file=out)
+
+
+# ---------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------
+def run_steps(args) -> list[dict[str, Any]]:
+    """Train (and eval) steps for every noise, plus the CPU matmul peak, interleaved."""
+    mesh = sharding.create_mesh([("data", -1), ("fsdp", 1)])
+    cases = []
+    for noise in parse_noises(args.noise):
+        config = benchmark_config(args.model, args.batch, args.resolution, args.dtype, noise,
+                                  args.remat)
+        cases.append(train_case(config, mesh, f"jax train noise={noise}"))
+    if args.eval:
+        config = benchmark_config(args.model, args.batch, args.resolution, args.dtype)
+        cases.append(eval_case(config, mesh, "jax eval noise=none"))
+    device = jax.devices()[0]
+    peak = published_peak(device, args.dtype)
+    peak_source = "published"
+    if jax.default_backend() == "cpu" or peak is None:
+        # Measured in the same rounds as the steps: it sees the same load.
+        cases.append(matmul_case(args.matmul_size, args.dtype))
+        peak_source = "measured matmul"
+    torch_cases = []
+    if args.vs_torch:
+        from noisy_flax import benchmark_torch  # torch is an optional extra
+        torch_cases = [benchmark_torch.train_case(args.model, args.batch, args.resolution,
+                                                  compile=args.torch_compile)]
+    interleave(cases + torch_cases, args.steps, args.warmup, args.chunk)
+    if peak_source == "measured matmul":
+        matmul = cases.pop()
+        peak = matmul.info["flops"] / statistics.median(matmul.times)
+    rows = [summarize(c, args.batch, peak) for c in cases + torch_cases]
+    reference = rows[0]["step_ms_median"]
+    for row in rows:
+        if row["name"].startswith("jax train"):
+            row["ratio"] = row["step_ms_median"] / reference  # noise overhead: step time ratio
+            row["overhead_pct"] = 100 * (row["ratio"] - 1)
+    for row in rows:
+        row.update(peak_flops_per_s=peak, peak_source=peak_source)
+    mem = peak_memory_bytes(device)
+    if mem is not None:
+        for row in rows:
+            row["peak_device_memory_bytes"] = mem
+    if torch_cases:
+        torch_row = rows[-1]
+        torch_row["ratio"] = rows[0]["images_per_s"] / torch_row["images_per_s"]  # JAX / torch
+        rows[0]["jax_over_torch"] = torch_row["ratio"]
+    return rows
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    p = argparse.ArgumentParser(prog="python -m noisy_flax.benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_tiny_patch16_224")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--dtype", choices=tuple(train.DTYPES), default="float32")
+    p.add_argument("--noise", default="none",
+                   help="comma-separated noise types, or 'all'; 'none' is always the reference")
+    p.add_argument("--remat", action="store_true", help="rematerialise each ViT block")
+    p.add_argument("--eval", action="store_true", help="also time the eval step")
+    p.add_argument("--vs-torch", action="store_true", help="also time timm / torchvision")
+    p.add_argument("--torch-compile", action="store_true", help="torch.compile the PyTorch model")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per case")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per case first")
+    p.add_argument("--chunk", type=int, default=5, help="timed steps per case per round")
+    p.add_argument("--matmul-size", type=int, default=1024)
+    p.add_argument("--input", choices=("fashion_mnist", "mock_imagenet"),
+                   help="measure the tf.data pipeline instead of the steps")
+    p.add_argument("--input-batches", type=int, default=30)
+    p.add_argument("--json", action="store_true", help="JSON lines only")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    env = environment()
+    common = {"model": args.model, "batch": args.batch, "resolution": args.resolution,
+              "dtype": args.dtype, **env}
+    if args.input:
+        from noisy_flax import benchmark_input  # the one mode that imports TensorFlow
+        rows = benchmark_input.run(args)
+    else:
+        rows = run_steps(args)
+    if args.json:
+        emit_json(rows, common)
+    else:
+        print(f"{args.model} batch {args.batch} at {args.resolution}px, {args.dtype} on "
+              f"{env['device_count']}x {env['device_kind']} ({env['cpu_model']}, "
+              f"{env['cpu_count']} CPUs), jax {env['jax']}")
+        print_table(rows)
+        emit_json(rows, common)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
