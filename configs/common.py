@@ -117,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.save_best = False  # also keep the best checkpoint by eval top-1
     c.plot = True
     c.runlocal = False
+    # Resume a workdir whose config.json differs in what matters (model,
+    # data, batch, noise, optimizer, ...): refused unless this is True.
+    c.allow_config_change = False
     return c
 
 

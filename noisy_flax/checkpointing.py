@@ -1,9 +1,24 @@
 """orbax-checkpoint wrapper: asynchronous, atomic saves; restore that skips
-a damaged checkpoint instead of using or deleting it."""
+a damaged checkpoint instead of using or deleting it.
+
+What orbax 0.12 does on its own, and what is added here:
+
+* A save is written to ``<step>.orbax-checkpoint-tmp`` and renamed when
+  complete; orbax ignores such a leftover, and the next save of that step
+  deletes it silently. Here it is moved aside with a warning.
+* orbax writes ``commit_success.txt`` into every item and the step before the
+  rename, but restores a step without one. Here a step without its markers
+  is unfinished: skipped with a warning and moved aside.
+* A truncated or deleted array file, a damaged manifest or metadata file
+  makes orbax's restore raise; here the step is reported, moved aside and the
+  next older one is tried. Moving it aside (to ``<dir>.damaged/``) keeps it
+  for inspection and lets training save that step again.
+"""
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Optional
 
 import jax
@@ -13,6 +28,9 @@ from etils import epath
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bumped when the saved state's layout changes
+COMMIT_MARKER = "commit_success.txt"  # what orbax writes last, before the rename
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+ITEMS = ("state", "meta")
 
 
 class CheckpointError(RuntimeError):
@@ -51,19 +69,38 @@ class Checkpointer:
     def restore_latest(self, abstract_state: Any) -> tuple[Optional[int], Any]:
         """Restores the newest intact checkpoint; (None, None) when there is none.
 
-        A checkpoint that fails to restore is reported by name and skipped,
-        never deleted, so that it can still be inspected.
+        An unfinished or damaged checkpoint is reported by name, moved aside
+        (never deleted, so that it can be inspected) and the next older one
+        is tried. A checkpoint from a newer noisy_flax raises CheckpointError.
         """
+        self._set_aside_unfinished_saves()
         for step in reversed(self.all_steps()):
+            path = self.directory / str(step)
+            missing = missing_commit_markers(path)
+            if missing:
+                self._set_aside(path, f"it lacks its commit marker {missing[0]} (an unfinished save)")
+                continue
             try:
                 return step, self.restore(step, abstract_state)
             except CheckpointError:
                 raise
             except Exception as error:  # orbax raises many types for damaged files
-                log.warning("checkpoint %s is damaged and was skipped (%s: %s); "
-                            "restoring an older one", self.directory / str(step),
-                            type(error).__name__, str(error).splitlines()[0][:200])
+                reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                self._set_aside(path, f"it cannot be restored ({reason})")
         return None, None
+
+    def _set_aside_unfinished_saves(self) -> None:
+        for path in sorted(self.directory.glob(f"*{TMP_SUFFIX}*")):
+            self._set_aside(path, "it is an interrupted save that was never completed")
+
+    def _set_aside(self, path: epath.Path, reason: str) -> None:
+        if jax.process_index() != 0:  # one process moves it; the others only skip it
+            log.warning("checkpoint %s is skipped because %s", path, reason)
+            return
+        target = set_aside(path)
+        log.warning("checkpoint %s is skipped because %s; moved to %s (inspect or delete it); "
+                    "resuming from the newest intact checkpoint", path, reason, target)
+        self.manager.reload()
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -82,6 +119,31 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def missing_commit_markers(step_dir: epath.Path) -> list[str]:
+    """Commit markers orbax writes into a completed step and its items."""
+    expected = [step_dir / COMMIT_MARKER] + [step_dir / item / COMMIT_MARKER for item in ITEMS]
+    return [str(p.relative_to(step_dir)) for p in expected if not p.exists()]
+
+
+def set_aside(path: epath.Path) -> epath.Path:
+    """Moves a checkpoint directory to ``<checkpoints>.damaged/<name>-<time>``."""
+    target_dir = path.parent.parent / f"{path.parent.name}.damaged"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    suffix = 0
+    while target.exists():
+        suffix += 1
+        target = target_dir / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+    path.rename(target)
+    return target
+
+
+def has_checkpoints(directory: str) -> bool:
+    """Whether a directory holds any finished step; reads only."""
+    path = epath.Path(directory)
+    return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -8,6 +8,7 @@ on other clusters pass ``--coordinator_address``, ``--num_processes`` and
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -52,21 +53,78 @@ def _is_multiworker_tpu() -> bool:
     return len([h for h in hostnames.split(",") if h]) > 1
 
 
-def prepare_workdir(workdir: str) -> None:
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ValueError(f"--workdir {workdir} is a file; give a directory")
-    if "://" in workdir:  # gs:// and friends: orbax and clu write there directly
-        return
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"--workdir {workdir} cannot be created ({error.strerror}); "
-                         "choose a writable directory") from None
-    if not os.access(workdir, os.W_OK | os.X_OK):
-        raise ValueError(f"--workdir {workdir} is not writable; choose a writable directory")
-
-
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> None:
+    """The one line a user error prints, then exit status 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    if isinstance(error, KeyError):  # KeyError quotes its message
+        text = text.strip("'\"")
+    lines = text.splitlines()
+    if not lines:
+        return type(error).__name__
+    more = " (details: --verbosity=1)" if len(lines) > 1 else ""
+    return lines[0].strip() + more
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a flag or config typo reported as one line, not a
+    traceback (ml_collections raises AttributeError for an unknown key)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        fail(flag_error_message(error))
+    except AttributeError as error:
+        fail(unknown_key_message(error, argv))
+
+
+def flag_error_message(error: flags.Error) -> str:
+    """The innermost cause: a bad ``key=value`` argument raises inside the
+    config file, and absl wraps it in a message that holds a traceback."""
+    text = str(error)
+    if "Traceback" not in text:
+        return f"{text.splitlines()[0].strip()}; fix the value (see --helpfull)"
+    return first_line(_innermost_cause(error))
+
+
+def _innermost_cause(error: BaseException) -> BaseException:
+    while True:
+        following = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if following is None:
+            return error
+        error = following
+
+
+def unknown_key_message(error: AttributeError, argv: list[str]) -> str:
+    """'--config.lrr=1' -> one line with ml_collections' did-you-mean."""
+    text = str(error)
+    unknown = (re.search(r"\w+", text) or [text])[0]
+    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    flag = next((g for g in given if g.endswith("." + unknown)), f"--config.{unknown}")
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    hint = f"did you mean {flag[:-len(unknown)]}{suggestion[1]}? " if suggestion else ""
+    return (f"unknown config key {flag}; {hint}every key must exist in the config file "
+            "(check the spelling)")
+
+
+def run(config, workdir: str) -> int:
+    """Trains; a user error prints one line and returns exit status 2."""
+    from noisy_flax import train  # heavy imports after flag parsing
+
+    try:
+        train.train_and_evaluate(config, workdir)
+    except (*USER_ERRORS, train.TrainingError, train.checkpointing.CheckpointError) as error:
+        logging.debug("user error", exc_info=True)
+        print(f"error: {first_line(error)}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    return 0
 
 
 def main(argv):
@@ -74,19 +132,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and tfds log every step at INFO
-    from noisy_flax import train  # heavy imports after flag parsing
-
     initialize_distributed()
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    try:
-        prepare_workdir(workdir)
-        train.train_and_evaluate(config, workdir)
-    except (*USER_ERRORS, train.TrainingError, train.checkpointing.CheckpointError) as error:
-        logging.debug("user error", exc_info=True)
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    status = run(_CONFIG.value, _WORKDIR.value)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -98,12 +99,32 @@ def load_initial_weights(config, model, state: TrainState, shardings) -> TrainSt
     """Replaces params (and batch statistics) with the weights named by init_from."""
     from noisy_flax import pretrained  # torch-free, imported only when needed
 
+    dont_load = tuple(config.init_dont_load)
+    if not _resets_head(dont_load):
+        check_head_classes(pretrained, config, model)
     variables = pretrained.load_variables(
         config.init_from, model, num_classes=config.num_classes,
-        dont_load=tuple(config.init_dont_load), image_size=config.image_size)
+        dont_load=dont_load, image_size=config.image_size)
     params = jax.device_put(variables["params"], shardings.params)
     batch_stats = jax.device_put(variables.get("batch_stats", {}), shardings.batch_stats)
     return state.replace(params=params, batch_stats=batch_stats)
+
+
+def _resets_head(dont_load) -> bool:
+    return any(re.fullmatch(p, name) for p in dont_load for name in ("head/kernel", "fc/kernel"))
+
+
+def check_head_classes(pretrained, config, model) -> None:
+    """A head for another class count is replaced only when asked for:
+    fine-tuning must say so (init_dont_load), a mistyped num_classes must not
+    silently throw the trained head away."""
+    converted, _ = pretrained.to_flax_names(pretrained.read_checkpoint(config.init_from), model)
+    classes = pretrained.checkpoint_classes(converted)
+    if classes is not None and classes != config.num_classes:
+        raise ValueError(
+            f"config.init_from has a head for {classes} classes but config.num_classes="
+            f"{config.num_classes}; set --config.num_classes={classes}, or reset the head with "
+            "--config.init_dont_load='(\"head/.*\",)' (ResNet: 'fc/.*') to fine-tune")
 
 
 # ---------------------------------------------------------------------------
@@ -168,7 +189,7 @@ def make_train_step(model, tx, schedule, config) -> Callable:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
-                   "lr": schedule(state.step)}
+                   "param_norm": optax.global_norm(params), "lr": schedule(state.step)}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
         return new_state, metrics
@@ -244,32 +265,31 @@ class _StopSignal:
 
 
 def _check_finite(metrics: dict, step: int, last_saved: Optional[int]) -> None:
-    if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+    # The parameter norm too: a finite loss can still come with an update
+    # that overflowed, and such a state must never be checkpointed.
+    watched = ("loss", "grad_norm", "param_norm")
+    if not all(math.isfinite(metrics[name]) for name in watched if name in metrics):
         kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None \
             else "no checkpoint was written"
+        values = ", ".join(f"{name} {metrics[name]}" for name in watched if name in metrics)
         raise TrainingError(
-            f"loss or gradient became {metrics['loss']}/{metrics['grad_norm']} at step {step}; "
-            f"{kept}. Lower config.lr or set config.grad_clip_norm")
+            f"training diverged at step {step} ({values}); {kept}. "
+            "Lower config.lr or set config.grad_clip_norm")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains, evaluates and checkpoints; returns the final metrics."""
     # Imported here, not at the top: both pull in TensorFlow, which the steps
     # (and noisy_flax.benchmark on an accelerator-only machine) must not need.
-    from noisy_flax import input_pipeline, reporting
+    from noisy_flax import input_pipeline, reporting, validation, workdir as workdir_lib
     is_main = jax.process_index() == 0
-    mesh = sharding.create_mesh(config.mesh)
-    sharding.check_batch_size(config.batch_size, mesh)
-    sharding.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
-    if config.batch_size % (mesh.size * config.grad_accum_steps):
-        raise ValueError(f"config.batch_size={config.batch_size} must be divisible by devices x "
-                         f"grad_accum_steps = {mesh.size * config.grad_accum_steps}")
 
-    # --- Data.
-    info = input_pipeline.dataset_info(config)
-    if info.num_classes != config.num_classes:
-        raise ValueError(f"{config.dataset} has {info.num_classes} classes but config.num_classes="
-                         f"{config.num_classes}; set --config.num_classes={info.num_classes}")
+    # --- Checks. Everything that can refuse the run does so here, before
+    # anything is written: a refused run leaves the workdir as it was.
+    info = validation.validate_config(config)
+    workdir_lib.check_workdir(workdir)
+    workdir_lib.check_config_unchanged(workdir, config)
+    mesh = sharding.create_mesh(config.mesh)
     steps_per_epoch, total_steps, warmup_steps = schedule_lengths(config, info.num_train_examples)
 
     # --- Model, optimizer, state.
@@ -277,8 +297,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx, schedule = optim.make_optimizer(config, total_steps, warmup_steps)
     state, state_shardings = create_train_state(config, model, tx, mesh)
 
-    # --- Checkpoints: resume, or start from init_from.
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+    # A fresh run loads init_from now: a file that does not fit fails before
+    # the workdir is touched.
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    initialised = bool(config.init_from) and not checkpointing.has_checkpoints(checkpoint_dir)
+    if initialised:
+        state = load_initial_weights(config, model, state, state_shardings)
+    workdir_lib.prepare_workdir(workdir)
+
+    # --- Checkpoints: resume if there is one.
+    ckpt = checkpointing.Checkpointer(checkpoint_dir,
                                       keep=config.keep_checkpoints,
                                       save_every=config.checkpoint_every)
     abstract = checkpointing.abstract_with_shardings(state, state_shardings)
@@ -287,7 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = restored
         reporting.echo(f"Resumed from {ckpt.directory / str(restored_step)}")
     elif config.init_from:
-        state = load_initial_weights(config, model, state, state_shardings)
+        if not initialised:  # every checkpoint was damaged: start over from init_from
+            state = load_initial_weights(config, model, state, state_shardings)
         reporting.echo(f"Initialised from {config.init_from}")
     start_step = int(jax.device_get(state.step))
 
@@ -315,8 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     reporter = reporting.MetricsReporter(workdir)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        workdir_lib.write_config(workdir, config)
     reporting.echo(f"{config.model}: {n_params:,} parameters | {config.dataset} "
                    f"({info.num_train_examples:,} train) | {mesh.size} device(s) {dict(mesh.shape)} | "
                    f"noise {config.noise.type} at {config.noise.site} "

@@ -1,0 +1,82 @@
+"""``validate_config(config)``: every check that can run before training
+touches the workdir, in one place.
+
+It reuses the checks that live with their subject (noise factory, mesh and
+batch placement, optimizer, model tracing, dataset lookup) by calling them
+on the config, instead of restating their rules here.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from noisy_flax import noise, optim, sharding
+from noisy_flax.train import build_model, input_shape, schedule_lengths
+
+# Batch orders the evaluation knows (config.eval_order).
+EVAL_ORDERS = ("dataset", "class_sorted", "shuffled", "single", "same_class", "distinct_class")
+
+
+def validate_config(config: ml_collections.ConfigDict):
+    """Raises ValueError (one line naming the problem and the fix) for a bad
+    config; returns the dataset facts it had to read (input_pipeline.DatasetSummary)."""
+    check_choices(config)
+    mesh = sharding.create_mesh(config.mesh)
+    check_batch_sizes(config, mesh)
+    noise.make_noise(config.noise, mesh=mesh)
+    optim.make_optimizer(config, total_steps=1, warmup_steps=0)  # lr, schedule, optimizer
+    check_model_traces(config, mesh)
+    info = check_dataset(config)
+    check_init_from(config)
+    return info
+
+
+def check_choices(config) -> None:
+    if config.get("eval_order", "dataset") not in EVAL_ORDERS:
+        raise ValueError(f"unknown config.eval_order {config.eval_order!r}; "
+                         f"use one of {', '.join(EVAL_ORDERS)}")
+
+
+def check_batch_sizes(config, mesh: Mesh) -> None:
+    sharding.check_batch_size(config.batch_size, mesh)
+    sharding.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+    if config.grad_accum_steps < 1:
+        raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} must be >= 1")
+    if config.batch_size % (mesh.size * config.grad_accum_steps):
+        raise ValueError(f"config.batch_size={config.batch_size} must be divisible by devices x "
+                         f"grad_accum_steps = {mesh.size * config.grad_accum_steps}")
+
+
+def check_model_traces(config, mesh: Mesh) -> None:
+    """Builds the model and traces one noisy training forward pass (shapes
+    only, no compute): the model's own checks (noise site and layer, image
+    size against the patch size, ...) run here rather than mid-set-up."""
+    model = build_model(config, mesh)
+    images = jax.ShapeDtypeStruct((mesh.size,) + input_shape(config)[1:], jnp.float32)
+    key = jax.random.PRNGKey(0)
+    rngs = {"params": key, "dropout": key, "noise": key}
+    jax.eval_shape(lambda x: model.init(rngs, x, train=True), images)
+
+
+def check_dataset(config):
+    """The dataset exists, is prepared (no download unless config.download),
+    has config.num_classes classes and gives a positive step count."""
+    from noisy_flax import input_pipeline  # TensorFlow: only when training
+
+    info = input_pipeline.dataset_info(config)
+    if info.num_classes != config.num_classes:
+        raise ValueError(f"{config.dataset} has {info.num_classes} classes but config.num_classes="
+                         f"{config.num_classes}; set --config.num_classes={info.num_classes}")
+    schedule_lengths(config, info.num_train_examples)
+    return info
+
+
+def check_init_from(config) -> None:
+    path = config.get("init_from")
+    if path and "://" not in path and not os.path.exists(path):
+        raise ValueError(f"config.init_from={path} does not exist; give the path of an .npz, "
+                         ".safetensors, .pth or converted orbax checkpoint")

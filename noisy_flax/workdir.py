@@ -1,0 +1,140 @@
+"""The workdir: checks that only read it, then the one place that creates it.
+
+Everything here that can fail runs before training writes anything, so a
+refused run leaves the workdir exactly as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import ml_collections
+
+CONFIG_FILE = "config.json"
+
+# Keys whose change does not alter what a resumed run computes (where data
+# lives, how often to log, evaluate or save, how to place arrays). Any other
+# difference from the saved config refuses a resume, new keys included.
+HARMLESS_KEYS = (
+    "data_dir", "download", "input.local_dir", "input.prefetch", "input.cache",
+    "eval_every", "eval_max_examples", "eval_batch_size", "eval_split", "eval_order",
+    "log_every", "checkpoint_every", "keep_checkpoints", "save_best", "plot",
+    "init_from", "init_dont_load", "mesh", "sharding", "remat", "runlocal",
+    "allow_config_change",
+)
+
+
+def is_remote(workdir: str) -> bool:
+    """gs:// and friends: orbax and clu write there directly."""
+    return "://" in workdir
+
+
+def check_workdir(workdir: str) -> None:
+    """Refuses a workdir that is a file or that cannot be written; creates nothing."""
+    if is_remote(workdir):
+        return
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir} is a file; give a directory")
+    existing = _nearest_existing(workdir)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--workdir {workdir} cannot be created: {existing} is a file; "
+                         "choose another directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == workdir else f"cannot be created ({existing} is not writable)"
+        raise ValueError(f"--workdir {workdir} {what}; choose a writable directory")
+
+
+def _nearest_existing(path: str) -> str:
+    """The path itself, or its closest ancestor that exists."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def prepare_workdir(workdir: str) -> None:
+    """Creates the workdir; call only after every check has passed."""
+    if is_remote(workdir):
+        return
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--workdir {workdir} cannot be created ({error.strerror}); "
+                         "choose a writable directory") from None
+
+
+# ---------------------------------------------------------------------------
+# The saved config
+# ---------------------------------------------------------------------------
+def config_as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as config.json holds it (tuples become lists, and so on)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
+def read_saved_config(workdir: str) -> dict[str, Any] | None:
+    """The config.json of an earlier run, or None when there is none."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if is_remote(workdir) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} cannot be read ({error}); restore it, or pass "
+                         "--config.allow_config_change=True to replace it") from None
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'noise': {'type': 'x'}} -> {'noise.type': 'x'}."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """'key: old -> new' for every key that differs and matters, sorted."""
+    old, now = flatten(saved), flatten(new)
+    missing = object()
+    changes = []
+    for key in sorted(set(old) | set(now)):
+        if _is_harmless(key):
+            continue
+        before, after = old.get(key, missing), now.get(key, missing)
+        if before != after:
+            changes.append(f"{key}: {_show(before, missing)} -> {_show(after, missing)}")
+    return changes
+
+
+def _is_harmless(key: str) -> bool:
+    return any(key == h or key.startswith(h + ".") for h in HARMLESS_KEYS)
+
+
+def _show(value: Any, missing: object) -> str:
+    return "(absent)" if value is missing else json.dumps(value)
+
+
+def check_config_unchanged(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume a workdir whose saved config differs in what matters."""
+    saved = read_saved_config(workdir)
+    if saved is None or config.get("allow_config_change", False):
+        return
+    changes = config_differences(saved, config_as_json(config))
+    if changes:
+        raise ValueError(
+            f"--workdir {workdir} holds a run with another config ({'; '.join(changes)}); "
+            "use a new --workdir, or pass --config.allow_config_change=True to continue "
+            "this run with the new config")
