@@ -1,0 +1,41 @@
+"""The published NoisyCNN run (NoisyCNN_CircularShiftQ), setting for setting.
+
+    --config configs/noisycnn_imagenet.py:variant=resnet34 \
+    --config.init_from=/path/to/resnet34.safetensors
+
+torchvision weights with the fc head re-initialised, AdamW lr 1e-3 (PyTorch's
+default weight decay 0.01), cosine over 100 epochs to 1e-9, batch 512,
+RandomResizedCrop(224, area 0.05-1), ImageNet mean/std, circulant Q with
+alpha 0.4 and no gradient through the added term, at the input of the last
+block of stage 4, ON in training and evaluation.
+"""
+from configs import common
+from configs.imagenet import imagenet_base, runlocal_model
+
+VARIANTS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, variant="resnet34", runlocal=False)
+    if a.variant not in VARIANTS:
+        raise ValueError(f"variant={a.variant!r}; use one of {VARIANTS}")
+    c = imagenet_base(224)
+    c.model = a.variant
+    c.dtype = "float32"
+    c.input.crop_area = (0.05, 1.0)
+    c.input.flip = False
+    c.input.normalize = "imagenet"
+    c.init_dont_load = ("^fc/",)  # the released code re-initialises the head
+    c.noise.update(type="circulant", alpha=0.4, stop_gradient=True, site="block_input",
+                   stage=4, layer=-1, scope="device", train=True, eval=True)
+    c.batch_size = 512
+    c.optimizer = "adamw"
+    c.lr = 1e-3
+    c.end_lr = 1e-9
+    c.schedule = "cosine"
+    c.num_epochs = 100.0
+    c.weight_decay = 0.01
+    c.wd_mask = "all"
+    if a.runlocal:
+        runlocal_model(c, "resnet18_small")
+    return common.finalize(c, a.runlocal)

@@ -1,0 +1,75 @@
+"""Every config file builds, and runs two steps with runlocal on mock data."""
+import importlib.util
+import pathlib
+
+import ml_collections
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import common
+from noisy_flax import train
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+SHARED_MODULES = {"__init__", "common", "cifar", "imagenet"}
+EXPERIMENTS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in SHARED_MODULES)
+
+
+def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(f"configs.{name}", CONFIG_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_every_experiment_is_covered():
+    expected = {"default", "fashion_mnist", "cifar10", "cifar100", "imagenet_vit",
+                "imagenet_resnet", "noisyvit_imagenet", "noisycnn_imagenet", "transfer"}
+    assert expected <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_config_builds_with_shared_keys(name):
+    config = load_config(name)
+    base = common.base_config()
+    assert set(base.keys()) <= set(config.keys())
+    assert config.is_locked
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_config_runs_two_steps_on_mock_data(name, tmp_path):
+    config = load_config(name, "runlocal")
+    with tfds.testing.mock_data(num_examples=32):
+        summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary["steps"] == 2
+    assert (tmp_path / "metrics.jsonl").exists()
+
+
+def test_locked_config_rejects_typos():
+    config = load_config("default")
+    with pytest.raises(AttributeError):
+        config.lrr = 1.0
+
+
+class TestParseArg:
+    def test_typed_values_and_flags(self):
+        a = common.parse_arg("model=resnet18,epochs=2.5,batch=64,runlocal",
+                             model="vit", epochs=1.0, batch=8, runlocal=False)
+        assert (a.model, a.epochs, a.batch, a.runlocal) == ("resnet18", 2.5, 64, True)
+
+    def test_empty_argument_gives_defaults(self):
+        assert common.parse_arg(None, x=1).x == 1
+        assert common.parse_arg("", x=1).x == 1
+
+    @pytest.mark.parametrize("arg,message", [
+        ("modle=resnet18", "did you mean 'model'"),
+        ("batch=abc", "does not parse as int"),
+        ("runlocal=maybe", "does not parse as bool"),
+        ("batch", "needs a value"),
+    ])
+    def test_bad_arguments(self, arg, message):
+        with pytest.raises(ValueError, match=message):
+            common.parse_arg(arg, model="vit", batch=8, runlocal=False)
+
+    def test_runlocal_shrinks(self):
+        config = load_config("fashion_mnist", "runlocal")
+        assert config.total_steps == 2 and config.batch_size <= 16
