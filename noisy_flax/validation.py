@@ -28,6 +28,7 @@ def validate_config(config: ml_collections.ConfigDict):
     mesh = sharding.create_mesh(config.mesh)
     check_batch_sizes(config, mesh)
     noise.make_noise(config.noise, mesh=mesh)
+    check_circulant_batches(config, mesh)
     optim.make_optimizer(config, total_steps=1, warmup_steps=0)  # lr, schedule, optimizer
     check_model_traces(config, mesh)
     info = check_dataset(config)
@@ -49,6 +50,20 @@ def check_batch_sizes(config, mesh: Mesh) -> None:
     if config.batch_size % (mesh.size * config.grad_accum_steps):
         raise ValueError(f"config.batch_size={config.batch_size} must be divisible by devices x "
                          f"grad_accum_steps = {mesh.size * config.grad_accum_steps}")
+
+
+def check_circulant_batches(config, mesh: Mesh) -> None:
+    """Circulant noise mixes the k samples of a (per-device) batch; some
+    alpha make I+Q singular for that k, which only the batch sizes reveal."""
+    cfg = config.noise
+    if cfg.type != "circulant":
+        return
+    per = mesh.size if cfg.scope == "device" else 1
+    sizes = {"train": config.batch_size // config.grad_accum_steps // per,
+             "eval": config.eval_batch_size // per}
+    for mode, k in sizes.items():
+        if cfg.get(mode, True):
+            noise.check_circulant(k, cfg.alpha)
 
 
 def check_model_traces(config, mesh: Mesh) -> None:

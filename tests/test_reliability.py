@@ -1,0 +1,295 @@
+"""Crash safety: SIGKILL at random moments and SIGTERM resume bitwise like
+an uninterrupted run; damaged checkpoints are named, set aside and skipped;
+a workdir refuses a changed config. CPU only, fake Fashion-MNIST."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import tiny_run
+from noisy_flax import checkpointing, workdir as workdir_lib
+
+TESTS = pathlib.Path(__file__).resolve().parent
+TOTAL_STEPS = 14
+PROCESS_TIMEOUT = 240  # seconds; a start costs ~15 s of imports here
+# Five SIGKILLs ('save': right as an asynchronous checkpoint starts, so the
+# write is cut; 'time': a random moment after training started), then a
+# SIGTERM, then a run to the end.
+TRIALS = ("save", "time", "save", "time", "time", "sigterm")
+
+
+# ---------------------------------------------------------------------------
+# The worker process
+# ---------------------------------------------------------------------------
+class Worker:
+    """tests/crash_worker.py in a child process, its stdout read line by line."""
+
+    def __init__(self, workdir, data_dir, idx_dir):
+        self.process = subprocess.Popen(
+            [sys.executable, str(TESTS / "crash_worker.py"), str(workdir), data_dir, idx_dir,
+             str(TOTAL_STEPS)],
+            cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_for(self, predicate) -> str:
+        """The first line that satisfies ``predicate``; fails on exit or timeout."""
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        while True:
+            line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            if line is None:
+                pytest.fail("worker ended early:\n" + "\n".join(self.seen[-30:]))
+            self.seen.append(line)
+            if predicate(line):
+                return line
+
+    def finish(self) -> int:
+        code = self.process.wait(timeout=PROCESS_TIMEOUT)
+        while (line := self.lines.get(timeout=10)) is not None:
+            self.seen.append(line)
+        return code
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        os.kill(self.process.pid, sig)
+
+
+def _is_step_line(line: str) -> bool:
+    return line.startswith("step ") and "/" in line
+
+
+# ---------------------------------------------------------------------------
+# Reading checkpoints back
+# ---------------------------------------------------------------------------
+def restore_state(checkpoint_dir: pathlib.Path, step: int):
+    manager = ocp.CheckpointManager(checkpoint_dir)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    finally:
+        manager.close()
+    return restored["state"], restored["meta"]
+
+
+def finished_steps(checkpoint_dir: pathlib.Path) -> list[int]:
+    return sorted(int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit())
+
+
+def assert_bitwise_equal(left, right) -> None:
+    left_leaves, left_tree = jax.tree.flatten_with_path(left)
+    right_leaves, right_tree = jax.tree.flatten_with_path(right)
+    assert [p for p, _ in left_leaves] == [p for p, _ in right_leaves]
+    for (path, a), (_, b) in zip(left_leaves, right_leaves):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape, jax.tree_util.keystr(path)
+        assert a.tobytes() == b.tobytes(), f"{jax.tree_util.keystr(path)} differs"
+
+
+# ---------------------------------------------------------------------------
+# Crash trials
+# ---------------------------------------------------------------------------
+def test_sigkill_and_sigterm_resume_bitwise_like_an_uninterrupted_run(tmp_path):
+    data_dir, idx_dir = tiny_run.data_dirs(tmp_path)
+    reference = Worker(tmp_path / "reference", data_dir, idx_dir)  # in parallel
+    workdir = tmp_path / "crashed"
+    checkpoints = workdir / "checkpoints"
+    rng = random.Random(int(os.environ.get("CRASH_SEED", "8")))
+    log = []
+    cut_saves = 0
+    for trial in TRIALS:
+        worker = Worker(workdir, data_dir, idx_dir)
+        first = worker.wait_for(_is_step_line)
+        start = int(first.split()[1].split("/")[0]) - 1
+        if trial == "save":
+            saving = worker.wait_for(lambda line: line.startswith("SAVING "))
+            time.sleep(rng.uniform(0, 0.005))
+            worker.kill()
+            step = int(saving.split()[1])
+        elif trial == "time":
+            time.sleep(rng.uniform(0.0, 2.0))
+            worker.kill()
+            step = None
+        else:
+            worker.wait_for(lambda line: _is_step_line(line) and
+                            int(line.split()[1].split("/")[0]) >= start + 2)
+            worker.kill(signal.SIGTERM)
+        code = worker.finish()
+        if trial == "sigterm":
+            stop = [l for l in worker.seen if l.startswith("Stop requested")]
+            assert code == 0, "\n".join(worker.seen[-20:])
+            assert stop, "\n".join(worker.seen[-20:])
+            saved_at = int(stop[0].split("step ")[1].split(";")[0])
+            assert finished_steps(checkpoints)[-1] == saved_at < TOTAL_STEPS
+        else:
+            assert code == -signal.SIGKILL
+            if trial == "save" and (checkpoints / f"{step}{checkpointing.TMP_SUFFIX}").exists():
+                cut_saves += 1
+        log.append((trial, start, finished_steps(checkpoints)))
+
+    last = Worker(workdir, data_dir, idx_dir)
+    assert last.finish() == 0, "\n".join(last.seen[-30:])
+    assert "DONE" in last.seen
+    resumed = [l for l in last.seen if l.startswith("Resumed from")]
+    assert resumed and resumed[0].endswith(f"/{saved_at}"), resumed
+    assert reference.finish() == 0, "\n".join(reference.seen[-30:])
+
+    # Same final state, bit for bit: params, optimizer state, PRNG, step.
+    final, meta = restore_state(checkpoints, TOTAL_STEPS)
+    expected, _ = restore_state(tmp_path / "reference" / "checkpoints", TOTAL_STEPS)
+    assert int(final["step"]) == TOTAL_STEPS and meta["format_version"] == 1
+    assert_bitwise_equal(final, expected)
+
+    # Every checkpoint left behind restores; what was set aside are only
+    # interrupted writes, never a finished checkpoint.
+    for step in finished_steps(checkpoints):
+        restore_state(checkpoints, step)
+    set_aside = list((workdir / "checkpoints.damaged").glob("*")) \
+        if (workdir / "checkpoints.damaged").exists() else []
+    assert all(checkpointing.TMP_SUFFIX in p.name for p in set_aside), set_aside
+    print(f"trials (kind, resumed at, steps on disk): {log}; "
+          f"saves cut mid-write: {cut_saves}; set aside: {[p.name for p in set_aside]}")
+
+
+# ---------------------------------------------------------------------------
+# Damaged checkpoints
+# ---------------------------------------------------------------------------
+ABSTRACT = {"a": jax.ShapeDtypeStruct((1000,), jnp.float32),
+            "b": jax.ShapeDtypeStruct((3,), jnp.float32)}
+
+
+def write_three_steps(directory: pathlib.Path) -> None:
+    saver = checkpointing.Checkpointer(str(directory), keep=5, save_every=1)
+    for step in (1, 2, 3):
+        saver.save(step, {"a": jnp.arange(1000.0) * step, "b": jnp.ones(3) * step})
+    saver.close()
+
+
+def _files(path: pathlib.Path, part: str) -> list[pathlib.Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and part in str(p.relative_to(path)))
+
+
+def truncate_array_file(step_dir):
+    victim = max(_files(step_dir, "/d/"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+
+
+def delete_array_file(step_dir):
+    _files(step_dir, "/d/")[0].unlink()
+
+
+def delete_commit_marker(step_dir):
+    (step_dir / checkpointing.COMMIT_MARKER).unlink()
+
+
+def truncate_manifest(step_dir):
+    for manifest in _files(step_dir, "manifest.ocdbt"):
+        manifest.write_bytes(manifest.read_bytes()[:10])
+
+
+def interrupted_write(step_dir):
+    """What a kill mid-save leaves: the step only under its temporary name."""
+    step_dir.rename(step_dir.parent / f"{step_dir.name}{checkpointing.TMP_SUFFIX}")
+
+
+@pytest.mark.parametrize("damage", [truncate_array_file, delete_array_file,
+                                    delete_commit_marker, truncate_manifest, interrupted_write])
+def test_damaged_latest_checkpoint_is_named_set_aside_and_skipped(tmp_path, caplog, damage):
+    directory = tmp_path / "checkpoints"
+    write_three_steps(directory)
+    damage(directory / "3")
+    damaged = [p for p in directory.iterdir() if p.name.startswith("3")][0]
+    files_before = sorted(p.relative_to(damaged) for p in damaged.rglob("*"))
+
+    checkpointer = checkpointing.Checkpointer(str(directory), keep=5, save_every=1)
+    with caplog.at_level(logging.WARNING):
+        step, state = checkpointer.restore_latest(ABSTRACT)
+    assert step == 2 and float(state["a"][1]) == 2.0  # the newest intact one
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert str(damaged) in warning and "moved to" in warning
+    # Kept for inspection, whole: never deleted.
+    kept = list((tmp_path / "checkpoints.damaged").iterdir())
+    assert len(kept) == 1 and kept[0].name.startswith(damaged.name)
+    assert sorted(p.relative_to(kept[0]) for p in kept[0].rglob("*")) == files_before
+    # Training can save step 3 again, and that one restores.
+    checkpointer.save(3, {"a": jnp.arange(1000.0) * 3, "b": jnp.ones(3) * 3}, force=True)
+    checkpointer.close()
+    again = checkpointing.Checkpointer(str(directory), keep=5, save_every=1)
+    assert again.restore_latest(ABSTRACT)[0] == 3
+    again.close()
+
+
+def test_a_checkpoint_from_a_newer_format_is_refused_not_skipped(tmp_path):
+    directory = tmp_path / "checkpoints"
+    write_three_steps(directory)
+    meta = directory / "3" / "meta" / "metadata"
+    meta.write_text(json.dumps({"format_version": checkpointing.FORMAT_VERSION + 1, "step": 3}))
+    before = tiny_run.snapshot(tmp_path)
+    checkpointer = checkpointing.Checkpointer(str(directory), keep=5, save_every=1)
+    with pytest.raises(checkpointing.CheckpointError, match="format version 2.*upgrade"):
+        checkpointer.restore_latest(ABSTRACT)
+    checkpointer.close()
+    assert tiny_run.snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------
+# A workdir keeps its config
+# ---------------------------------------------------------------------------
+def saved_workdir(tmp_path, config) -> pathlib.Path:
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    workdir_lib.write_config(str(workdir), config)
+    return workdir
+
+
+def test_a_changed_config_is_refused_listing_the_keys(tmp_path):
+    config = tiny_run.tiny_config("/data", "/idx")
+    workdir = saved_workdir(tmp_path, config)
+    before = tiny_run.snapshot(workdir)
+    changed = tiny_run.tiny_config("/data", "/idx", batch_size=32, model="resnet18_small",
+                                   **{"noise.type": "gaussian"})
+    with pytest.raises(ValueError) as error:
+        workdir_lib.check_config_unchanged(str(workdir), changed)
+    message = str(error.value)
+    assert "\n" not in message
+    for expected in ("batch_size: 16 -> 32", 'model: "vit_nano_patch4_28" -> "resnet18_small"',
+                     'noise.type: "optimal_q" -> "gaussian"', "allow_config_change=True"):
+        assert expected in message
+    assert tiny_run.snapshot(workdir) == before
+
+
+def test_harmless_changes_and_the_override_are_accepted(tmp_path):
+    config = tiny_run.tiny_config("/data", "/idx")
+    workdir = saved_workdir(tmp_path, config)
+    harmless = tiny_run.tiny_config("/elsewhere", "/idx2", log_every=7, eval_every=3,
+                                    checkpoint_every=9, keep_checkpoints=1)
+    workdir_lib.check_config_unchanged(str(workdir), harmless)
+    overridden = tiny_run.tiny_config("/data", "/idx", batch_size=64, allow_config_change=True)
+    workdir_lib.check_config_unchanged(str(workdir), overridden)
+
+
+def test_every_key_of_the_config_is_compared(tmp_path):
+    """A key this module has never heard of counts as one that matters."""
+    saved = {"model": "a", "new_knob": 1, "noise": {"type": "x", "alpha": 0.4}}
+    new = {"model": "a", "noise": {"type": "x", "alpha": 0.3}, "log_every": 5}
+    assert workdir_lib.config_differences(saved, new) == [
+        "new_knob: 1 -> (absent)", "noise.alpha: 0.4 -> 0.3"]
