@@ -114,6 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
+    # Saves run in the background while training goes on. Tests that mock
+    # tfds's file system turn this off: the mock would catch the writes.
+    c.async_checkpoints = True
     c.save_best = False  # also keep the best checkpoint by eval top-1
     c.plot = True
     c.runlocal = False

@@ -48,9 +48,12 @@ class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, save_every: int = 1000,
                  async_save: bool = True):
         self.directory = epath.Path(directory)
+        every = max(save_every, 1)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=max(save_every, 1),
-            enable_async_checkpointing=async_save, create=True)
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            # Only every `every` steps (plus preemption and forced saves):
+            # orbax's default would also save the very first step.
+            should_save_fn=lambda step, _last: step % every == 0)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def all_steps(self) -> list[int]:

@@ -188,7 +188,7 @@ def make_train_step(model, tx, schedule, config) -> Callable:
             loss, accuracy = loss_sum / accum, correct_sum / accum
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
                    "param_norm": optax.global_norm(params), "lr": schedule(state.step)}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
@@ -308,7 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # --- Checkpoints: resume if there is one.
     ckpt = checkpointing.Checkpointer(checkpoint_dir,
                                       keep=config.keep_checkpoints,
-                                      save_every=config.checkpoint_every)
+                                      save_every=config.checkpoint_every,
+                                      async_save=config.async_checkpoints)
     abstract = checkpointing.abstract_with_shardings(state, state_shardings)
     restored_step, restored = ckpt.restore_latest(abstract)
     if restored is not None:

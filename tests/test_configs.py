@@ -38,6 +38,7 @@ def test_config_builds_with_shared_keys(name):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_config_runs_two_steps_on_mock_data(name, tmp_path):
     config = load_config(name, "runlocal")
+    config.async_checkpoints = False  # mock_data patches the file system orbax writes to
     with tfds.testing.mock_data(num_examples=32):
         summary = train.train_and_evaluate(config, str(tmp_path))
     assert summary["steps"] == 2
