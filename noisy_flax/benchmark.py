@@ -101,6 +101,7 @@ class Case:
     run: Callable[[], None]
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     times: list[float] = dataclasses.field(default_factory=list)
+    step: Optional[Callable[[Any], None]] = None  # train cases: one step on a given batch
 
 
 def synthetic_batch(config, mesh, with_mask: bool = False) -> dict[str, jax.Array]:
@@ -154,15 +155,15 @@ def train_case(config, mesh, name: str) -> Case:
     compiled, seconds = compile_timed(jitted, state, batch)
     holder = {"state": state}
 
-    def run():
+    def step(batch_):
         # Metrics stay on the device; blocking on the new state ends the step.
-        holder["state"], _ = compiled(holder["state"], batch)
+        holder["state"], _ = compiled(holder["state"], batch_)
         jax.block_until_ready(holder["state"])
 
     info = {"compile_s": seconds, "flops": cost_flops(compiled),
             "xla_memory_bytes": compiled_memory_bytes(compiled),
             "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))}
-    return Case(name, run, info)
+    return Case(name, lambda: step(batch), info, step=step)
 
 
 def eval_case(config, mesh, name: str) -> Case:
@@ -339,8 +340,13 @@ def run_steps(args) -> list[dict[str, Any]]:
     torch_cases = []
     if args.vs_torch:
         from noisy_flax import benchmark_torch  # torch is an optional extra
-        torch_cases = [benchmark_torch.train_case(args.model, args.batch, args.resolution,
-                                                  compile=args.torch_compile)]
+        if not benchmark_torch.available():
+            raise SystemExit("--vs-torch needs torch, timm and torchvision: "
+                             "pip install -e '.[torch]' (or run from a venv that has them)")
+        torch_cases = [benchmark_torch.train_case(args.model, args.batch, args.resolution)]
+        if args.torch_compile:
+            torch_cases.append(benchmark_torch.train_case(args.model, args.batch,
+                                                          args.resolution, compile=True))
     interleave(cases + torch_cases, args.steps, args.warmup, args.chunk)
     if peak_source == "measured matmul":
         matmul = cases.pop()
@@ -357,11 +363,109 @@ def run_steps(args) -> list[dict[str, Any]]:
     if mem is not None:
         for row in rows:
             row["peak_device_memory_bytes"] = mem
-    if torch_cases:
-        torch_row = rows[-1]
-        torch_row["ratio"] = rows[0]["images_per_s"] / torch_row["images_per_s"]  # JAX / torch
-        rows[0]["jax_over_torch"] = torch_row["ratio"]
+    for torch_row in rows[len(cases):]:
+        # For PyTorch rows the ratio is images/s JAX (no noise) / PyTorch.
+        torch_row["ratio"] = rows[0]["images_per_s"] / torch_row["images_per_s"]
+        rows[0]["jax_over_" + torch_row["name"].replace(" ", "_")] = torch_row["ratio"]
     return rows
+
+
+# ---------------------------------------------------------------------------
+# Input pipeline (the only mode that imports TensorFlow)
+# ---------------------------------------------------------------------------
+def input_config(args):
+    """The experiment config whose tf.data stream feeds the train step."""
+    from configs import common  # imports the tf.data pipeline, hence TensorFlow
+    c = common.base_config()
+    c.model, c.batch_size, c.image_size = args.model, args.batch, args.resolution
+    if args.input == "fashion_mnist":  # as configs/fashion_mnist.py reads it
+        c.dataset, c.num_classes = "fashion_mnist", 10
+        c.input.channels, c.input.train_crop, c.input.cache = 1, "none", True
+        if args.resolution != 28:
+            c.input.train_crop = "resize"
+    else:  # ImageNet-style: JPEG decode, inception crop, flip
+        c.dataset, c.num_classes = "imagenet2012", 1000
+        c.input.shuffle_buffer = 256
+    return c
+
+
+def write_mock_jpegs(directory: str, count: int, size=(375, 500), seed: int = 0) -> list[str]:
+    """``count`` JPEGs of a typical ImageNet size with smooth, photo-like content
+    (so they compress, and decode, like photographs rather than noise)."""
+    import tensorflow as tf
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        coarse = rng.uniform(0, 255, (size[0] // 25, size[1] // 25, 3)).astype(np.float32)
+        image = tf.image.resize(coarse[None], size, method="bicubic")[0]
+        image = image + rng.normal(0, 8, image.shape)
+        encoded = tf.io.encode_jpeg(tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8), quality=90)
+        path = os.path.join(directory, f"mock_{i:05d}.JPEG")
+        tf.io.write_file(path, encoded)
+        paths.append(path)
+    return paths
+
+
+def mock_imagenet_source(paths: Sequence[str]):
+    """A tfds ``_as_dataset`` replacement: encoded JPEG bytes read from disk."""
+    import tensorflow as tf
+    labels = np.arange(len(paths)) % 1000
+
+    def as_dataset(self, *unused_args, **unused_kwargs):
+        files = tf.data.Dataset.from_tensor_slices((list(paths), labels))
+        return files.map(lambda path, label: {"image": tf.io.read_file(path), "label": label})
+    return as_dataset
+
+
+def time_iterator(iterator, batches: int, skip: int = 3) -> list[float]:
+    """Seconds per batch of ``batches`` batches after ``skip`` warm-up ones."""
+    for _ in range(skip):
+        next(iterator)
+    times = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        next(iterator)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_input(args) -> list[dict[str, Any]]:
+    """tf.data images/s alone, the train step's images/s on synthetic data, and the
+    train step fed by tf.data: the pipeline is no bottleneck when the last two match."""
+    import contextlib
+    import tempfile
+
+    from noisy_flax import input_pipeline
+    config = input_config(args)
+    with contextlib.ExitStack() as stack:
+        if args.input == "mock_imagenet":
+            import tensorflow_datasets as tfds
+            directory = stack.enter_context(tempfile.TemporaryDirectory())
+            paths = write_mock_jpegs(directory, args.mock_images)
+            stack.enter_context(tfds.testing.mock_data(
+                num_examples=len(paths), as_dataset_fn=mock_imagenet_source(paths)))
+        pipeline = Case("tf.data train stream", lambda: None)
+        pipeline.times = time_iterator(input_pipeline.train_iterator(config), args.input_batches)
+
+        mesh = sharding.create_mesh([("data", -1), ("fsdp", 1)])
+        step_config = benchmark_config(args.model, args.batch, args.resolution, args.dtype,
+                                       num_classes=config.num_classes)
+        step_config.input.channels = config.input.channels
+        synthetic = train_case(step_config, mesh, "jax train, synthetic batch")
+        fed = fed_train_case(synthetic, input_pipeline.train_iterator(config), mesh)
+        interleave([synthetic, fed], args.steps, args.warmup, args.chunk)
+    rows = [summarize(c, args.batch, None) for c in (pipeline, synthetic, fed)]
+    rows[0]["ratio"] = rows[0]["images_per_s"] / rows[1]["images_per_s"]  # supply / demand
+    rows[2]["ratio"] = rows[2]["step_ms_median"] / rows[1]["step_ms_median"]  # slowdown
+    for row in rows:
+        row["input"] = args.input
+    return rows
+
+
+def fed_train_case(synthetic: Case, iterator, mesh) -> Case:
+    """The same compiled step (and state), each time on the next tf.data batch."""
+    return Case("jax train, tf.data batch",
+                lambda: synthetic.step(sharding.global_batch(next(iterator), mesh)))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -376,14 +480,16 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--remat", action="store_true", help="rematerialise each ViT block")
     p.add_argument("--eval", action="store_true", help="also time the eval step")
     p.add_argument("--vs-torch", action="store_true", help="also time timm / torchvision")
-    p.add_argument("--torch-compile", action="store_true", help="torch.compile the PyTorch model")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="with --vs-torch: also time the torch.compile'd PyTorch model")
     p.add_argument("--steps", type=int, default=20, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per case first")
     p.add_argument("--chunk", type=int, default=5, help="timed steps per case per round")
     p.add_argument("--matmul-size", type=int, default=1024)
     p.add_argument("--input", choices=("fashion_mnist", "mock_imagenet"),
                    help="measure the tf.data pipeline instead of the steps")
-    p.add_argument("--input-batches", type=int, default=30)
+    p.add_argument("--input-batches", type=int, default=30, help="tf.data batches to time")
+    p.add_argument("--mock-images", type=int, default=300, help="JPEGs for mock_imagenet")
     p.add_argument("--json", action="store_true", help="JSON lines only")
     return p.parse_args(argv)
 
@@ -394,8 +500,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     common = {"model": args.model, "batch": args.batch, "resolution": args.resolution,
               "dtype": args.dtype, **env}
     if args.input:
-        from noisy_flax import benchmark_input  # the one mode that imports TensorFlow
-        rows = benchmark_input.run(args)
+        rows = run_input(args)
     else:
         rows = run_steps(args)
     if args.json:

@@ -178,8 +178,11 @@ def evaluate_setting(model, variables: dict, data: EvalData, noise_config, *, on
     setting asks for (``noise_config`` on, or the identity at its site).
     """
     noise = features.eval_noise(noise_config, on=on, mesh=mesh)
+    # Every 'off' setting at one site is the same identity model: one compile.
+    setting_key = noise_config_key(noise_config) if on else \
+        ("identity", noise_config.site, noise_config.layer, noise_config.stage)
     forward = _forward(model.clone(noise=noise), with_features, forward_cache,
-                       (noise_config_key(noise_config), on, with_features))
+                       (setting_key, with_features))
     order_batches = {order: batch_order.batch_indices(
         data.labels, order, batch_size, seed=seed, num_classes=data.num_classes)
         for order in orders}

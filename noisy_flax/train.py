@@ -189,7 +189,7 @@ def make_train_step(model, tx, schedule, config) -> Callable:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
-                   "param_norm": optax.global_norm(params), "lr": schedule(state.step)}
+                   "param_norm": optax.tree.norm(params), "lr": schedule(state.step)}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
         return new_state, metrics
