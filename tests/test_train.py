@@ -1,0 +1,130 @@
+"""The training path end to end: main, evaluation counts, schedules."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import common
+from noisy_flax import optim, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_main_runlocal_end_to_end(tmp_path):
+    """`python -m noisy_flax.main` as a user runs it, on mock data."""
+    script = textwrap.dedent("""
+        import sys, runpy
+        import tensorflow_datasets as tfds
+        with tfds.testing.mock_data(num_examples=40):
+            sys.argv = ["main", "--config", "configs/default.py:runlocal",
+                        "--config.async_checkpoints=False", "--workdir", sys.argv[1]]
+            runpy.run_module("noisy_flax.main", run_name="__main__")
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 2/2" in result.stdout and "eval at step 2" in result.stdout
+    for name in ["metrics.jsonl", "config.json", "summary.json", "curves.png"]:
+        assert (tmp_path / name).exists(), name
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert (tmp_path / "checkpoints" / "2").is_dir()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
+    assert json.loads((tmp_path / "config.json").read_text())["model"] == "vit_nano_patch4_28"
+
+
+def test_eval_counts_every_example_once_with_uneven_last_batch(tmp_path):
+    """37 examples, global eval batch 16 over 8 devices: the last batch is
+    padded, and correct / total covers exactly the 37."""
+    config = common.base_config()
+    config.model = "vit_nano_patch4_28"
+    config.model_kwargs = {"num_layers": 1}
+    config.input.channels = 1
+    config.input.train_crop = "none"
+    config.eval_batch_size = 16
+    config.noise.update(type="optimal_q", scope="device")
+    mesh = train.sharding.create_mesh(config.mesh)
+    model = train.build_model(config, mesh)
+    tx, _ = optim.make_optimizer(config, 10, 0)
+    state, _ = train.create_train_state(config, model, tx, mesh)
+    eval_step = jax.jit(train.make_eval_step(model, config))
+    from noisy_flax import input_pipeline
+    with tfds.testing.mock_data(num_examples=37):
+        batches = list(input_pipeline.eval_batches(config))
+        result = train.evaluate(eval_step, state, iter(batches), mesh)
+    assert result["count"] == 37
+    labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+    assert len(labels) == 37
+    # Independent count: predictions of the same model, one example at a time,
+    # noise off (k = 1 makes optimal Q the identity).
+    variables = {"params": state.params}
+    plain = model.clone(noise=None)
+    images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
+    predictions = np.argmax(np.asarray(plain.apply(variables, images, train=False)), -1)
+    clean_result = train.evaluate(jax.jit(train.make_eval_step(plain, config)), state,
+                                  iter(batches), mesh)
+    assert clean_result["top1"] == pytest.approx(np.mean(predictions == labels), abs=1e-9)
+
+
+def test_summarize_eval_reports_both_metrics():
+    per_batch = [{"correct_top1": 9.0, "correct_top5": 10.0, "loss_sum": 1.0, "count": 10.0},
+                 {"correct_top1": 1.0, "correct_top5": 2.0, "loss_sum": 2.0, "count": 2.0}]
+    result = train.summarize_eval(per_batch)
+    assert result["top1"] == pytest.approx(10 / 12)          # correct / total
+    assert result["batch_mean_top1"] == pytest.approx((0.9 + 0.5) / 2)  # published running mean
+    assert result["top5"] == pytest.approx(1.0)
+
+
+def test_warmup_from_zero_then_cosine():
+    config = common.base_config()
+    config.lr, config.end_lr, config.warmup_init_lr = 1e-3, 1e-5, 0.0
+    schedule = optim.learning_rate_schedule(config, total_steps=110, warmup_steps=10)
+    assert float(schedule(0)) == 0.0  # the published ViT run trains its first steps at lr 0
+    assert float(schedule(5)) == pytest.approx(5e-4)
+    assert float(schedule(10)) == pytest.approx(1e-3)
+    # Cosine: halfway through the decay, lr = end + (lr - end) / 2.
+    assert float(schedule(60)) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2, rel=1e-5)
+    assert float(schedule(110)) == pytest.approx(1e-5, rel=1e-4)
+
+
+def test_weight_decay_mask_skips_biases_norms_and_embeddings():
+    params = {"embedding": {"kernel": np.ones((4, 4, 1, 8)), "bias": np.ones(8)},
+              "cls": np.ones((1, 1, 8)),
+              "Transformer": {"posembed_input": {"pos_embedding": np.ones((1, 5, 8))},
+                              "encoder_norm": {"scale": np.ones(8)}},
+              "head": {"kernel": np.ones((8, 10))}}
+    mask = optim.decay_mask(params)
+    assert mask["embedding"]["kernel"] and mask["head"]["kernel"]
+    assert not mask["embedding"]["bias"] and not mask["cls"]
+    assert not mask["Transformer"]["posembed_input"]["pos_embedding"]
+    assert not mask["Transformer"]["encoder_norm"]["scale"]
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """Two micro-batches of 8 give the gradient of one batch of 16 (mean loss)."""
+    config = common.base_config()
+    config.model = "vit_nano_patch4_28"
+    config.model_kwargs = {"num_layers": 1}
+    config.input.channels = 1
+    mesh = train.sharding.create_mesh(config.mesh)
+    model = train.build_model(config, mesh)
+    tx = optax.sgd(1.0)
+    schedule = optax.constant_schedule(1.0)
+    state, _ = train.create_train_state(config, model, tx, mesh)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(16, 28, 28, 1)).astype(np.float32),
+             "label": rng.integers(0, 10, 16).astype(np.int32)}
+    one = jax.jit(train.make_train_step(model, tx, schedule, config))(state, batch)[0]
+    config.grad_accum_steps = 2
+    two = jax.jit(train.make_train_step(model, tx, schedule, config))(state, batch)[0]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+                 one.params, two.params)
