@@ -37,7 +37,8 @@ def initialize_distributed() -> None:
     """Starts JAX's distributed runtime when this is one of several processes."""
     import jax
 
-    coordinator = _COORDINATOR.value
+    # The environment is read here, like the other two, not only at import.
+    coordinator = _COORDINATOR.value or os.environ.get("NOISY_FLAX_COORDINATOR")
     num_processes = _NUM_PROCESSES.value or _env_int("NOISY_FLAX_NUM_PROCESSES")
     process_id = _PROCESS_ID.value if _PROCESS_ID.value is not None else \
         _env_int("NOISY_FLAX_PROCESS_ID")
