@@ -56,8 +56,8 @@ NOISE_CHOICES = tuple(t for t in noise_lib.NOISE_TYPES)
 # Configuration
 # ---------------------------------------------------------------------------
 def benchmark_config(model: str, batch: int, resolution: int, dtype: str = "float32",
-                     noise: str = "none", remat: bool = False,
-                     num_classes: int = 1000) -> ml_collections.ConfigDict:
+                     noise: str = "none", remat: bool = False, num_classes: int = 1000,
+                     model_kwargs: Optional[dict[str, Any]] = None) -> ml_collections.ConfigDict:
     """The keys the model, optimizer and steps read, with ImageNet-like values.
 
     Built here rather than from configs.common, which imports the tf.data
@@ -65,7 +65,7 @@ def benchmark_config(model: str, batch: int, resolution: int, dtype: str = "floa
     """
     c = ml_collections.ConfigDict()
     c.model, c.num_classes, c.image_size, c.dtype, c.remat = model, num_classes, resolution, dtype, remat
-    c.model_kwargs = ml_collections.ConfigDict()
+    c.model_kwargs = ml_collections.ConfigDict(model_kwargs or {})
     c.input = ml_collections.ConfigDict({"channels": 3})
     c.noise = noise_lib.noise_config(type=noise, site=default_noise_site(model))
     c.batch_size, c.grad_accum_steps, c.label_smoothing = batch, 1, 0.0
@@ -74,6 +74,18 @@ def benchmark_config(model: str, batch: int, resolution: int, dtype: str = "floa
     c.momentum, c.nesterov, c.grad_clip_norm = 0.9, False, 0.0
     c.seed, c.sharding = 0, "replicate"
     return c
+
+
+def parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
+    """['num_layers=1', 'dropout_rate=0.1'] -> {'num_layers': 1, 'dropout_rate': 0.1}."""
+    kwargs = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        try:
+            kwargs[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            kwargs[key] = raw
+    return kwargs
 
 
 def default_noise_site(model: str) -> str:
@@ -296,7 +308,8 @@ def _version(module: str) -> str:
         return "?"
 
 
-def print_table(rows: Sequence[dict[str, Any]], out=sys.stdout) -> None:
+def print_table(rows: Sequence[dict[str, Any]], out=None) -> None:
+    out = out or sys.stdout
     head = f"{'case':<34}{'compile s':>10}{'step ms':>10}{'p10-p90 %':>10}{'img/s':>9}" \
            f"{'GFLOP':>9}{'GFLOP/s':>10}{'util %':>8}{'vs ref':>8}"
     print(head, file=out)
@@ -311,7 +324,8 @@ def print_table(rows: Sequence[dict[str, Any]], out=sys.stdout) -> None:
               f"{fmt('utilisation', '>8.1f', 100)}{fmt('ratio', '>8.3f')}", file=out)
 
 
-def emit_json(rows: Sequence[dict[str, Any]], common: dict[str, Any], out=sys.stdout) -> None:
+def emit_json(rows: Sequence[dict[str, Any]], common: dict[str, Any], out=None) -> None:
+    out = out or sys.stdout
     for r in rows:
         print(json.dumps({**common, **r}, default=float), file=out)
 
@@ -321,14 +335,20 @@ def emit_json(rows: Sequence[dict[str, Any]], common: dict[str, Any], out=sys.st
 # ---------------------------------------------------------------------------
 def run_steps(args) -> list[dict[str, Any]]:
     """Train (and eval) steps for every noise, plus the CPU matmul peak, interleaved."""
+    if args.vs_torch:
+        from noisy_flax import benchmark_torch  # torch is an optional extra
+        if not benchmark_torch.available():
+            raise SystemExit("--vs-torch needs torch, timm and torchvision: "
+                             "pip install -e '.[torch]' (or run from a venv that has them)")
     mesh = sharding.create_mesh([("data", -1), ("fsdp", 1)])
     cases = []
     for noise in parse_noises(args.noise):
         config = benchmark_config(args.model, args.batch, args.resolution, args.dtype, noise,
-                                  args.remat)
+                                  args.remat, model_kwargs=parse_model_kwargs(args.model_kwarg))
         cases.append(train_case(config, mesh, f"jax train noise={noise}"))
     if args.eval:
-        config = benchmark_config(args.model, args.batch, args.resolution, args.dtype)
+        config = benchmark_config(args.model, args.batch, args.resolution, args.dtype,
+                                  model_kwargs=parse_model_kwargs(args.model_kwarg))
         cases.append(eval_case(config, mesh, "jax eval noise=none"))
     device = jax.devices()[0]
     peak = published_peak(device, args.dtype)
@@ -339,10 +359,7 @@ def run_steps(args) -> list[dict[str, Any]]:
         peak_source = "measured matmul"
     torch_cases = []
     if args.vs_torch:
-        from noisy_flax import benchmark_torch  # torch is an optional extra
-        if not benchmark_torch.available():
-            raise SystemExit("--vs-torch needs torch, timm and torchvision: "
-                             "pip install -e '.[torch]' (or run from a venv that has them)")
+        from noisy_flax import benchmark_torch
         torch_cases = [benchmark_torch.train_case(args.model, args.batch, args.resolution)]
         if args.torch_compile:
             torch_cases.append(benchmark_torch.train_case(args.model, args.batch,
@@ -449,7 +466,8 @@ def run_input(args) -> list[dict[str, Any]]:
 
         mesh = sharding.create_mesh([("data", -1), ("fsdp", 1)])
         step_config = benchmark_config(args.model, args.batch, args.resolution, args.dtype,
-                                       num_classes=config.num_classes)
+                                       num_classes=config.num_classes,
+                                       model_kwargs=parse_model_kwargs(args.model_kwarg))
         step_config.input.channels = config.input.channels
         synthetic = train_case(step_config, mesh, "jax train, synthetic batch")
         fed = fed_train_case(synthetic, input_pipeline.train_iterator(config), mesh)
@@ -477,6 +495,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--dtype", choices=tuple(train.DTYPES), default="float32")
     p.add_argument("--noise", default="none",
                    help="comma-separated noise types, or 'all'; 'none' is always the reference")
+    p.add_argument("--model-kwarg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model override, e.g. num_layers=2 (repeatable)")
     p.add_argument("--remat", action="store_true", help="rematerialise each ViT block")
     p.add_argument("--eval", action="store_true", help="also time the eval step")
     p.add_argument("--vs-torch", action="store_true", help="also time timm / torchvision")

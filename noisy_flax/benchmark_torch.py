@@ -1,0 +1,85 @@
+"""The PyTorch reference for ``python -m noisy_flax.benchmark --vs-torch``.
+
+The published NoisyNN code trains timm ViTs and torchvision ResNets with
+AdamW; this times that same step (forward, cross-entropy, backward, AdamW)
+at the same batch and resolution: fp32 on the CPU, bf16 autocast on a GPU,
+optionally under ``torch.compile``. Needs the ``torch`` extra (torch, timm,
+torchvision).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from noisy_flax.benchmark import Case
+
+_RESNET = re.compile(r"resnet(\d+)$")
+
+
+def available() -> bool:
+    try:
+        import timm  # noqa: F401
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def create_model(name: str, num_classes: int = 1000):
+    """timm for ViTs, torchvision for ResNets: what the published code used."""
+    if _RESNET.match(name):
+        import torchvision
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    if name.startswith("vit_"):
+        import timm
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    raise ValueError(f"no PyTorch reference for {name!r}; use a vit_* or resnet{{18,34,50,...}} name")
+
+
+def configure_threads() -> int:
+    """All cores for intra-op work, as XLA's CPU client uses them."""
+    import torch
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def train_case(model_name: str, batch: int, resolution: int, *, compile: bool = False,
+               num_classes: int = 1000, lr: float = 1e-3, weight_decay: float = 1e-4) -> Case:
+    """One AdamW training step of the PyTorch model, as a benchmark Case."""
+    import torch
+    threads = configure_threads()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = create_model(model_name, num_classes).to(device).train()
+    # fp32 master weights; bf16 compute under autocast on the GPU (AMP).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                                  fused=device.type == "cuda")
+    forward = torch.compile(model) if compile else model
+    generator = torch.Generator().manual_seed(0)
+    images = (torch.rand(batch, 3, resolution, resolution, generator=generator) * 2 - 1).to(device)
+    labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(forward(images), labels)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    start = _now()
+    run()  # the first step builds the optimizer state (and compiles)
+    info = {"compile_s": _now() - start, "torch": torch.__version__, "torch_threads": threads,
+            "torch_device": str(device), "torch_compile": compile,
+            "autocast": "bf16" if device.type == "cuda" else "off (fp32)",
+            "params": sum(p.numel() for p in model.parameters())}
+    name = f"torch train{' compiled' if compile else ''}"
+    return Case(name, run, info)
+
+
+def _now() -> float:
+    import time
+    return time.perf_counter()

@@ -1,0 +1,114 @@
+"""noisy_flax.benchmark: runs end to end, counts FLOPs right; no timing asserted."""
+import json
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from noisy_flax import benchmark
+
+TINY = ["--model", "vit_nano_patch4_28", "--model-kwarg", "num_layers=1", "--batch", "8",
+        "--resolution", "28",
+        "--steps", "2", "--warmup", "1", "--chunk", "1", "--matmul-size", "64"]
+
+
+def _json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+def fast_compile():
+    """Tests check plumbing, not speed: skip XLA's slow optimisation passes."""
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def test_runs_a_tiny_model_and_prints_a_table_and_json_lines(capsys, fast_compile):
+    benchmark.main(TINY + ["--noise", "gaussian", "--eval"])
+    out = capsys.readouterr().out
+    assert "jax train noise=gaussian" in out and "img/s" in out  # the table
+    rows = _json_lines(out)
+    assert [r["name"] for r in rows] == ["jax train noise=none", "jax train noise=gaussian",
+                                         "jax eval noise=none"]
+    for row in rows:
+        for field in ("model", "batch", "resolution", "dtype", "backend", "device_kind",
+                      "cpu_count", "jax", "steps", "step_ms_median", "step_ms_p10",
+                      "step_ms_p90", "images_per_s", "compile_s", "flops", "flops_per_s",
+                      "utilisation", "peak_flops_per_s", "peak_source"):
+            assert field in row, field
+        assert row["steps"] == 2 and row["batch"] == 8
+        assert row["flops"] > 0 and row["images_per_s"] > 0
+    assert rows[0]["ratio"] == 1.0 and rows[0]["overhead_pct"] == 0.0
+    assert rows[1]["ratio"] > 0
+    assert rows[0]["peak_source"] == "measured matmul"
+    # Training costs more than inference: roughly 3x the forward pass.
+    assert rows[0]["flops"] > 2 * rows[2]["flops"]
+
+
+def test_unknown_noise_is_refused():
+    with pytest.raises(SystemExit, match="unknown noise"):
+        benchmark.parse_noises("gausian")
+    assert benchmark.parse_noises("gaussian,none") == ["none", "gaussian"]
+    assert benchmark.parse_noises("all")[0] == "none"
+
+
+def test_matmul_flops_match_the_closed_form():
+    m, k, n = 64, 96, 48
+    a, b = jnp.ones((m, k)), jnp.ones((k, n))
+    compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+    assert benchmark.cost_flops(compiled) == pytest.approx(2 * m * k * n, rel=0.02)
+
+
+def test_dense_layer_flops_match_the_closed_form():
+    batch, features_in, features_out = 32, 128, 256
+    layer = nn.Dense(features_out)
+    x = jnp.ones((batch, features_in))
+    params = layer.init(jax.random.PRNGKey(0), x)
+    compiled = jax.jit(layer.apply).lower(params, x).compile()
+    # Multiply-adds of the product, plus one add per output for the bias.
+    expected = 2 * batch * features_in * features_out + batch * features_out
+    assert benchmark.cost_flops(compiled) == pytest.approx(expected, rel=0.05)
+
+
+def test_cpu_matmul_peak_is_positive():
+    assert benchmark.measure_matmul_peak(n=128, repeats=2) > 0
+
+
+def test_published_peaks_by_device_kind():
+    class Device:
+        def __init__(self, kind):
+            self.device_kind = kind
+    assert benchmark.published_peak(Device("NVIDIA H100 80GB HBM3"), "bfloat16") == 989e12
+    assert benchmark.published_peak(Device("NVIDIA H100 PCIe"), "bfloat16") == 756e12
+    assert benchmark.published_peak(Device("TPU v5 lite"), "bfloat16") == 197e12
+    assert benchmark.published_peak(Device("cpu"), "float32") is None
+
+
+def test_step_modes_import_neither_tensorflow_nor_torch():
+    code = ("import sys, noisy_flax.benchmark; "
+            "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_vs_torch_without_torch_fails_with_a_message(monkeypatch, fast_compile):
+    from noisy_flax import benchmark_torch
+    monkeypatch.setattr(benchmark_torch, "available", lambda: False)
+    with pytest.raises(SystemExit, match="needs torch"):
+        benchmark.main(TINY + ["--vs-torch", "--json"])
+
+
+def test_torch_reference_step_runs():
+    pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    from noisy_flax import benchmark_torch
+    for name, resolution in (("resnet18", 32), ("vit_tiny_patch16_224", 224)):
+        case = benchmark_torch.train_case(name, 2, resolution, num_classes=10)
+        case.run()
+        assert case.info["params"] > 0 and case.info["torch_threads"] >= 1
