@@ -310,7 +310,8 @@ def make_noise(config: Mapping[str, Any] | None, *, mesh: Optional[Mesh] = None,
     fn, needs_key = _base_function(cfg)
     if cfg.scope == "device" and mesh is not None and mesh.size > 1:
         fn = per_device(fn, mesh, batch_axes)
-    elif cfg.scope == "device" and jax.device_count() > 1 and cfg.type in BATCH_MIXING + ("salt_pepper",):
+    elif (cfg.scope == "device" and mesh is None and jax.device_count() > 1
+          and cfg.type in BATCH_MIXING + ("salt_pepper",)):
         fn = _ambient_mesh_per_device(fn, batch_axes)
     return Noise(fn=fn, site=cfg.site, layer=cfg.layer, stage=cfg.stage, train=cfg.train,
                  eval=cfg.eval, needs_key=needs_key, name=cfg.type)

@@ -261,3 +261,10 @@ class TestScope:
         out = np.asarray(jax.jit(n.fn)(self._sharded(mesh, x), key=jax.random.key(0)))
         for shard_in, shard_out in zip(np.split(x, 8), np.split(out, 8)):
             assert set(np.unique(shard_out)) <= {shard_in.max(), shard_in.min()}
+
+
+def test_device_scope_on_a_one_device_mesh_is_the_whole_batch():
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    x = np.random.default_rng(9).normal(size=(6, 2)).astype(np.float32)
+    n = noise.make_noise({"type": "optimal_q", "scope": "device"}, mesh=mesh)
+    np.testing.assert_allclose(n.fn(jnp.asarray(x)), published_optimal_q(x), rtol=1e-5, atol=1e-6)
