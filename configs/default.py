@@ -1,6 +1,6 @@
 """The embedded default: NoisyViT on real Fashion-MNIST, in minutes on a CPU.
 
-A small ViT (width 64, 6 blocks, 4 x 4 patches) with optimal-Q linear-transform
+A small ViT (width 64, 6 blocks, 7 x 7 patches) with optimal-Q linear-transform
 noise at the published site, the attention input of the last block, mixing
 each device's batch. Arguments as in fashion_mnist.py.
 """

@@ -10,9 +10,9 @@ from configs import common
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, model="vit_nano_patch4_28", noise="optimal_q", site="",
-                         layer=-1, noise_train=True, noise_eval=True, epochs=3.0, batch=128,
-                         lr=1e-3, runlocal=False)
+    a = common.parse_arg(arg, model="vit_nano_patch7_28", noise="optimal_q", site="",
+                         layer=-1, noise_train=True, noise_eval=True, epochs=5.0, batch=128,
+                         lr=2e-3, runlocal=False)
     c = common.base_config()
     c.dataset = "fashion_mnist"
     c.train_split, c.eval_split = "train", "test"

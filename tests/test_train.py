@@ -39,14 +39,14 @@ def test_main_runlocal_end_to_end(tmp_path):
     assert (tmp_path / "checkpoints" / "2").is_dir()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
-    assert json.loads((tmp_path / "config.json").read_text())["model"] == "vit_nano_patch4_28"
+    assert json.loads((tmp_path / "config.json").read_text())["model"] == "vit_nano_patch7_28"
 
 
 def test_eval_counts_every_example_once_with_uneven_last_batch(tmp_path):
     """37 examples, global eval batch 16 over 8 devices: the last batch is
     padded, and correct / total covers exactly the 37."""
     config = common.base_config()
-    config.model = "vit_nano_patch4_28"
+    config.model = "vit_nano_patch7_28"
     config.model_kwargs = {"num_layers": 1}
     config.input.channels = 1
     config.input.train_crop = "none"
@@ -112,7 +112,7 @@ def test_weight_decay_mask_skips_biases_norms_and_embeddings():
 def test_gradient_accumulation_matches_one_big_batch():
     """Two micro-batches of 8 give the gradient of one batch of 16 (mean loss)."""
     config = common.base_config()
-    config.model = "vit_nano_patch4_28"
+    config.model = "vit_nano_patch7_28"
     config.model_kwargs = {"num_layers": 1}
     config.input.channels = 1
     mesh = train.sharding.create_mesh(config.mesh)
