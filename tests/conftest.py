@@ -13,3 +13,6 @@ os.environ["NO_GCE_CHECK"] = "true"  # tfds/gcs must not probe the network
 import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
+# Tests compile many small programs and run each a few times: compiling
+# without XLA's heavier passes roughly halves their CPU time.
+jax.config.update("jax_disable_most_optimizations", True)
