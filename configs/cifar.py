@@ -4,9 +4,8 @@ from configs import common
 
 
 def cifar_config(dataset: str, num_classes: int, arg=None):
-    a = common.parse_arg(arg, model="vit_small_patch4_32", noise="optimal_q", site="",
-                         layer=-1, noise_train=True, noise_eval=True, epochs=100.0,
-                         batch=512, lr=1e-3, runlocal=False)
+    a = common.small_data_args(arg, model="vit_small_patch4_32", epochs=100.0, batch=512,
+                               lr=1e-3)
     c = common.base_config()
     c.dataset = dataset
     c.train_split, c.eval_split = "train", "test"
@@ -21,13 +20,8 @@ def cifar_config(dataset: str, num_classes: int, arg=None):
     c.input.normalize = "minus_one_to_one"
     c.input.cache = True
 
-    c.model = a.model
-    is_resnet = a.model.startswith("resnet")
-    c.noise.type = a.noise
-    c.noise.site = a.site or ("block_input" if is_resnet else "attn_input")
-    c.noise.layer = a.layer
-    c.noise.train, c.noise.eval = a.noise_train, a.noise_eval
-    if not is_resnet:
+    common.set_model_and_noise(c, a)
+    if not a.model.startswith("resnet"):
         c.model_kwargs.drop_path_rate = 0.1
 
     c.batch_size = a.batch

@@ -126,6 +126,24 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def small_data_args(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """The arguments every small-image experiment takes (model, noise, ...)."""
+    shared = dict(noise="optimal_q", site="", layer=-1, noise_train=True, noise_eval=True,
+                  runlocal=False)
+    return parse_arg(arg, **{**shared, **defaults})
+
+
+def set_model_and_noise(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> None:
+    """Model and noise from small_data_args; by default the published sites:
+    the attention input of the last ViT block, the input of the last block
+    of ResNet stage 4."""
+    c.model = a.model
+    c.noise.type = a.noise
+    c.noise.site = a.site or ("block_input" if a.model.startswith("resnet") else "attn_input")
+    c.noise.layer = a.layer
+    c.noise.train, c.noise.eval = a.noise_train, a.noise_eval
+
+
 def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A few steps on tiny batches: the same code path, seconds to run."""
     c.runlocal = True

@@ -10,9 +10,7 @@ from configs import common
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, model="vit_nano_patch7_28", noise="optimal_q", site="",
-                         layer=-1, noise_train=True, noise_eval=True, epochs=5.0, batch=128,
-                         lr=2e-3, runlocal=False)
+    a = common.small_data_args(arg, model="vit_nano_patch7_28", epochs=5.0, batch=128, lr=2e-3)
     c = common.base_config()
     c.dataset = "fashion_mnist"
     c.train_split, c.eval_split = "train", "test"
@@ -25,14 +23,7 @@ def get_config(arg=None):
     c.input.normalize = "minus_one_to_one"
     c.input.cache = True
 
-    c.model = a.model
-    is_resnet = a.model.startswith("resnet")
-    c.noise.type = a.noise
-    # The published sites: attention input of the last ViT block; input of the
-    # last block of ResNet stage 4.
-    c.noise.site = a.site or ("block_input" if is_resnet else "attn_input")
-    c.noise.layer = a.layer
-    c.noise.train, c.noise.eval = a.noise_train, a.noise_eval
+    common.set_model_and_noise(c, a)
 
     c.batch_size = a.batch
     c.eval_batch_size = 500
