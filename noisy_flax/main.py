@@ -7,6 +7,7 @@ on other clusters pass ``--coordinator_address``, ``--num_processes`` and
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -80,10 +81,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     traceback (ml_collections raises AttributeError for an unknown key)."""
     try:
         return flags.FLAGS(argv)
+    except flags.UnrecognizedFlagError as error:
+        if not error.flagname.startswith("config."):
+            fail(flag_error_message(error))
+        fail(unknown_key_message(error.flagname.removeprefix("config.")))
     except flags.Error as error:
         fail(flag_error_message(error))
-    except AttributeError as error:
-        fail(unknown_key_message(error, argv))
+    except AttributeError as error:  # ml_collections: an override of a key it lacks
+        suggested = re.search(r'Did you mean "([^"]+)"', str(error))
+        fail(unknown_key_message(_unknown_key(error, argv), suggested and suggested[1]))
 
 
 def flag_error_message(error: flags.Error) -> str:
@@ -103,16 +109,35 @@ def _innermost_cause(error: BaseException) -> BaseException:
         error = following
 
 
-def unknown_key_message(error: AttributeError, argv: list[str]) -> str:
-    """'--config.lrr=1' -> one line with ml_collections' did-you-mean."""
-    text = str(error)
-    unknown = (re.search(r"\w+", text) or [text])[0]
-    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    flag = next((g for g in given if g.endswith("." + unknown)), f"--config.{unknown}")
-    suggestion = re.search(r'Did you mean "([^"]+)"', text)
-    hint = f"did you mean {flag[:-len(unknown)]}{suggestion[1]}? " if suggestion else ""
-    return (f"unknown config key {flag}; {hint}every key must exist in the config file "
+def _unknown_key(error: AttributeError, argv: list[str]) -> str:
+    """The dotted key ('noise.typo') of the --config.* argument that failed."""
+    leaf = (re.search(r"\w+", str(error)) or [str(error)])[0]
+    given = [a.split("=")[0].removeprefix("--config.") for a in argv[1:]
+             if a.startswith("--config.")]
+    return next((key for key in given if key == leaf or key.endswith("." + leaf)), leaf)
+
+
+def unknown_key_message(key: str, suggested: str | None = None) -> str:
+    """'lrr' -> one line, with ml_collections' suggestion or the closest key
+    of the loaded config."""
+    parent, _, leaf = key.rpartition(".")
+    if suggested is None:
+        suggested = _closest_key(parent, leaf)
+    hint = f"did you mean --config.{parent + '.' if parent else ''}{suggested}? " \
+        if suggested else ""
+    return (f"unknown config key --config.{key}; {hint}every key must exist in the config file "
             "(check the spelling)")
+
+
+def _closest_key(parent: str, leaf: str) -> str | None:
+    try:
+        node = _CONFIG.value
+        for name in filter(None, parent.split(".")):
+            node = node[name]
+        close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
+    except Exception:  # no config loaded yet, or the parent is unknown too
+        return None
+    return close[0] if close else None
 
 
 def run(config, workdir: str) -> int:

@@ -34,8 +34,7 @@ def report_saves() -> None:
 
 
 def main(workdir: str, data_dir: str, idx_dir: str, total_steps: str) -> None:
-    config = tiny_run.tiny_config(data_dir, idx_dir, total_steps=int(total_steps),
-                                  checkpoint_every=2, log_every=1, keep_checkpoints=3)
+    config = tiny_run.crash_config(data_dir, idx_dir, int(total_steps))
     report_saves()
     train.train_and_evaluate(config, workdir)
     print("DONE", flush=True)

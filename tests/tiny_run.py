@@ -57,6 +57,12 @@ def tiny_config(data_dir: str, idx_dir: str, **overrides) -> ml_collections.Conf
     return config
 
 
+def crash_config(data_dir: str, idx_dir: str, total_steps: int) -> ml_collections.ConfigDict:
+    """What the crash trials train: a checkpoint every other step, a line every step."""
+    return tiny_config(data_dir, idx_dir, total_steps=total_steps, checkpoint_every=2,
+                       log_every=1, keep_checkpoints=3)
+
+
 def set_dotted(config: ml_collections.ConfigDict, key: str, value) -> None:
     *parents, leaf = key.split(".")
     node = config

@@ -1,0 +1,289 @@
+"""The bad-input catalogue: each mistake ends in one line that names the
+problem and the fix, exit status 2, no traceback, and a workdir exactly as
+it was (every entry, size and mtime). Plus the security checks: nothing is
+unpickled, torch only with weights_only=True, no network unless asked.
+
+Cases run in this process through ``main.run`` / ``main.parse_flags`` (a
+process start costs ~15 s here); one subprocess checks the real command line.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import tiny_run
+from noisy_flax import checkpointing, main
+from noisy_flax.models import create_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------
+# Fixtures and the one assertion every case makes
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    return tiny_run.data_dirs(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """An existing workdir with something in it, so 'unchanged' means something."""
+    path = tmp_path / "wd"
+    path.mkdir()
+    (path / "notes.txt").write_text("keep me")
+    return path
+
+
+def expect_refused(capsys, config, workdir, pattern: str) -> str:
+    """main.run refuses: status 2, one 'error:' line matching, no traceback,
+    the workdir untouched. Returns the line."""
+    capsys.readouterr()
+    before = tiny_run.snapshot(workdir)
+    status = main.run(config, str(workdir))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert status == main.EXIT_USER_ERROR, err
+    assert len(lines) == 1, err
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in err
+    assert tiny_run.snapshot(workdir) == before
+    return lines[0]
+
+
+def save_npz(path: pathlib.Path, arrays: dict) -> str:
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def vit_npz(path: pathlib.Path, num_classes: int) -> str:
+    """A real (tiny) ViT checkpoint in the vit_jax .npz layout."""
+    model = create_model("vit_nano_patch4_28", num_classes=num_classes, num_layers=1)
+    images = np.zeros((1, 28, 28, 1), np.float32)
+    variables = jax.eval_shape(lambda key: model.init(key, images, train=False), jax.random.key(0))
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    return save_npz(path, {k: np.zeros(v.shape, v.dtype) for k, v in flat.items()})
+
+
+# ---------------------------------------------------------------------------
+# Config mistakes caught by validate_config, before anything is written
+# ---------------------------------------------------------------------------
+CASES = {
+    "unknown noise type": ({"noise.type": "optimall"},
+                           r"unknown noise.type 'optimall' \(did you mean 'optimal_q'\?\)"),
+    "unknown noise site": ({"noise.site": "attention"}, r"unknown noise.site 'attention'"),
+    "noise layer out of range": ({"noise.layer": 4},
+                                 r"noise layer 4 is out of range .* 1 layers; use -1..0"),
+    "circulant alpha makes I+Q singular": ({"noise.type": "circulant", "noise.alpha": 0.5},
+                                           r"alpha=0.5 .* makes I\+Q singular"),
+    "circulant alpha outside [0, 1)": ({"noise.type": "circulant", "noise.alpha": 1.5},
+                                       r"alpha=1.5 is outside \[0, 1\)"),
+    "batch not divisible by devices": ({"batch_size": 12},
+                                       r"batch_size=12 is not divisible by the 8 devices; use a multiple of 8"),
+    "eval batch not divisible": ({"eval_batch_size": 20}, r"eval_batch_size=20 is not divisible"),
+    "zero batch size": ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),
+    "negative batch size": ({"batch_size": -16}, r"batch_size=-16 must be a positive integer"),
+    "zero learning rate": ({"lr": 0.0}, r"config.lr=0.0 must be positive"),
+    "negative learning rate": ({"lr": -0.1}, r"config.lr=-0.1 must be positive"),
+    "image size not divisible by patch": ({"image_size": 30},
+                                          r"image size 30x30 is not divisible by the patch size 4"),
+    "unknown model": ({"model": "vit_nanoo_patch4_28"}, r"unknown model 'vit_nanoo_patch4_28'"),
+    "unknown eval order": ({"eval_order": "sorted"},
+                           r"unknown config.eval_order 'sorted'; use one of dataset, class_sorted"),
+    "dataset unknown to tfds": ({"dataset": "fashion_mnistt"},
+                                r"unknown tfds dataset 'fashion_mnistt'; did you mean .*fashion_mnist"),
+    "num_classes differs from the dataset": ({"num_classes": 5},
+                                             r"has 10 classes .*set --config.num_classes=10"),
+    "no training length": ({"total_steps": 0, "num_epochs": 0.0},
+                           r"set config.total_steps or config.num_epochs to a positive value"),
+    "init_from file missing": ({"init_from": "/nonexistent/ViT-B_16.npz"},
+                               r"init_from=/nonexistent/ViT-B_16.npz does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_config_mistake_is_one_line_and_touches_nothing(case, dirs, workdir, capsys):
+    overrides, pattern = CASES[case]
+    expect_refused(capsys, tiny_run.tiny_config(*dirs, **overrides), workdir, pattern)
+
+
+def test_a_refused_run_does_not_create_its_workdir(dirs, tmp_path, capsys):
+    config = tiny_run.tiny_config(*dirs, **{"noise.type": "optimall"})
+    expect_refused(capsys, config, tmp_path / "new" / "wd", r"unknown noise.type")
+    assert not (tmp_path / "new").exists()
+
+
+def test_data_dir_that_does_not_exist(dirs, workdir, capsys):
+    config = tiny_run.tiny_config("/nonexistent/tfds", dirs[1])
+    expect_refused(capsys, config, workdir,
+                   r"data_dir /nonexistent/tfds \(from config.data_dir\) does not exist")
+
+
+def test_dataset_not_prepared_and_downloads_off(dirs, workdir, tmp_path, capsys):
+    empty = tmp_path / "empty_tfds"
+    empty.mkdir()
+    config = tiny_run.tiny_config(str(empty), dirs[1], dataset="mnist")
+    expect_refused(capsys, config, workdir,
+                   r"dataset 'mnist' is not prepared in .*tfds build mnist.*config.download=True")
+
+
+# ---------------------------------------------------------------------------
+# Pretrained weights
+# ---------------------------------------------------------------------------
+def test_pretrained_file_for_another_architecture(dirs, workdir, tmp_path, capsys):
+    resnet = save_npz(tmp_path / "resnet.npz", {"conv1.weight": np.zeros((8, 3, 3, 3), np.float32),
+                                                "layer1.0.bn1.weight": np.zeros(8, np.float32)})
+    config = tiny_run.tiny_config(*dirs, init_from=resnet)
+    expect_refused(capsys, config, workdir, r"this checkpoint is a ResNet .* the model is a ViT")
+
+
+def test_wrong_number_of_classes_without_a_head_reset(dirs, workdir, tmp_path, capsys):
+    config = tiny_run.tiny_config(*dirs, init_from=vit_npz(tmp_path / "vit5.npz", 5))
+    expect_refused(capsys, config, workdir,
+                   r"head for 5 classes but config.num_classes=10; .*init_dont_load")
+
+
+def test_pickled_npz_is_rejected(dirs, workdir, tmp_path, capsys):
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, **{"Transformer/posembed_input/pos_embedding": np.array([{"x": 1}], object)})
+    config = tiny_run.tiny_config(*dirs, init_from=str(pickled))
+    expect_refused(capsys, config, workdir, r"pickled Python object, and pickles are never loaded")
+
+
+def test_torch_files_are_only_read_with_weights_only():
+    """Every torch.load in the package passes weights_only=True."""
+    calls = []
+    for path in (ROOT / "noisy_flax").rglob("*.py"):
+        calls += [(path.name, call) for call in re.findall(r"torch\.load\([^)]*\)", path.read_text())]
+    assert calls, "expected the pretrained loader to call torch.load"
+    assert all("weights_only=True" in call for _, call in calls), calls
+
+
+# ---------------------------------------------------------------------------
+# The workdir
+# ---------------------------------------------------------------------------
+def test_workdir_that_is_a_file(dirs, tmp_path, capsys):
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    expect_refused(capsys, tiny_run.tiny_config(*dirs), path, r"--workdir .*a_file is a file")
+
+
+def test_workdir_without_write_permission(dirs, workdir, capsys, monkeypatch):
+    """Tests run as root, which ignores permissions: os.access is patched to
+    say what it would say for another user on a read-only directory."""
+    real_access = main.os.access
+    monkeypatch.setattr("os.access", lambda path, mode, **kw: False if str(path) == str(workdir)
+                        else real_access(path, mode, **kw))
+    expect_refused(capsys, tiny_run.tiny_config(*dirs), workdir,
+                   r"--workdir .* is not writable; choose a writable directory")
+
+
+# ---------------------------------------------------------------------------
+# Workdirs with a run in them (one real tiny run, no network allowed)
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(dirs, tmp_path_factory):
+    """A two-step run; every socket connection attempt is recorded and refused."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[1:] or kwargs)
+        raise OSError("network access during a test run")
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(socket.socket, "connect", refuse)
+    patch.setattr(socket.socket, "connect_ex", refuse)
+    patch.setattr(socket, "create_connection", refuse)
+    patch.setattr(socket, "getaddrinfo", refuse)
+    workdir = tmp_path_factory.mktemp("trained") / "wd"
+    try:
+        assert main.run(tiny_run.tiny_config(*dirs), str(workdir)) == 0
+    finally:
+        patch.undo()
+    return workdir, attempts
+
+
+def test_training_opens_no_network_connection(trained):
+    workdir, attempts = trained
+    assert (workdir / "checkpoints" / "2").is_dir()
+    assert attempts == []
+
+
+def copy_of(trained, tmp_path) -> pathlib.Path:
+    target = tmp_path / "copy"
+    shutil.copytree(trained[0], target)
+    return target
+
+
+def test_checkpoint_from_a_newer_format(dirs, trained, tmp_path, capsys):
+    workdir = copy_of(trained, tmp_path)
+    meta = workdir / "checkpoints" / "2" / "meta" / "metadata"
+    meta.write_text(json.dumps({"format_version": checkpointing.FORMAT_VERSION + 1, "step": 2}))
+    expect_refused(capsys, tiny_run.tiny_config(*dirs), workdir,
+                   r"has format version 2, this noisy_flax reads up to 1; upgrade noisy_flax")
+
+
+def test_resuming_with_a_changed_config_is_refused(dirs, trained, tmp_path, capsys):
+    workdir = copy_of(trained, tmp_path)
+    config = tiny_run.tiny_config(*dirs, batch_size=32, **{"noise.type": "gaussian"})
+    expect_refused(capsys, config, workdir, r"holds a run with another config \(batch_size: 16 -> "
+                   r"32; noise.type: \"optimal_q\" -> \"gaussian\"\).*allow_config_change=True")
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(dirs, tmp_path, capsys):
+    """Step 1 trains at lr 0 (warm-up from 0), step 2 at 1e30: the update
+    overflows, the run stops before saving it, step 1 stays."""
+    config = tiny_run.tiny_config(*dirs, lr=1e30, warmup_steps=1, warmup_init_lr=0.0,
+                                  checkpoint_every=1, log_every=1)
+    workdir = tmp_path / "wd"
+    assert main.run(config, str(workdir)) == main.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert re.search(r"training diverged at step 2 .*param_norm inf.*last good checkpoint "
+                     r"\(step 1\) is kept\. Lower config.lr", lines[0]), lines[0]
+    steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert steps == ["1"]
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(workdir / "checkpoints")
+    state = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    manager.close()
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+# ---------------------------------------------------------------------------
+# Command-line parsing: absl's flag state cannot be reset reliably in one
+# process, so these run the real entry point (~10 s each).
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("config_arg, extra, expected", [
+    ("runlocal", ["--config.lrr=1"],
+     "error: unknown config key --config.lrr; did you mean --config.lr? every key must exist "
+     "in the config file (check the spelling)"),
+    ("runlocal", ["--config.noise.typo=x"],
+     "error: unknown config key --config.noise.typo; did you mean --config.noise.type? every "
+     "key must exist in the config file (check the spelling)"),
+    ("runlocal", ["--config.lr=abc"],
+     "error: flag --config.lr=abc: could not convert string to float: 'abc'; fix the value "
+     "(see --helpfull)"),
+    ("batch=abc", [], "error: config argument batch='abc' does not parse as int; write e.g. "
+                      "batch=128"),
+], ids=["typo", "nested typo", "bad flag value", "key=value argument"])
+def test_command_line_mistakes_print_one_line_and_exit_2(tmp_path, config_arg, extra, expected):
+    result = subprocess.run(
+        [sys.executable, "-m", "noisy_flax.main", "--config",
+         f"configs/fashion_mnist.py:{config_arg}", "--workdir", str(tmp_path / "wd"), *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == main.EXIT_USER_ERROR, result.stderr[-2000:]
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [expected]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "wd").exists()
