@@ -12,7 +12,7 @@ import time
 from typing import Any, Mapping
 
 import jax
-from clu import metric_writers
+from clu import metric_writers, parameter_overview
 
 
 class MetricsReporter:
@@ -65,6 +65,15 @@ class Progress:
     def print(self, line: str) -> None:
         if self.enabled:
             print(line, flush=True)
+
+
+def write_parameter_overview(workdir: str, params) -> str:
+    """Every parameter's name, shape and statistics, to ``parameters.txt``;
+    the console gets the one-line total instead of a page of names."""
+    path = os.path.join(workdir, "parameters.txt")
+    with open(path, "w") as f:
+        f.write(parameter_overview.get_parameter_overview(params) + "\n")
+    return path
 
 
 def format_duration(seconds: float) -> str:

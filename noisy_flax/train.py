@@ -346,6 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     if is_main:
         workdir_lib.write_config(workdir, config)
+        reporting.write_parameter_overview(workdir, state.params)
     reporting.echo(f"{config.model}: {n_params:,} parameters | {config.dataset} "
                    f"({info.num_train_examples:,} train) | {mesh.size} device(s) {dict(mesh.shape)} | "
                    f"noise {config.noise.type} at {config.noise.site} "

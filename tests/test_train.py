@@ -33,7 +33,7 @@ def test_main_runlocal_end_to_end(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 2/2" in result.stdout and "eval at step 2" in result.stdout
-    for name in ["metrics.jsonl", "config.json", "summary.json", "curves.png"]:
+    for name in ["metrics.jsonl", "config.json", "summary.json", "curves.png", "parameters.txt"]:
         assert (tmp_path / name).exists(), name
     assert list(tmp_path.glob("events.out.tfevents.*"))
     assert (tmp_path / "checkpoints" / "2").is_dir()
