@@ -1,0 +1,84 @@
+"""Batch orders: each order's property, and every example exactly once."""
+import numpy as np
+import pytest
+
+from noisy_flax import batch_order
+
+# Unbalanced classes with counts that batch size 4 does not divide, in a
+# scrambled split order: the awkward cases for every order.
+COUNTS = [7, 5, 9, 4, 6]
+LABELS = np.random.default_rng(3).permutation(np.repeat(np.arange(5), COUNTS))
+
+
+def _check_exactly_once(batches, n):
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("order", batch_order.ORDERS)
+@pytest.mark.parametrize("batch_size", [1, 4, 5])
+def test_every_example_exactly_once(order, batch_size):
+    batches = batch_order.batch_indices(LABELS, order, batch_size, seed=1, num_classes=5)
+    _check_exactly_once(batches, len(LABELS))
+    assert all(1 <= len(b) <= batch_size for b in batches)
+
+
+def test_class_sorted_is_sorted_and_consecutive():
+    batches = batch_order.batch_indices(LABELS, "class_sorted", 4)
+    flat = np.concatenate(batches)
+    assert np.all(np.diff(LABELS[flat]) >= 0)
+    # Stable: inside a class, split order is kept.
+    for c in range(5):
+        members = flat[LABELS[flat] == c]
+        assert np.all(np.diff(members) > 0)
+    # Consecutive full batches, only the last may be short (31 = 7 * 4 + 3).
+    assert [len(b) for b in batches] == [4] * 7 + [3]
+    # A batch straddles a class boundary: 7 examples of class 0, then class 1.
+    assert set(LABELS[batches[1]]) == {0, 1}
+
+
+def test_published_layout_gives_one_class_per_batch():
+    # ImageNet validation: 50 per class, batch 10 -> every batch one class.
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(20), 50))
+    batches = batch_order.batch_indices(labels, "class_sorted", 10)
+    assert len(batches) == 100
+    assert all(len(set(labels[b])) == 1 for b in batches)
+
+
+def test_same_class_holds_one_label_per_batch():
+    batches = batch_order.batch_indices(LABELS, "same_class", 4, seed=2)
+    assert all(len(set(LABELS[b])) == 1 for b in batches)
+    # Per class ceil(count / 4) batches: 2 + 2 + 3 + 1 + 2.
+    assert len(batches) == 10
+
+
+def test_distinct_class_never_repeats_a_label():
+    batches = batch_order.batch_indices(LABELS, "distinct_class", 4, seed=5, num_classes=5)
+    assert all(len(set(LABELS[b])) == len(b) for b in batches)
+    # Balanced: all 10 classes, 3 each, batch 10 -> every batch holds one of each.
+    labels = np.repeat(np.arange(10), 3)
+    balanced = batch_order.batch_indices(labels, "distinct_class", 10, num_classes=10)
+    assert [sorted(labels[b].tolist()) for b in balanced] == [list(range(10))] * 3
+
+
+def test_distinct_class_rejects_batches_larger_than_the_classes():
+    with pytest.raises(ValueError, match="batch_size <= num_classes"):
+        batch_order.batch_indices(LABELS, "distinct_class", 6, num_classes=5)
+
+
+def test_single_is_batch_size_one_whatever_is_asked():
+    batches = batch_order.batch_indices(LABELS, "single", 10)
+    assert [len(b) for b in batches] == [1] * len(LABELS)
+
+
+def test_shuffled_is_seeded():
+    a = batch_order.batch_indices(LABELS, "shuffled", 4, seed=0)
+    b = batch_order.batch_indices(LABELS, "shuffled", 4, seed=0)
+    c = batch_order.batch_indices(LABELS, "shuffled", 4, seed=1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_unknown_order_names_the_choices():
+    with pytest.raises(ValueError, match="did you mean 'shuffled'"):
+        batch_order.batch_indices(LABELS, "shuffle", 4)

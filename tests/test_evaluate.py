@@ -1,0 +1,206 @@
+"""Evaluation under batch orders: metrics by hand, padding and scope against
+unsharded references, the feature path, and the CLI on a trained checkpoint."""
+import json
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import common
+from noisy_flax import batch_order, evaluate, features, optim, sharding, train
+
+
+def _config(noise_type="optimal_q", scope="device", model="vit_nano_patch7_28"):
+    c = common.base_config()
+    c.model = model
+    c.model_kwargs = {"num_layers": 1} if model.startswith("vit") else {"width": 4}
+    c.input.channels = 1
+    c.input.train_crop = "none"
+    c.noise.update(type=noise_type, scope=scope,
+                   site="attn_input" if model.startswith("vit") else "block_input")
+    return c
+
+
+def _model_and_variables(c, mesh, seed=0):
+    model = train.build_model(c, mesh)
+    tx, _ = optim.make_optimizer(c, 10, 0)
+    c.seed = seed
+    state, _ = train.create_train_state(c, model, tx, mesh)
+    # A zero-initialised head would make every logit equal; give it weights.
+    params = jax.device_get(state.params)
+    head = "head" if "head" in params else "fc"
+    rng = np.random.default_rng(seed)
+    params[head]["kernel"] = rng.normal(size=params[head]["kernel"].shape).astype(np.float32)
+    return model, {"params": params, "batch_stats": jax.device_get(state.batch_stats)}
+
+
+def _data(n_per_class=4, num_classes=10, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(num_classes), n_per_class)
+    labels = rng.permutation(labels).astype(np.int32)
+    images = rng.normal(size=(len(labels), 28, 28, 1)).astype(np.float32)
+    return evaluate.EvalData(images, labels, num_classes)
+
+
+def test_running_average_metric_by_hand():
+    # 5 examples, batches {0,1,2} and {3,4}; predictions right for 0, 1, 3.
+    labels = np.array([0, 1, 2, 0, 1])
+    logits = np.full((5, 3), -1.0)
+    logits[[0, 1, 2, 3, 4], [0, 1, 0, 0, 2]] = 1.0
+    batches = [np.array([0, 1, 2]), np.array([3, 4])]
+    m = evaluate.order_metrics(logits, labels, batches)
+    assert m["top1"] == pytest.approx(3 / 5)
+    assert m["batch_mean_top1"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m["correct_top1"] == 3 and m["count"] == 5 and m["num_batches"] == 2
+    assert m["top5"] == 1.0  # three classes: top-3 always holds the label
+    # Loss: -log softmax of [1, -1, -1] at the right class for 3 examples,
+    # at a -1 entry for the other two.
+    right = -np.log(np.e / (np.e + 2 / np.e))
+    wrong = -np.log((1 / np.e) / (np.e + 2 / np.e))
+    assert m["loss"] == pytest.approx((3 * right + 2 * wrong) / 5)
+
+
+@pytest.mark.parametrize("scope", ["device", "global"])
+def test_padded_sharded_batches_match_unsharded_reference(scope):
+    """Batch 10 on 8 devices is padded to 16. Global scope must mix exactly
+    the 10 real rows; device scope each device's 2 rows. Reference: the same
+    model applied without mesh, mask or padding to those groups."""
+    c = _config(scope=scope)
+    mesh = sharding.create_mesh(c.mesh)
+    assert mesh.size == 8
+    model, variables = _model_and_variables(c, mesh)
+    data = _data()
+    result = evaluate.evaluate_setting(model, variables, data, c.noise, on=True,
+                                       orders=("class_sorted",), batch_size=10, mesh=mesh)
+    batches = batch_order.batch_indices(data.labels, "class_sorted", 10)
+    # Unsharded host arrays: 'global' is the plain noise over what it is given.
+    reference_cfg = c.noise.copy_and_resolve_references()
+    reference_cfg.scope = "global"
+    plain_noise = features.eval_noise(reference_cfg, on=True, mesh=None)
+    reference_model = model.clone(noise=plain_noise)
+    group = 10 if scope == "global" else 2
+    correct = 0
+    for batch in batches:
+        for start in range(0, len(batch), group):
+            rows = batch[start:start + group]
+            logits = reference_model.apply({"params": variables["params"]}, data.images[rows],
+                                           train=False)
+            correct += int(np.sum(np.argmax(logits, -1) == data.labels[rows]))
+    assert result["class_sorted"]["metrics"]["correct_top1"] == correct
+    assert result["class_sorted"]["metrics"]["count"] == len(data.labels)
+
+
+def test_noise_off_is_eval_false_and_orders_share_it():
+    c = _config(noise_type="gaussian")
+    mesh = sharding.create_mesh(c.mesh)
+    model, variables = _model_and_variables(c, mesh)
+    data = _data()
+    result = evaluate.evaluate_setting(model, variables, data, c.noise, on=False,
+                                       orders=batch_order.ORDERS, batch_size=10, mesh=mesh,
+                                       with_features=True)
+    # Independent: the model built with config.noise.eval=False, one example at a time.
+    c.noise.eval = False
+    off_model = train.build_model(c, mesh)
+    logits = np.concatenate([off_model.apply({"params": variables["params"]}, data.images[i:i + 1],
+                                             train=False) for i in range(len(data.labels))])
+    expected = int(np.sum(np.argmax(logits, -1) == data.labels))
+    for order in batch_order.ORDERS:
+        assert result[order]["metrics"]["correct_top1"] == expected
+        assert result[order]["metrics"]["pass_"] == "shared_pass"
+    # The direct route (batches of 10) gives the same logits as the shared pass.
+    forward = jax.jit(features.make_forward(model.clone(noise=features.eval_noise(c.noise, on=False))))
+    direct = evaluate.run_batches(forward, variables, data,
+                                  batch_order.batch_indices(data.labels, "shuffled", 10), mesh)
+    np.testing.assert_allclose(direct["logits"], logits, rtol=1e-4, atol=1e-5)
+
+
+def test_single_order_makes_optimal_q_the_identity():
+    """k = 1: (x + x) / 2 = x, so noise on equals noise off, example by example."""
+    c = _config(noise_type="optimal_q", scope="global")
+    mesh = sharding.create_mesh(c.mesh)
+    model, variables = _model_and_variables(c, mesh)
+    data = _data(n_per_class=2)
+    on = evaluate.evaluate_setting(model, variables, data, c.noise, on=True, orders=("single",),
+                                   batch_size=10, mesh=mesh, with_features=True)
+    off = evaluate.evaluate_setting(model, variables, data, c.noise, on=False, orders=("single",),
+                                    batch_size=10, mesh=mesh, with_features=True)
+    assert on["single"]["metrics"]["pass_"] == "direct"
+    np.testing.assert_allclose(on["single"]["features"]["pre_logits"],
+                               off["single"]["features"]["pre_logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_class_constant_features_give_near_zero_conditional_entropy():
+    """Images constant within a class -> features constant within a class
+    (a deterministic model, noise off or mixing same-class batches) ->
+    H(Y|Z) = 0, which the probe must approach."""
+    rng = np.random.default_rng(1)
+    prototypes = rng.normal(size=(10, 28, 28, 1)).astype(np.float32)
+    labels = np.repeat(np.arange(10), 20).astype(np.int32)
+    data = evaluate.EvalData(prototypes[labels], labels, 10)
+    c = _config(noise_type="optimal_q", scope="global")
+    mesh = sharding.create_mesh(c.mesh)
+    model, variables = _model_and_variables(c, mesh)
+    for on, order in ((False, "shuffled"), (True, "same_class")):
+        result = evaluate.evaluate_setting(model, variables, data, c.noise, on=on,
+                                           orders=(order,), batch_size=10, mesh=mesh,
+                                           with_features=True)
+        feats = result[order]["features"]
+        assert feats["noise_site"].shape == (200, 64) and feats["pre_logits"].shape == (200, 64)
+        for site in features.FEATURE_SITES:
+            per_class = [feats[site][labels == k] for k in range(10)]
+            assert max(float(np.ptp(f, axis=0).max()) for f in per_class) < 1e-4
+        estimates = evaluate.entropy_estimates(feats, labels, 10)
+        for site in features.FEATURE_SITES:
+            assert estimates[site]["probe"]["value"] < 0.05, (on, site)
+            assert estimates[site]["probe"]["n_test"] == 100
+
+
+def test_resnet_features_and_orders():
+    c = _config(noise_type="circulant", scope="device", model="resnet18_small")
+    c.noise.alpha = 0.3
+    mesh = sharding.create_mesh(c.mesh)
+    model, variables = _model_and_variables(c, mesh)
+    data = _data(n_per_class=2)
+    result = evaluate.evaluate_setting(model, variables, data, c.noise, on=True,
+                                       orders=("distinct_class", "same_class"), batch_size=10,
+                                       mesh=mesh, with_features=True)
+    for order in ("distinct_class", "same_class"):
+        assert result[order]["metrics"]["count"] == 20
+        assert result[order]["features"]["noise_site"].shape == (20, 32)  # stage 4: 8 x width
+        assert result[order]["features"]["pre_logits"].shape == (20, 32)
+
+
+def test_in_memory_route_refuses_huge_splits(monkeypatch):
+    c = _config()
+    monkeypatch.setattr(evaluate.input_pipeline, "num_eval_examples", lambda *a, **k: 50_000)
+    c.image_size = 384
+    c.input.channels = 3
+    with pytest.raises(ValueError, match="holds the split in memory"):
+        evaluate.load_eval_data(c)
+
+
+def test_end_to_end_on_a_trained_checkpoint(tmp_path):
+    """runlocal training on mock data, then the evaluate entry point."""
+    c = _config(noise_type="optimal_q")
+    common.apply_runlocal(c)
+    c.eval_max_examples = 0
+    c.plot = False
+    with tfds.testing.mock_data(num_examples=24):
+        train.train_and_evaluate(c, str(tmp_path))
+        result = evaluate.run(c, str(tmp_path), orders=batch_order.ORDERS, batch_size=10,
+                              with_entropy=True, probe_steps=10)
+    assert result["step"] == 2 and result["examples"] == 24
+    rows = {(r["order"], r["noise"]): r for r in result["rows"]}
+    assert len(rows) == 10
+    for row in rows.values():
+        assert row["count"] == 24
+        assert 0.0 <= row["top1"] <= row["top5"] <= 1.0
+        assert row["entropy"]["pre_logits"]["probe"]["n_train"] + \
+            row["entropy"]["pre_logits"]["probe"]["n_test"] == 24
+    assert rows[("single", "on")]["num_batches"] == 24
+    # Noise off: every order sees the same predictions.
+    assert len({rows[(o, "off")]["correct_top1"] for o in batch_order.ORDERS}) == 1
+    saved = json.loads((tmp_path / "entropy_orders.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert "| class_sorted | on |" in (tmp_path / "entropy_orders.md").read_text()
