@@ -165,6 +165,7 @@ def train_case(config, mesh, name: str) -> Case:
                      out_shardings=(state_shardings, sharding.replicated(mesh)),
                      donate_argnums=(0,))
     compiled, seconds = compile_timed(jitted, state, batch)
+    log(f"{name}: compiled in {seconds:.1f}s")
     holder = {"state": state}
 
     def step(batch_):
@@ -234,6 +235,11 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 10, dtype: str = "float32"
 # ---------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------
+def log(message: str) -> None:
+    """Progress on stderr, so that stdout stays a table / JSON lines."""
+    print(f"[benchmark {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def interleave(cases: Sequence[Case], steps: int, warmup: int, chunk: int = 5) -> None:
     """Times ``steps`` runs of every case in rounds of ``chunk``.
 
@@ -243,7 +249,9 @@ def interleave(cases: Sequence[Case], steps: int, warmup: int, chunk: int = 5) -
     for case in cases:
         for _ in range(warmup):
             case.run()
+    log(f"warm-up done; timing {steps} steps of {len(cases)} cases in rounds of {chunk}")
     while any(len(c.times) < steps for c in cases):
+        log("round: " + ", ".join(f"{c.name} {len(c.times)}/{steps}" for c in cases))
         for case in cases:
             todo = min(chunk, steps - len(case.times))
             if todo <= 0:
