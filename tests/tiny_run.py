@@ -46,6 +46,10 @@ def tiny_config(data_dir: str, idx_dir: str, **overrides) -> ml_collections.Conf
     """runlocal Fashion-MNIST with a one-block nano ViT; ``overrides`` use
     dotted keys, e.g. ``**{'noise.type': 'gaussian'}``."""
     config = fashion_mnist.get_config("runlocal")
+    # Pinned, not the experiment's defaults: those change with the recipe.
+    config.model = "vit_nano_patch4_28"
+    config.noise.type, config.noise.site, config.noise.layer = "optimal_q", "attn_input", -1
+    config.lr = 1e-3
     config.data_dir = str(data_dir)
     config.input.local_dir = str(idx_dir)
     config.input.shuffle_buffer = 32
