@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from noisy_flax import noise, optim, sharding
+from noisy_flax import batch_order, noise, optim, sharding
 from noisy_flax.train import build_model, input_shape, schedule_lengths
 
-# Batch orders the evaluation knows (config.eval_order).
-EVAL_ORDERS = ("dataset", "class_sorted", "shuffled", "single", "same_class", "distinct_class")
+# Batch orders the evaluation knows (config.eval_order): the dataset's own,
+# or one that noisy_flax.batch_order builds.
+EVAL_ORDERS = ("dataset",) + tuple(batch_order.ORDERS)
 
 
 def validate_config(config: ml_collections.ConfigDict):
