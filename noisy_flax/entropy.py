@@ -13,12 +13,17 @@ Three groups of pure functions:
 
 ``python -m noisy_flax.entropy --k 1 2 10 16 --alpha 0.3 0.4`` prints the
 closed-form log-determinants next to numpy's slogdet.
+``python -m noisy_flax.entropy --config CONFIG --workdir RUN [--orders ...]``
+estimates H(Y|Z) on the features of RUN's latest checkpoint, at the noise
+site and the pre-logits, noise on and off, under each test-batch order
+(written to RUN/entropy_orders.{json,md}; see ``noisy_flax.evaluate``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
+import sys
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -423,6 +428,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a.startswith(("--config", "--workdir")) for a in args):
+        # Checkpoint mode: H(Y|Z) on features of a trained model under every
+        # batch order (see noisy_flax.evaluate; flags --orders, --batch_size, ...).
+        from noisy_flax import evaluate
+        evaluate.main_with_flags([sys.argv[0]] + args, entropy_default=True)
+        return
     parser = argparse.ArgumentParser(
         description="log|det(I+Q)| in nats per feature dimension, closed form vs slogdet")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 10, 16])

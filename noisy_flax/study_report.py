@@ -279,7 +279,8 @@ def write_csv(records: list[dict], path: str) -> None:
 
 
 def write_report(config, workdir: str, *, compute_seconds: Optional[float] = None,
-                 out_dir: Optional[str] = None, command: Optional[str] = None) -> dict[str, str]:
+                 out_dir: Optional[str] = None, command: Optional[str] = None,
+                 notes: tuple[str, ...] = ()) -> dict[str, str]:
     study = config.study
     out_dir = out_dir or os.path.join(workdir, "report")
     os.makedirs(out_dir, exist_ok=True)
@@ -316,9 +317,10 @@ def write_report(config, workdir: str, *, compute_seconds: Optional[float] = Non
         f"- Command: `{command or 'python -m noisy_flax.study --config configs/study_fashion_mnist.py --workdir WORKDIR'}`",
         f"- Machine: {_machine()}",
         f"- Time: training {train_seconds / 60:.1f} min, evaluation and entropy "
-        f"{eval_seconds / 60:.1f} min"
-        + (f", wall clock of the last invocation {compute_seconds / 60:.1f} min" if compute_seconds else "")
+        f"{eval_seconds / 60:.1f} min (sums of the per-run timings)"
+        + (f"; wall clock of the last invocation {compute_seconds / 60:.1f} min" if compute_seconds else "")
         + ".",
+        *[f"- {note}" for note in notes],
         f"- Seeds: {', '.join(map(str, study.seeds))} (mean ± sample std over seeds; every cell names its runs).",
         f"- Training: the first {study.train_examples:,} Fashion-MNIST train images, "
         "random horizontal flips, AdamW, cosine schedule with "
@@ -413,3 +415,32 @@ def _machine() -> str:
     except OSError:
         pass
     return f"{platform.system()} {platform.machine()}, {cpus} CPU cores ({model}), no accelerator"
+
+
+def main(argv=None) -> None:
+    """``python -m noisy_flax.study_report --config C --workdir W [--out DIR]``:
+    rebuilds the report from a study workdir (e.g. into docs/study)."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, os.getcwd())
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--config", required=True, help="configs/study_fashion_mnist.py[:args]")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--out", default=None, help="default: WORKDIR/report")
+    parser.add_argument("--command", default=None, help="the study command, for the report")
+    parser.add_argument("--note", action="append", default=[], help="a set-up line to add")
+    args = parser.parse_args(argv)
+    path, _, arg = args.config.partition(":")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("study_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    paths = write_report(config, args.workdir, out_dir=args.out, command=args.command,
+                         notes=tuple(args.note))
+    print(paths["report"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The study: a tiny grid end to end on mock data, and resuming."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import study_fashion_mnist
+from noisy_flax import study, study_report
+
+
+def _tiny_config():
+    c = study_fashion_mnist.get_config("runlocal")
+    c.unlock()
+    c.study.archs = tuple(a for a in c.study.archs if a["name"] == "vit")
+    c.study.noises = tuple(n for n in c.study.noises if n["label"] in ("none", "optimal_q"))
+    c.study.seeds = (0,)
+    c.study.orders = ("class_sorted", "single")
+    c.study.eval_per_class = 2
+    c.study.train_examples = 32
+    c.lock()
+    return c
+
+
+def test_plan_shares_trainings_between_protocols():
+    c = study_fashion_mnist.get_config()
+    runs = study.plan(c.study)
+    # One model per (seed, arch, training noise): 3 x 2 x 10.
+    assert len(runs) == 60
+    clean = [r for r in runs if r.train_noise == "none"][0]
+    assert clean.evals[0] == ("none", "off") and len(clean.evals) == 10
+    noisy = [r for r in runs if r.train_noise == "gaussian_1.0"][0]
+    assert noisy.evals == (("gaussian_1.0", "off"), ("gaussian_1.0", "on"))
+    # Every (protocol, noise) of the issue's grid is covered for each arch and seed.
+    cells = {(r.arch, r.seed, r.train_noise, e) for r in runs for e in r.evals}
+    for arch in ("vit", "resnet"):
+        for seed in (0, 1, 2):
+            for n in [x["label"] for x in c.study.noises if x["label"] != "none"]:
+                assert (arch, seed, n, (n, "off")) in cells      # train only
+                assert (arch, seed, "none", (n, "on")) in cells  # eval only
+                assert (arch, seed, n, (n, "on")) in cells       # both
+
+
+def test_study_runs_reports_and_resumes_without_retraining(tmp_path, monkeypatch, capsys):
+    c = _tiny_config()
+    workdir = str(tmp_path)
+    with tfds.testing.mock_data(num_examples=40):
+        paths = study.run_study(c, workdir)
+    out = capsys.readouterr().out
+    assert "pretrain vit seed0" in out and "train runs/vit/seed0/optimal_q" in out
+    report = open(paths["report"]).read()
+    assert "| optimal_q | eval only |" in report and "| optimal_q | train + eval |" in report
+    for key in ("orders_vit", "strength_eval_only", "entropy"):
+        assert os.path.getsize(paths[key]) > 1000
+    record = json.load(open(tmp_path / "runs/vit/seed0/none/eval/optimal_q_on.json"))
+    assert set(record["orders"]) == set(c.study.orders)
+    assert all(o["count"] == record["examples"] for o in record["orders"].values())
+
+    # Second run: everything is there, nothing is trained or evaluated.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was recomputed")
+    monkeypatch.setattr(study.Trainer, "train", refuse)
+    monkeypatch.setattr(study, "evaluate_run", refuse)
+    stamp = os.path.getmtime(tmp_path / "runs/vit/seed0/optimal_q/train.json")
+    with tfds.testing.mock_data(num_examples=40):
+        study.run_study(c, workdir)
+    assert "0 units to do (2 runs complete)" in capsys.readouterr().out
+    assert os.path.getmtime(tmp_path / "runs/vit/seed0/optimal_q/train.json") == stamp
+
+    # A lost evaluation is redone from the saved variables, without training.
+    os.remove(tmp_path / "runs/vit/seed0/optimal_q/eval/optimal_q_on.json")
+    monkeypatch.undo()
+    monkeypatch.setattr(study.Trainer, "train", refuse)
+    with tfds.testing.mock_data(num_examples=40):
+        study.run_study(c, workdir)
+    redone = json.load(open(tmp_path / "runs/vit/seed0/optimal_q/eval/optimal_q_on.json"))
+    assert redone["orders"]["class_sorted"]["count"] == record["examples"]
