@@ -332,8 +332,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def run_eval(step: int) -> dict[str, float]:
         max_batches = math.ceil(config.eval_max_examples / config.eval_batch_size) \
             if config.eval_max_examples else 0
-        batches = input_pipeline.eval_batches(config, process_index=jax.process_index(),
-                                              process_count=jax.process_count())
+        if config.get("eval_order", "dataset") == "dataset":
+            batches = input_pipeline.eval_batches(config, process_index=jax.process_index(),
+                                                  process_count=jax.process_count())
+        else:  # test-batch order matters for batch-mixing noise (noisy_flax.batch_order)
+            from noisy_flax import evaluate as ordered  # imports train lazily: no cycle
+            batches = ordered.ordered_eval_batches(config, process_index=jax.process_index(),
+                                                   process_count=jax.process_count())
         result = evaluate(eval_step, state, batches, mesh, config.seed, max_batches)
         reporter.write(step, "eval", result)
         reporting.echo(f"eval at step {step}: top-1 {100 * result['top1']:.2f}% "
