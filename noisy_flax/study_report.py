@@ -134,10 +134,7 @@ def delta_table(c: dict, arch: str, noises: list[str], orders: list[str]) -> str
             continue
         cells_ = []
         for o in orders:
-            base = {e["seed"]: e["top1"] for e in c.get((arch, "none", "none", o), [])}
-            diffs = [100 * (e["top1"] - base[e["seed"]]) for e in c.get((arch, protocol, noise, o), [])
-                     if e["seed"] in base]
-            cells_.append(_pm(diffs, signed=True))
+            cells_.append(_pm(paired_deltas(c, arch, protocol, noise, o), signed=True))
         lines.append("| " + " | ".join([noise, PROTOCOL_TEXT[protocol]] + cells_) + " |")
     return "\n".join(lines)
 
@@ -168,25 +165,34 @@ def entropy_table(c: dict, arch: str, noises: list[str], orders: list[str], site
 # ---------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------
+def paired_deltas(c: dict, arch: str, protocol: str, noise: str, order: str) -> list[float]:
+    """Top-1 change in points against the clean model, same order and seed."""
+    base = {e["seed"]: e["top1"] for e in c.get((arch, "none", "none", order), [])}
+    return [100 * (e["top1"] - base[e["seed"]]) for e in c.get((arch, protocol, noise, order), [])
+            if e["seed"] in base]
+
+
 def figure_orders(c: dict, arch: str, noises: list[str], orders: list[str], path: str) -> None:
-    """Top-1 per noise and batch order, one panel per protocol."""
+    """Top-1 change against no noise per noise and batch order, one panel per
+    protocol (bars: mean over seeds of the paired change; whiskers: std)."""
     fig, axes = plt.subplots(len(PROTOCOLS), 1, figsize=(12, 3.2 * len(PROTOCOLS)), sharey=True)
     labels = [n for n in noises if n != "none"]
     width = 0.8 / len(orders)
-    clean = c.get((arch, "none", "none", orders[0]))
     for ax, protocol in zip(np.atleast_1d(axes), PROTOCOLS):
         for j, order in enumerate(orders):
-            stats = [mean_std(c.get((arch, protocol, n, order), []), "top1") for n in labels]
+            deltas = [paired_deltas(c, arch, protocol, n, order) for n in labels]
+            means = [np.mean(d) if d else np.nan for d in deltas]
+            stds = [np.std(d, ddof=1) if len(d) > 1 else 0.0 for d in deltas]
             x = np.arange(len(labels)) + (j - (len(orders) - 1) / 2) * width
-            ax.bar(x, [s[0] for s in stats], width, yerr=[s[1] for s in stats], label=order,
-                   capsize=2)
-        if clean:
-            ax.axhline(mean_std(clean, "top1")[0], color="k", ls="--", lw=1, label="no noise")
+            ax.bar(x, means, width, yerr=stds, label=order, capsize=2)
+        ax.axhline(0.0, color="k", lw=0.8)
         ax.set_xticks(np.arange(len(labels)), labels, rotation=20, fontsize=8)
-        ax.set_ylabel("top-1 (%)")
-        ax.set_title(f"{arch}: noise {PROTOCOL_TEXT[protocol]}")
+        ax.set_ylabel("top-1 change (points)")
+        clean = c.get((arch, "none", "none", orders[0]))
+        base = f" (no noise: {mean_std(clean, 'top1')[0]:.1f}%)" if clean else ""
+        ax.set_title(f"{arch}: noise {PROTOCOL_TEXT[protocol]}, change against no noise{base}")
         ax.grid(axis="y", alpha=0.3)
-    np.atleast_1d(axes)[0].legend(ncol=6, fontsize=8, loc="lower left")
+    np.atleast_1d(axes)[0].legend(ncol=5, fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -355,7 +361,7 @@ def write_report(config, workdir: str, *, compute_seconds: Optional[float] = Non
                   accuracy_table(c, arch, noises, orders), "",
                   f"### {arch}: top-1 change against no noise, same order and seed (points)", "",
                   delta_table(c, arch, noises, orders), "",
-                  f"![top-1 by order]({figures[f'orders_{arch}']})", ""]
+                  f"![top-1 change by order]({figures[f'orders_{arch}']})", ""]
     if "entropy" in figures:
         h_y = next(e["H_Y"] for entries in c.values() for e in entries if "H_Y" in e)
         n_fit, n_test = next(e["n_entropy"] for entries in c.values() for e in entries if "n_entropy" in e)
