@@ -372,7 +372,7 @@ def write_report(config, workdir: str, *, compute_seconds: Optional[float] = Non
                   "the noise output averaged over patch tokens (ViT; the class token, which the "
                   "noise never touches, is left out) or spatial positions (ResNet). Pre-logits: "
                   "the classifier head's input. The Gaussian class-conditional estimate is in "
-                  "`all_runs.csv`.", ""]
+                  "`all_runs.csv`. " + _probe_caveat(c, h_y), ""]
         for arch in archs:
             for site in ("pre_logits", "noise_site"):
                 lines += [f"### {arch}: probe H(Y|Z) at {site}", "",
@@ -390,6 +390,19 @@ def write_report(config, workdir: str, *, compute_seconds: Optional[float] = Non
     with open(report, "w") as f:
         f.write("\n".join(lines))
     return {"report": report, **{k: os.path.join(out_dir, v) for k, v in figures.items()}}
+
+
+def _probe_caveat(c: dict, h_y: float) -> str:
+    """Says so when the probe does worse than predicting the label prior."""
+    clean = [e["H_probe_pre_logits"] for (arch, protocol, _, _), entries in c.items()
+             if protocol == "none" for e in entries if "H_probe_pre_logits" in e]
+    above = sum(v > h_y for v in clean)
+    if not above:
+        return ""
+    return (f"Caveat, measured: on {above} of {len(clean)} clean (model, order) feature sets "
+            f"the probe's held-out cross-entropy exceeds H(Y) = {h_y:.3f} nats, i.e. the probe "
+            "overfits its small fit half and the bound is loose; compare values between "
+            "settings and orders (same estimator, same sample sizes), not with H(Y).")
 
 
 def _batch_mean_note(records: list[dict]) -> str:
