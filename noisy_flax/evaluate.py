@@ -475,7 +475,12 @@ def main_with_flags(argv, *, entropy_default: bool = False) -> None:
                 batch_size=batch_size.value, seed=seed.value, split=split.value,
                 per_class=per_class.value, with_entropy=with_entropy.value,
                 probe_steps=probe_steps.value)
-        except ValueError as error:
+        except (ValueError, FileNotFoundError) as error:  # CheckpointError is not one
+            print(f"error: {str(error).splitlines()[0]}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except RuntimeError as error:  # checkpointing.CheckpointError: a user-fixable state
+            if type(error).__name__ != "CheckpointError":
+                raise
             print(f"error: {str(error).splitlines()[0]}", file=sys.stderr, flush=True)
             sys.exit(2)
 
