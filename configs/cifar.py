@@ -37,4 +37,6 @@ def cifar_config(dataset: str, num_classes: int, arg=None):
     c.eval_every = 2000
     c.log_every = 100
     c.checkpoint_every = 2000
+    if a.runlocal:  # a one-block model: the smoke run tests the pipeline, not the width
+        c.model_kwargs = {"num_layers": 1} if not a.model.startswith("resnet") else {"width": 8}
     return common.finalize(c, a.runlocal)

@@ -186,6 +186,8 @@ def salt_pepper_noise(x: Array, *, key, prob: float, mask=None) -> Array:
     high, low = jax.lax.stop_gradient(high), jax.lax.stop_gradient(low)
     u = jax.random.uniform(key, x.shape)
     out = jnp.where(u < prob / 2, high, jnp.where(u < prob, low, x))
+    if mask is not None:  # padding stays as it was (an all-padding shard has no extremes)
+        out = jnp.where(_batch_mask(mask, x), out, x)
     return out.astype(x.dtype)
 
 

@@ -68,11 +68,13 @@ class Progress:
 
 
 def write_parameter_overview(workdir: str, params) -> str:
-    """Every parameter's name, shape and statistics, to ``parameters.txt``;
-    the console gets the one-line total instead of a page of names."""
+    """Every parameter's name, shape and dtype, to ``parameters.txt``; the
+    console gets the one-line total instead of a page of names. Shapes only:
+    with FSDP, no process can read all the values."""
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     path = os.path.join(workdir, "parameters.txt")
     with open(path, "w") as f:
-        f.write(parameter_overview.get_parameter_overview(params) + "\n")
+        f.write(parameter_overview.get_parameter_overview(shapes, include_stats=False) + "\n")
     return path
 
 

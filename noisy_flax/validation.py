@@ -41,6 +41,10 @@ def check_choices(config) -> None:
     if config.get("eval_order", "dataset") not in EVAL_ORDERS:
         raise ValueError(f"unknown config.eval_order {config.eval_order!r}; "
                          f"use one of {', '.join(EVAL_ORDERS)}")
+    if config.get("eval_order") == "distinct_class" and config.eval_batch_size > config.num_classes:
+        raise ValueError(f"config.eval_order='distinct_class' needs eval_batch_size <= "
+                         f"num_classes ({config.num_classes}), got {config.eval_batch_size}; "
+                         "lower config.eval_batch_size")
 
 
 def check_batch_sizes(config, mesh: Mesh) -> None:

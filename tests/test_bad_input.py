@@ -100,6 +100,9 @@ CASES = {
     "unknown model": ({"model": "vit_nanoo_patch4_28"}, r"unknown model 'vit_nanoo_patch4_28'"),
     "unknown eval order": ({"eval_order": "sorted"},
                            r"unknown config.eval_order 'sorted'; use one of dataset, class_sorted"),
+    "distinct-class batch larger than the classes": (
+        {"eval_order": "distinct_class", "eval_batch_size": 16},
+        r"distinct_class' needs eval_batch_size <= num_classes \(10\), got 16"),
     "dataset unknown to tfds": ({"dataset": "fashion_mnistt"},
                                 r"unknown tfds dataset 'fashion_mnistt'; did you mean .*fashion_mnist"),
     "num_classes differs from the dataset": ({"num_classes": 5},

@@ -10,7 +10,8 @@ from configs import common
 from noisy_flax import train
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-SHARED_MODULES = {"__init__", "common", "cifar", "imagenet"}
+# Shared pieces, and the study's config (a grid of runs, tested in test_study).
+SHARED_MODULES = {"__init__", "common", "cifar", "imagenet", "study_fashion_mnist"}
 EXPERIMENTS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in SHARED_MODULES)
 
 

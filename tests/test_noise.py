@@ -268,3 +268,9 @@ def test_device_scope_on_a_one_device_mesh_is_the_whole_batch():
     x = np.random.default_rng(9).normal(size=(6, 2)).astype(np.float32)
     n = noise.make_noise({"type": "optimal_q", "scope": "device"}, mesh=mesh)
     np.testing.assert_allclose(n.fn(jnp.asarray(x)), published_optimal_q(x), rtol=1e-5, atol=1e-6)
+
+
+def test_salt_pepper_leaves_an_all_padding_batch_finite():
+    x = jnp.ones((4, 3))
+    out = noise.salt_pepper_noise(x, key=jax.random.key(0), prob=1.0, mask=jnp.zeros(4, bool))
+    np.testing.assert_array_equal(out, x)
