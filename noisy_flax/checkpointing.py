@@ -47,7 +47,9 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int = 3, save_every: int = 1000,
                  async_save: bool = True):
-        self.directory = epath.Path(directory)
+        # orbax writes through tensorstore, which needs absolute local paths.
+        self.directory = epath.Path(directory if "://" in str(directory)
+                                    else os.path.abspath(directory))
         every = max(save_every, 1)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
@@ -154,10 +156,3 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                                                       sharding=sharding),
                         tree, shardings)
-
-
-def save_variables(path: str, variables: Any) -> None:
-    """Writes plain model variables (used by ``pretrained convert``)."""
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(path), variables)
-    checkpointer.wait_until_finished()

@@ -29,7 +29,9 @@ def test_main_runlocal_end_to_end(tmp_path):
             runpy.run_module("noisy_flax.main", run_name="__main__")
     """)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env,
+    # A relative workdir, as the README's command gives.
+    workdir = os.path.relpath(tmp_path, ROOT)
+    result = subprocess.run([sys.executable, "-c", script, workdir], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 2/2" in result.stdout and "eval at step 2" in result.stdout
