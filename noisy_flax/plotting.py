@@ -25,8 +25,8 @@ def read_metrics(jsonl_path: str) -> dict[str, dict[str, list[tuple[int, float]]
 def plot_curves(jsonl_path: str, png_path: str, title: str = "") -> None:
     series = read_metrics(jsonl_path)
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for split, metric_ax in (("train", "loss"), ("eval", "loss")):
-        _line(loss_ax, series.get(split, {}).get(metric_ax), f"{split} loss")
+    _line(loss_ax, series.get("train", {}).get("loss"), "train loss")
+    _line(loss_ax, series.get("eval", {}).get("loss"), "eval loss", marker="o")
     _line(acc_ax, series.get("train", {}).get("accuracy"), "train accuracy")
     _line(acc_ax, series.get("eval", {}).get("top1"), "eval top-1", marker="o")
     loss_ax.set(xlabel="step", ylabel="loss")
