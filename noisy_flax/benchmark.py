@@ -113,6 +113,7 @@ class Case:
     run: Callable[[], None]
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     times: list[float] = dataclasses.field(default_factory=list)
+    rounds: list[int] = dataclasses.field(default_factory=list)  # the round of each time
     step: Optional[Callable[[Any], None]] = None  # train cases: one step on a given batch
 
 
@@ -140,6 +141,16 @@ def cost_flops(compiled) -> Optional[float]:
         cost = cost[0] if cost else None
     flops = (cost or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
+
+
+def cost_bytes(compiled) -> Optional[float]:
+    """Bytes accessed per call by XLA's cost model: a load-independent proxy
+    for the memory traffic that noise adds."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    value = (cost or {}).get("bytes accessed")
+    return float(value) if value else None
 
 
 def compiled_memory_bytes(compiled) -> Optional[int]:
@@ -174,6 +185,7 @@ def train_case(config, mesh, name: str) -> Case:
         jax.block_until_ready(holder["state"])
 
     info = {"compile_s": seconds, "flops": cost_flops(compiled),
+            "bytes_accessed": cost_bytes(compiled),
             "xla_memory_bytes": compiled_memory_bytes(compiled),
             "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))}
     return Case(name, lambda: step(batch), info, step=step)
@@ -266,12 +278,28 @@ def interleave(cases: Sequence[Case], steps: int, warmup: int, chunk: int = 5) -
                 start = time.perf_counter()
                 case.run()
                 case.times.append(time.perf_counter() - start)
+                case.rounds.append(round_index)
+
+
+def paired_ratio(case: Case, reference: Case) -> Optional[float]:
+    """Median over rounds of (case's median / reference's median in that round).
+
+    Robust to load that drifts during a run: each round compares times taken
+    minutes apart at most, where whole-run medians compare all of them.
+    """
+    ratios = []
+    for r in sorted(set(case.rounds) & set(reference.rounds)):
+        mine = [t for t, q in zip(case.times, case.rounds) if q == r]
+        theirs = [t for t, q in zip(reference.times, reference.rounds) if q == r]
+        ratios.append(statistics.median(mine) / statistics.median(theirs))
+    return statistics.median(ratios) if ratios else None
 
 
 def summarize(case: Case, batch: int, peak: Optional[float]) -> dict[str, Any]:
     times = sorted(case.times)
     median = statistics.median(times)
     row = {"name": case.name, "steps": len(times), "step_ms_median": 1e3 * median,
+           "step_ms": [round(1e3 * t, 2) for t in case.times],
            "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
            "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
            "spread_pct": 100 * (float(np.percentile(times, 90)) - float(np.percentile(times, 10))) / median,
@@ -324,7 +352,7 @@ def _version(module: str) -> str:
 def print_table(rows: Sequence[dict[str, Any]], out=None) -> None:
     out = out or sys.stdout
     head = f"{'case':<34}{'compile s':>10}{'step ms':>10}{'p10-p90 %':>10}{'img/s':>9}" \
-           f"{'GFLOP':>9}{'GFLOP/s':>10}{'util %':>8}{'vs ref':>8}"
+           f"{'GFLOP':>9}{'GFLOP/s':>10}{'util %':>8}{'vs ref':>8}{'paired':>8}"
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in rows:
@@ -334,7 +362,8 @@ def print_table(rows: Sequence[dict[str, Any]], out=None) -> None:
         print(f"{r['name']:<34}{fmt('compile_s', '>10.1f')}{fmt('step_ms_median', '>10.1f')}"
               f"{fmt('spread_pct', '>10.1f')}{fmt('images_per_s', '>9.2f')}"
               f"{fmt('flops', '>9.1f', 1e-9)}{fmt('flops_per_s', '>10.1f', 1e-9)}"
-              f"{fmt('utilisation', '>8.1f', 100)}{fmt('ratio', '>8.3f')}", file=out)
+              f"{fmt('utilisation', '>8.1f', 100)}{fmt('ratio', '>8.3f')}"
+              f"{fmt('ratio_paired', '>8.3f')}", file=out)
 
 
 def emit_json(rows: Sequence[dict[str, Any]], common: dict[str, Any], out=None) -> None:
@@ -383,10 +412,13 @@ def run_steps(args) -> list[dict[str, Any]]:
         peak = matmul.info["flops"] / statistics.median(matmul.times)
     rows = [summarize(c, args.batch, peak) for c in cases + torch_cases]
     reference = rows[0]["step_ms_median"]
-    for row in rows:
+    for row, case in zip(rows, cases + torch_cases):
+        row["ratio_paired"] = paired_ratio(case, cases[0])  # step time / reference, per round
         if row["name"].startswith("jax train"):
             row["ratio"] = row["step_ms_median"] / reference  # noise overhead: step time ratio
             row["overhead_pct"] = 100 * (row["ratio"] - 1)
+            if rows[0].get("bytes_accessed") and row.get("bytes_accessed"):
+                row["bytes_ratio"] = row["bytes_accessed"] / rows[0]["bytes_accessed"]
     for row in rows:
         row.update(peak_flops_per_s=peak, peak_source=peak_source)
     mem = peak_memory_bytes(device)

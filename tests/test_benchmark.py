@@ -44,7 +44,8 @@ def test_runs_a_tiny_model_and_prints_a_table_and_json_lines(capsys, fast_compil
         assert row["steps"] == 2 and row["batch"] == 8
         assert row["flops"] > 0 and row["images_per_s"] > 0
     assert rows[0]["ratio"] == 1.0 and rows[0]["overhead_pct"] == 0.0
-    assert rows[1]["ratio"] > 0
+    assert rows[1]["ratio"] > 0 and rows[1]["ratio_paired"] > 0 and rows[1]["bytes_ratio"] > 0
+    assert len(rows[1]["step_ms"]) == 2
     assert rows[0]["peak_source"] == "measured matmul"
     # Training costs more than inference: roughly 3x the forward pass.
     assert rows[0]["flops"] > 2 * rows[2]["flops"]
