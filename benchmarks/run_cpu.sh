@@ -9,10 +9,10 @@ mkdir -p "$LOGS"
 run() { local name=$1; shift; echo "== $name: $*" >&2; "$@" > "$LOGS/$name.txt" 2> "$LOGS/$name.err"; }
 case "${1:-all}" in
   vs_torch|all)
-    run vit_tiny_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --steps 20 --warmup 3
+    run vit_tiny_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --steps 20 --warmup 2 --chunk 4
     run resnet18_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --steps 20 --warmup 3 ;;&
   noise|all)
-    run vit_tiny_noise_all "$PY" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --noise all --eval --steps 20 --warmup 3 ;;&
+    run vit_tiny_noise_all "$PY" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --noise all --eval --steps 20 --warmup 2 --chunk 2 ;;&
   input|all)
     run input_mock_imagenet "$PY" -m noisy_flax.benchmark --input mock_imagenet --model vit_tiny_patch16_224 --batch 32 --resolution 224 --steps 10 --warmup 2 --input-batches 20
     run input_fashion_mnist "$PY" -m noisy_flax.benchmark --input fashion_mnist --model vit_nano_patch4_28 --batch 128 --resolution 28 --steps 20 --warmup 3 --input-batches 50 ;;
