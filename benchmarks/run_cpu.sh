@@ -10,7 +10,7 @@ run() { local name=$1; shift; echo "== $name: $*" >&2; "$@" > "$LOGS/$name.txt" 
 case "${1:-all}" in
   vs_torch|all)
     run vit_tiny_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --steps 20 --warmup 2 --chunk 4
-    run resnet18_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --steps 20 --warmup 3 ;;&
+    run resnet18_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --steps 20 --warmup 2 --chunk 4 ;;&
   noise|all)
     run vit_tiny_noise_all "$PY" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --noise all --eval --steps 20 --warmup 2 --chunk 2 ;;&
   input|all)
