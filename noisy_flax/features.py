@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from noisy_flax import noise as noise_lib
-from noisy_flax.models import ResNet, VisionTransformer
+from noisy_flax.models import ResNet, VisionTransformer, uses_batch_stats
 
 FEATURE_SITES = ("noise_site", "pre_logits")
 
@@ -50,7 +50,7 @@ def eval_noise(noise_config: ml_collections.ConfigDict, *, on: bool,
 
 def make_forward(model, *, with_features: bool = True) -> Callable:
     """``forward(params, batch_stats, images, mask, key) -> {'logits', features...}``."""
-    has_batch_stats = isinstance(model, ResNet)
+    has_batch_stats = uses_batch_stats(model)
 
     def forward(params, batch_stats, images, mask, key):
         variables = {"params": params}

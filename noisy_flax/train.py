@@ -23,7 +23,7 @@ import optax
 from jax.sharding import Mesh
 
 from noisy_flax import checkpointing, optim, plotting, sharding
-from noisy_flax.models import create_model
+from noisy_flax.models import create_model, uses_batch_stats
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -138,7 +138,7 @@ def cross_entropy(logits, labels, num_classes: int, smoothing: float = 0.0):
 
 
 def make_train_step(model, tx, schedule, config) -> Callable:
-    has_batch_stats = "resnet" in config.model
+    has_batch_stats = uses_batch_stats(model)
     accum = config.grad_accum_steps
 
     def loss_fn(params, batch_stats, images, labels, rngs):
@@ -199,7 +199,7 @@ def make_train_step(model, tx, schedule, config) -> Callable:
 
 def make_eval_step(model, config) -> Callable:
     """Per-batch sums (never means), so padded batches count correctly."""
-    has_batch_stats = "resnet" in config.model
+    has_batch_stats = uses_batch_stats(model)
     top_k = min(5, config.num_classes)
 
     def eval_step(params, batch_stats, batch, key):

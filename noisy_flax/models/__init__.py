@@ -46,6 +46,11 @@ def create_model(name: str, *, num_classes: int, noise: Noise | Mapping[str, Any
                      "vit_nano_patch4_28, resnet50 or resnet18_small")
 
 
+def uses_batch_stats(model: nn.Module) -> bool:
+    """Whether the model keeps BatchNorm statistics (a 'batch_stats' collection)."""
+    return isinstance(model, ResNet)
+
+
 def input_size(model: nn.Module) -> int:
     """The image side a model is built for (ViT: its posemb; ResNet: its stem)."""
     if isinstance(model, VisionTransformer):
@@ -53,4 +58,4 @@ def input_size(model: nn.Module) -> int:
     return 32 if model.stem == "small" else 224
 
 
-__all__ = ["create_model", "input_size", "VisionTransformer", "ResNet"]
+__all__ = ["create_model", "input_size", "uses_batch_stats", "VisionTransformer", "ResNet"]
