@@ -15,6 +15,10 @@ and optax alone (and torch for ``--vs-torch``).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before heavy imports: see noisy_flax.cpu_tuning
+    from noisy_flax import cpu_tuning
+    cpu_tuning.reexec_with_huge_pages()
+
 import argparse
 import dataclasses
 import json
@@ -25,13 +29,15 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from noisy_flax import noise as noise_lib
-from noisy_flax import optim, sharding, train
+from noisy_flax import cpu_tuning, optim, sharding, train
+from noisy_flax.models.common import apply_noise, apply_noise_to_patch_tokens
 
 # Dense peak per chip in FLOP/s, without sparsity: (bf16, fp32). GPU "fp32" is
 # the TF32 tensor-core figure: XLA runs f32 dots at default precision as TF32
@@ -57,11 +63,13 @@ NOISE_CHOICES = tuple(t for t in noise_lib.NOISE_TYPES)
 # ---------------------------------------------------------------------------
 def benchmark_config(model: str, batch: int, resolution: int, dtype: str = "float32",
                      noise: str = "none", remat: bool = False, num_classes: int = 1000,
-                     model_kwargs: Optional[dict[str, Any]] = None) -> ml_collections.ConfigDict:
+                     model_kwargs: Optional[dict[str, Any]] = None,
+                     cpu_dots: str = "eigen") -> ml_collections.ConfigDict:
     """The keys the model, optimizer and steps read, with ImageNet-like values.
 
     Built here rather than from configs.common, which imports the tf.data
-    pipeline (and so TensorFlow).
+    pipeline (and so TensorFlow). ``cpu_dots`` defaults to the ImageNet
+    configs' choice (noisy_flax.cpu_tuning).
     """
     c = ml_collections.ConfigDict()
     c.model, c.num_classes, c.image_size, c.dtype, c.remat = model, num_classes, resolution, dtype, remat
@@ -73,6 +81,7 @@ def benchmark_config(model: str, batch: int, resolution: int, dtype: str = "floa
     c.weight_decay, c.wd_mask, c.b1, c.b2, c.eps = 1e-4, "kernels", 0.9, 0.999, 1e-8
     c.momentum, c.nesterov, c.grad_clip_norm = 0.9, False, 0.0
     c.seed, c.sharding = 0, "replicate"
+    c.cpu_dots = cpu_dots
     return c
 
 
@@ -174,7 +183,7 @@ def train_case(config, mesh, name: str) -> Case:
     jitted = jax.jit(train.make_train_step(model, tx, schedule, config),
                      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                      out_shardings=(state_shardings, sharding.replicated(mesh)),
-                     donate_argnums=(0,))
+                     donate_argnums=(0,), compiler_options=cpu_tuning.compiler_options(config))
     compiled, seconds = compile_timed(jitted, state, batch)
     log(f"{name}: compiled in {seconds:.1f}s")
     holder = {"state": state}
@@ -197,7 +206,8 @@ def eval_case(config, mesh, name: str) -> Case:
     state, _ = train.create_train_state(config, model, tx, mesh)
     batch = synthetic_batch(config, mesh, with_mask=True)
     key = jax.random.PRNGKey(1)
-    jitted = jax.jit(train.make_eval_step(model, config))
+    jitted = jax.jit(train.make_eval_step(model, config),
+                     compiler_options=cpu_tuning.compiler_options(config))
     compiled, seconds = compile_timed(jitted, state.params, state.batch_stats, batch, key)
 
     def run():
@@ -205,6 +215,70 @@ def eval_case(config, mesh, name: str) -> Case:
 
     return Case(name, run, {"compile_s": seconds, "flops": cost_flops(compiled),
                             "xla_memory_bytes": compiled_memory_bytes(compiled)})
+
+
+class _NoiseSite(nn.Module):
+    """The noise exactly as the model applies it at its site, and nothing else."""
+    noise: noise_lib.Noise
+    grid: Optional[tuple[int, int]]  # ViT token sites: the patch grid
+
+    @nn.compact
+    def __call__(self, x):
+        if self.grid is not None:
+            return apply_noise_to_patch_tokens(self, self.noise, x, self.grid)
+        return apply_noise(self, self.noise, x)
+
+
+def noise_site_input(model, config) -> jax.ShapeDtypeStruct:
+    """Shape of what the noise receives in a train step (from the model's own
+    ``sow`` of the site input; nothing is computed)."""
+    images = jax.ShapeDtypeStruct((config.batch_size, config.image_size, config.image_size,
+                                   config.input.channels), train.DTYPES[config.dtype])
+    key = jax.random.PRNGKey(0)
+    rngs = {"params": key, "noise": key, "dropout": key}
+    variables = jax.eval_shape(lambda r, x: model.init(r, x, train=False), rngs, images)
+    _, state = jax.eval_shape(
+        lambda v, r, x: model.apply(v, x, train=True, rngs=r,
+                                    mutable=["intermediates", "batch_stats"]),
+        variables, rngs, images)
+    found = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(
+        state.get("intermediates", {}))[0] if "noise_input" in jax.tree_util.keystr(path)]
+    if not found:
+        raise ValueError(f"{config.model} applies no noise at {config.noise.site} in training")
+    return found[0]
+
+
+def noise_op_case(config, mesh, name: str) -> Case:
+    """Forward and backward of the step's noise alone, on the site's tensor.
+
+    Its time over the noiseless step time is the noise overhead, measured on
+    milliseconds that repeat tightly, where the difference of two whole-step
+    times drowns in the step's own spread on a CPU.
+    """
+    model = train.build_model(config, mesh)
+    site = noise_site_input(model, config)
+    grid = None
+    if len(site.shape) == 3:  # ViT tokens: class token + a square patch grid
+        side = config.image_size // getattr(model, "patch_size", 1)
+        grid = (side, side)
+    module = _NoiseSite(model.noise, grid)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=site.shape), site.dtype)
+    cotangent = jnp.asarray(rng.normal(size=site.shape), site.dtype)
+    key = jax.random.PRNGKey(0)
+
+    def forward_backward(x, cotangent, key):
+        out, pullback = jax.vjp(lambda x: module.apply({}, x, rngs={"noise": key}), x)
+        return out, pullback(cotangent)[0]
+
+    compiled, seconds = compile_timed(
+        jax.jit(forward_backward, compiler_options=cpu_tuning.compiler_options(config)),
+        x, cotangent, key)
+
+    def run():
+        jax.block_until_ready(compiled(x, cotangent, key))
+
+    return Case(name, run, {"compile_s": seconds, "site_shape": list(site.shape)})
 
 
 # ---------------------------------------------------------------------------
@@ -219,12 +293,14 @@ def published_peak(device, dtype: str) -> Optional[float]:
     return None
 
 
-def matmul_case(n: int = 1024, dtype: str = "float32") -> Case:
-    """A dense n x n matmul: what the CPU's FLOP/s can reach in this run."""
+def matmul_case(n: int = 1024, dtype: str = "float32", cpu_dots: str = "xla") -> Case:
+    """A dense n x n matmul through the steps' dot library: what the CPU's
+    FLOP/s can reach in this run."""
     jdtype = train.DTYPES[dtype]
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jdtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jdtype)
-    compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+    options = cpu_tuning.compiler_options(ml_collections.ConfigDict({"cpu_dots": cpu_dots}))
+    compiled = jax.jit(jnp.matmul, compiler_options=options).lower(a, b).compile()
 
     def run():
         jax.block_until_ready(compiled(a, b))
@@ -386,18 +462,25 @@ def run_steps(args) -> list[dict[str, Any]]:
     cases = []
     for noise in parse_noises(args.noise):
         config = benchmark_config(args.model, args.batch, args.resolution, args.dtype, noise,
-                                  args.remat, model_kwargs=parse_model_kwargs(args.model_kwarg))
+                                  args.remat, model_kwargs=parse_model_kwargs(args.model_kwarg),
+                                  cpu_dots=args.cpu_dots)
         cases.append(train_case(config, mesh, f"jax train noise={noise}"))
+    for noise in parse_noises(args.noise)[1:]:
+        config = benchmark_config(args.model, args.batch, args.resolution, args.dtype, noise,
+                                  model_kwargs=parse_model_kwargs(args.model_kwarg),
+                                  cpu_dots=args.cpu_dots)
+        cases.append(noise_op_case(config, mesh, f"noise op {noise} (fwd+bwd)"))
     if args.eval:
         config = benchmark_config(args.model, args.batch, args.resolution, args.dtype,
-                                  model_kwargs=parse_model_kwargs(args.model_kwarg))
+                                  model_kwargs=parse_model_kwargs(args.model_kwarg),
+                                  cpu_dots=args.cpu_dots)
         cases.append(eval_case(config, mesh, "jax eval noise=none"))
     device = jax.devices()[0]
     peak = published_peak(device, args.dtype)
     peak_source = "published"
     if jax.default_backend() == "cpu" or peak is None:
         # Measured in the same rounds as the steps: it sees the same load.
-        cases.append(matmul_case(args.matmul_size, args.dtype))
+        cases.append(matmul_case(args.matmul_size, args.dtype, args.cpu_dots))
         peak_source = "measured matmul"
     torch_cases = []
     if args.vs_torch:
@@ -419,6 +502,10 @@ def run_steps(args) -> list[dict[str, Any]]:
             row["overhead_pct"] = 100 * (row["ratio"] - 1)
             if rows[0].get("bytes_accessed") and row.get("bytes_accessed"):
                 row["bytes_ratio"] = row["bytes_accessed"] / rows[0]["bytes_accessed"]
+        elif row["name"].startswith("noise op"):
+            # The noise's own time as a share of the noiseless step.
+            row["ratio"] = row["step_ms_median"] / reference
+            row["overhead_pct"] = 100 * row["ratio"]
     for row in rows:
         row.update(peak_flops_per_s=peak, peak_source=peak_source)
     mem = peak_memory_bytes(device)
@@ -512,7 +599,8 @@ def run_input(args) -> list[dict[str, Any]]:
         mesh = sharding.create_mesh([("data", -1), ("fsdp", 1)])
         step_config = benchmark_config(args.model, args.batch, args.resolution, args.dtype,
                                        num_classes=config.num_classes,
-                                       model_kwargs=parse_model_kwargs(args.model_kwarg))
+                                       model_kwargs=parse_model_kwargs(args.model_kwarg),
+                                       cpu_dots=args.cpu_dots)
         step_config.input.channels = config.input.channels
         synthetic = train_case(step_config, mesh, "jax train, synthetic batch")
         fed = fed_train_case(synthetic, input_pipeline.train_iterator(config), mesh)
@@ -543,6 +631,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--model-kwarg", action="append", default=[], metavar="KEY=VALUE",
                    help="model override, e.g. num_layers=2 (repeatable)")
     p.add_argument("--remat", action="store_true", help="rematerialise each ViT block")
+    p.add_argument("--cpu-dots", choices=cpu_tuning.CPU_DOTS, default="eigen",
+                   help="XLA:CPU dot library, as config.cpu_dots (default: the ImageNet "
+                        "configs' eigen; 'xla' is XLA's own YNNPACK)")
     p.add_argument("--eval", action="store_true", help="also time the eval step")
     p.add_argument("--vs-torch", action="store_true", help="also time timm / torchvision")
     p.add_argument("--torch-compile", action="store_true",

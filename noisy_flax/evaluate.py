@@ -28,6 +28,10 @@ exact, since in eval mode the rows of such a model never interact.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before heavy imports: see noisy_flax.cpu_tuning
+    from noisy_flax import cpu_tuning
+    cpu_tuning.reexec_with_huge_pages()
+
 import dataclasses
 import json
 import math

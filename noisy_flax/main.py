@@ -7,6 +7,10 @@ on other clusters pass ``--coordinator_address``, ``--num_processes`` and
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before heavy imports: see noisy_flax.cpu_tuning
+    from noisy_flax import cpu_tuning
+    cpu_tuning.reexec_with_huge_pages()
+
 import difflib
 import os
 import re

@@ -1,9 +1,10 @@
 """Device mesh, parameter placement rules and batch placement."""
 from __future__ import annotations
 
+import collections
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -105,6 +106,25 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local_batch.items()}
+
+
+def prefetch_to_device(local_batches: Iterable[dict[str, np.ndarray]], mesh: Mesh,
+                       size: int = 2) -> Iterator[dict[str, jax.Array]]:
+    """Global batches whose host-to-device copies were started ``size`` steps
+    ahead, so a step never waits for its input to be transferred.
+
+    ``flax.jax_utils.prefetch_to_device`` serves ``pmap``; this one yields the
+    sharded global arrays that ``jit`` over a mesh takes.
+    """
+    if size < 1:
+        raise ValueError(f"prefetch size {size} must be at least 1")
+    queue: collections.deque = collections.deque()
+    for local in local_batches:
+        queue.append(global_batch(local, mesh))  # device_put is asynchronous
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def bytes_per_device(shardings: Any, abstract_tree: Any) -> int:

@@ -26,6 +26,10 @@ one process compiles each train step once and reuses it for every seed.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before heavy imports: see noisy_flax.cpu_tuning
+    from noisy_flax import cpu_tuning
+    cpu_tuning.reexec_with_huge_pages()
+
 import dataclasses
 import json
 import math
@@ -39,7 +43,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from noisy_flax import evaluate, optim, reporting, sharding, train
+from noisy_flax import cpu_tuning, evaluate, optim, reporting, sharding, train
 from noisy_flax.noise import noise_config as make_noise_config
 
 OFF, ON = "off", "on"
@@ -173,7 +177,8 @@ class Trainer:
             self._steps[key] = jax.jit(
                 train.make_train_step(model, tx, schedule, c),
                 in_shardings=(shardings, sharding.batch_sharding(self.mesh)),
-                out_shardings=(shardings, sharding.replicated(self.mesh)), donate_argnums=(0,))
+                out_shardings=(shardings, sharding.replicated(self.mesh)), donate_argnums=(0,),
+                compiler_options=cpu_tuning.compiler_options(c))
         step_fn = self._steps[key]
         batches = train_batches(data, c.batch_size, c.seed, bool(c.input.flip),
                                 stream=int(init is not None))

@@ -6,6 +6,7 @@ and preemption handling.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from noisy_flax import checkpointing, optim, plotting, sharding
+from noisy_flax import checkpointing, cpu_tuning, optim, plotting, sharding
 from noisy_flax.models import create_model, uses_batch_stats
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -326,8 +327,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_step = jax.jit(make_train_step(model, tx, schedule, config),
                          in_shardings=(state_shardings, batch_spec),
                          out_shardings=(state_shardings, sharding.replicated(mesh)),
-                         donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(model, config))
+                         donate_argnums=(0,), compiler_options=cpu_tuning.compiler_options(config))
+    eval_step = jax.jit(make_eval_step(model, config),
+                        compiler_options=cpu_tuning.compiler_options(config))
 
     def run_eval(step: int) -> dict[str, float]:
         max_batches = math.ceil(config.eval_max_examples / config.eval_batch_size) \
@@ -359,9 +361,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    f"{total_steps} steps, batch {config.batch_size}")
 
     # --- Loop.
-    train_iter = input_pipeline.train_iterator(config, process_index=jax.process_index(),
-                                               process_count=jax.process_count(),
-                                               start_step=start_step)
+    local_batches = input_pipeline.train_iterator(config, process_index=jax.process_index(),
+                                                  process_count=jax.process_count(),
+                                                  start_step=start_step)
+    # Copies to the devices start two steps ahead; islice: never read past the last step.
+    train_iter = sharding.prefetch_to_device(
+        itertools.islice(local_batches, max(total_steps - start_step, 0)), mesh)
     progress = reporting.Progress(total_steps, config.batch_size, start_step)
     stop = _StopSignal()
     last_saved = restored_step
@@ -369,7 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     started = time.perf_counter()
     try:
         for step in range(start_step + 1, total_steps + 1):
-            batch = sharding.global_batch(next(train_iter), mesh)
+            batch = next(train_iter)
             state, metrics = train_step(state, batch)
             is_last = step == total_steps
             preempted = stop.received or ckpt.manager.reached_preemption(step)

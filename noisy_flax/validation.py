@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from noisy_flax import batch_order, noise, optim, sharding
+from noisy_flax import batch_order, cpu_tuning, noise, optim, sharding
 from noisy_flax.train import build_model, input_shape, schedule_lengths
 
 # Batch orders the evaluation knows (config.eval_order): the dataset's own,
@@ -38,6 +38,7 @@ def validate_config(config: ml_collections.ConfigDict):
 
 
 def check_choices(config) -> None:
+    cpu_tuning.check_cpu_dots(config.get("cpu_dots", "xla"))
     if config.get("eval_order", "dataset") not in EVAL_ORDERS:
         raise ValueError(f"unknown config.eval_order {config.eval_order!r}; "
                          f"use one of {', '.join(EVAL_ORDERS)}")

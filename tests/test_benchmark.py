@@ -34,7 +34,11 @@ def test_runs_a_tiny_model_and_prints_a_table_and_json_lines(capsys, fast_compil
     assert "jax train noise=gaussian" in out and "img/s" in out  # the table
     rows = _json_lines(out)
     assert [r["name"] for r in rows] == ["jax train noise=none", "jax train noise=gaussian",
-                                         "jax eval noise=none"]
+                                         "noise op gaussian (fwd+bwd)", "jax eval noise=none"]
+    op = rows.pop(2)
+    # vit_nano_patch4_28: (28 / 4)^2 = 49 patch tokens + the class token, width 64.
+    assert op["site_shape"] == [8, 50, 64]
+    assert op["overhead_pct"] == pytest.approx(100 * op["step_ms_median"] / rows[0]["step_ms_median"])
     for row in rows:
         for field in ("model", "batch", "resolution", "dtype", "backend", "device_kind",
                       "cpu_count", "jax", "steps", "step_ms_median", "step_ms_p10",
@@ -49,6 +53,20 @@ def test_runs_a_tiny_model_and_prints_a_table_and_json_lines(capsys, fast_compil
     assert rows[0]["peak_source"] == "measured matmul"
     # Training costs more than inference: roughly 3x the forward pass.
     assert rows[0]["flops"] > 2 * rows[2]["flops"]
+
+
+@pytest.mark.parametrize("model, resolution, site, expected", [
+    # ResNet-18 at 64 px: stem /4 -> 16, stages 2-4 halve it -> 2x2x512 into the last block.
+    ("resnet18", 64, "block_input", (2, 2, 2, 512)),
+    ("resnet18", 64, "image", (2, 64, 64, 3)),
+    # ViT-Nano/4 at 28 px: 49 patches + class token, width 64.
+    ("vit_nano_patch4_28", 28, "embedding", (2, 50, 64)),
+])
+def test_noise_site_input_is_what_the_model_hands_the_noise(model, resolution, site, expected):
+    config = benchmark.benchmark_config(model, 2, resolution, noise="gaussian")
+    config.noise.site = site
+    built = benchmark.train.build_model(config)
+    assert benchmark.noise_site_input(built, config).shape == expected
 
 
 def test_unknown_noise_is_refused():
