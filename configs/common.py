@@ -77,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model_kwargs = ml_collections.ConfigDict()  # e.g. dropout_rate, drop_path_rate, width
     c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
     c.remat = False
-    c.cpu_dots = "xla"  # XLA:CPU dot library: 'xla' (its YNNPACK) or 'eigen' (noisy_flax.cpu_tuning)
+    c.cpu_ynnpack = "reductions"  # XLA:CPU: YNNPACK for reductions, Eigen for dots (noisy_flax.cpu_tuning)
     c.noise = noise_config()
     # Optimisation.
     c.batch_size = 128

@@ -20,7 +20,6 @@ def imagenet_base(res: int = 224):
     c.eval_every = 5000
     c.checkpoint_every = 2000
     c.dtype = "bfloat16"
-    c.cpu_dots = "eigen"  # 224 px models on a CPU: 1.1-1.2x faster steps (BENCHMARKS.md)
     return c
 
 

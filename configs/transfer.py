@@ -49,7 +49,6 @@ def get_config(arg=None):
     c.grad_clip_norm = 1.0
     c.eval_every = 1000
     c.dtype = "bfloat16"
-    c.cpu_dots = "eigen"  # as configs/imagenet.py
     if a.runlocal:
         c.model = "resnet18_small" if is_resnet else "vit_nano_patch4_32"
         c.image_size = 32

@@ -100,6 +100,8 @@ CASES = {
     "unknown model": ({"model": "vit_nanoo_patch4_28"}, r"unknown model 'vit_nanoo_patch4_28'"),
     "unknown eval order": ({"eval_order": "sorted"},
                            r"unknown config.eval_order 'sorted'; use one of dataset, class_sorted"),
+    "unknown CPU YNNPACK choice": ({"cpu_ynnpack": "all"},
+                                   r"unknown config.cpu_ynnpack 'all'; use one of reductions, default"),
     "distinct-class batch larger than the classes": (
         {"eval_order": "distinct_class", "eval_batch_size": 16},
         r"distinct_class' needs eval_batch_size <= num_classes \(10\), got 16"),

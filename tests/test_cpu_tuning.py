@@ -80,24 +80,30 @@ def test_huge_page_tunable_cuts_page_faults_of_a_large_allocation():
     assert faults(cpu_tuning.HUGE_PAGES) < 0.5 * small_pages
 
 
-def _compiled_text(options):
+def _entry(fn, options):
     a = jnp.ones((64, 64))
-    return jax.jit(lambda a: jnp.tanh(a @ a), compiler_options=options).lower(a).compile().as_text()
+    text = jax.jit(fn, compiler_options=options).lower(a).compile().as_text()
+    return text[text.index("ENTRY"):]
 
 
-def test_eigen_choice_takes_every_dot_away_from_ynnpack(monkeypatch):
+def test_reductions_choice_leaves_dots_to_eigen_and_reductions_to_ynnpack(monkeypatch):
     assert "ynn" not in os.environ.get("XLA_FLAGS", "")
-    eigen = cpu_tuning.compiler_options(ml_collections.ConfigDict({"cpu_dots": "eigen"}))
-    default = cpu_tuning.compiler_options(ml_collections.ConfigDict({"cpu_dots": "xla"}))
-    assert default == {} and eigen
-    assert "ynn_fusion" in _compiled_text(default)
-    assert "ynn_fusion" not in _compiled_text(eigen)
+    tuned = cpu_tuning.compiler_options(ml_collections.ConfigDict({"cpu_ynnpack": "reductions"}))
+    default = cpu_tuning.compiler_options(ml_collections.ConfigDict({"cpu_ynnpack": "default"}))
+    assert default == {} and tuned
+    matmul, column_sums = (lambda a: a @ a), (lambda a: a.sum(0))
+    assert "ynn_fusion" in _entry(matmul, default)
+    assert "ynn_fusion" not in _entry(matmul, tuned) and " dot(" in _entry(matmul, tuned)
+    assert "ynn_fusion" in _entry(column_sums, tuned)
+    # Configs made before the key existed get the tuned default.
+    assert cpu_tuning.compiler_options(ml_collections.ConfigDict()) == tuned
     # A user's own XLA_FLAGS choice wins.
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") +
-                       " --xla_cpu_experimental_ynn_fusion_type=individual_dot")
-    assert cpu_tuning.compiler_options(ml_collections.ConfigDict({"cpu_dots": "eigen"})) == {}
+                       " --xla_cpu_experimental_ynn_fusion_type=")
+    assert cpu_tuning.compiler_options(ml_collections.ConfigDict()) == {}
 
 
-def test_unknown_cpu_dots_is_one_line_with_the_choices():
-    with pytest.raises(ValueError, match=r"unknown config.cpu_dots 'mkl'; use one of xla, eigen"):
-        cpu_tuning.compiler_options(ml_collections.ConfigDict({"cpu_dots": "mkl"}))
+def test_unknown_cpu_ynnpack_is_one_line_with_the_choices():
+    with pytest.raises(ValueError,
+                       match=r"unknown config.cpu_ynnpack 'all'; use one of reductions, default"):
+        cpu_tuning.compiler_options(ml_collections.ConfigDict({"cpu_ynnpack": "all"}))
