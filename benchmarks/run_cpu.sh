@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The CPU measurements recorded in BENCHMARKS.md (run from the repository root).
+# The CPU measurements recorded in BENCHMARKS.md (run from the repository root,
+# on an otherwise idle machine: the step times of this 2-core CPU swing by
+# 10-30% under other load).
 # PY_TORCH: a python with jax, the project and the torch extra (torch, timm, torchvision).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
@@ -9,10 +11,14 @@ mkdir -p "$LOGS"
 run() { local name=$1; shift; echo "== $name: $*" >&2; "$@" > "$LOGS/$name.txt" 2> "$LOGS/$name.err"; }
 case "${1:-all}" in
   vs_torch|all)
-    run vit_tiny_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --steps 20 --warmup 2 --chunk 4
-    run resnet18_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --steps 20 --warmup 2 --chunk 4 ;;&
+    # JAX (tuned), JAX with XLA's default YNNPACK use, PyTorch, and the matmul peak, interleaved.
+    run vit_tiny_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --compare-cpu-ynnpack default --steps 16 --warmup 2 --chunk 2
+    run resnet18_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --compare-cpu-ynnpack default --steps 12 --warmup 2 --chunk 2 ;;&
+  huge_pages|all)
+    # The same ViT step without the huge-page re-exec (compare with vit_tiny_vs_torch).
+    run vit_tiny_small_pages env NOISY_FLAX_NO_REEXEC=1 "$PY" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --steps 12 --warmup 2 --chunk 2 ;;&
   noise|all)
-    run vit_tiny_noise_all "$PY" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --noise all --eval --steps 20 --warmup 2 --chunk 2 ;;&
+    run vit_tiny_noise_all "$PY" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --noise all --steps 12 --warmup 1 --chunk 2 ;;&
   input|all)
     run input_mock_imagenet "$PY" -m noisy_flax.benchmark --input mock_imagenet --model vit_tiny_patch16_224 --batch 32 --resolution 224 --steps 10 --warmup 2 --input-batches 20
     run input_fashion_mnist "$PY" -m noisy_flax.benchmark --input fashion_mnist --model vit_nano_patch4_28 --batch 128 --resolution 28 --steps 20 --warmup 3 --input-batches 50 ;;

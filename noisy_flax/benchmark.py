@@ -465,6 +465,12 @@ def run_steps(args) -> list[dict[str, Any]]:
                                   args.remat, model_kwargs=parse_model_kwargs(args.model_kwarg),
                                   cpu_ynnpack=args.cpu_ynnpack)
         cases.append(train_case(config, mesh, f"jax train noise={noise}"))
+    for other in args.compare_cpu_ynnpack:  # the same noiseless step, compiled otherwise
+        config = benchmark_config(args.model, args.batch, args.resolution, args.dtype,
+                                  remat=args.remat,
+                                  model_kwargs=parse_model_kwargs(args.model_kwarg),
+                                  cpu_ynnpack=other)
+        cases.append(train_case(config, mesh, f"jax train cpu_ynnpack={other}"))
     for noise in parse_noises(args.noise)[1:]:
         config = benchmark_config(args.model, args.batch, args.resolution, args.dtype, noise,
                                   model_kwargs=parse_model_kwargs(args.model_kwarg),
@@ -633,6 +639,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--remat", action="store_true", help="rematerialise each ViT block")
     p.add_argument("--cpu-ynnpack", choices=cpu_tuning.CPU_YNNPACK, default="reductions",
                    help="what XLA:CPU hands to YNNPACK, as config.cpu_ynnpack")
+    p.add_argument("--compare-cpu-ynnpack", action="append", default=[],
+                   choices=cpu_tuning.CPU_YNNPACK,
+                   help="also time the noiseless train step with this cpu_ynnpack (repeatable)")
     p.add_argument("--eval", action="store_true", help="also time the eval step")
     p.add_argument("--vs-torch", action="store_true", help="also time timm / torchvision")
     p.add_argument("--torch-compile", action="store_true",

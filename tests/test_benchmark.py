@@ -29,12 +29,15 @@ def fast_compile():
 
 
 def test_runs_a_tiny_model_and_prints_a_table_and_json_lines(capsys, fast_compile):
-    benchmark.main(TINY + ["--noise", "gaussian", "--eval"])
+    benchmark.main(TINY + ["--noise", "gaussian", "--eval", "--compare-cpu-ynnpack", "default"])
     out = capsys.readouterr().out
     assert "jax train noise=gaussian" in out and "img/s" in out  # the table
     rows = _json_lines(out)
     assert [r["name"] for r in rows] == ["jax train noise=none", "jax train noise=gaussian",
+                                         "jax train cpu_ynnpack=default",
                                          "noise op gaussian (fwd+bwd)", "jax eval noise=none"]
+    other = rows.pop(2)
+    assert other["ratio"] > 0 and other["flops"] > 0
     op = rows.pop(2)
     # vit_nano_patch4_28: (28 / 4)^2 = 49 patch tokens + the class token, width 64.
     assert op["site_shape"] == [8, 50, 64]
