@@ -17,7 +17,7 @@ Arguments: seeds (how many), per_class (test examples per class), runlocal.
 """
 import ml_collections
 
-from configs import common
+from configs import common, fashion_mnist
 from noisy_flax.batch_order import ORDERS
 
 # label -> noise fields; 'none' is the clean reference.
@@ -47,15 +47,7 @@ ARCHS = (
 def get_config(arg=None):
     a = common.parse_arg(arg, seeds=3, per_class=50, runlocal=False)
     c = common.base_config()
-    c.dataset = "fashion_mnist"
-    c.train_split, c.eval_split = "train", "test"
-    c.image_size = 28
-    c.num_classes = 10
-    c.input.channels = 1
-    c.input.train_crop = "none"
-    c.input.flip = True
-    c.input.eval_resize = "resize"
-    c.input.normalize = "minus_one_to_one"
+    fashion_mnist.set_data(c)
     c.optimizer = "adamw"
     c.weight_decay = 1e-4
     c.schedule = "cosine"

@@ -459,23 +459,22 @@ def run_steps(args) -> list[dict[str, Any]]:
             raise SystemExit("--vs-torch needs torch, timm and torchvision: "
                              "pip install -e '.[torch]' (or run from a venv that has them)")
     mesh = sharding.create_mesh([("data", -1), ("fsdp", 1)])
-    cases = []
+    cases, noisy_configs = [], []
     for noise in parse_noises(args.noise):
         config = benchmark_config(args.model, args.batch, args.resolution, args.dtype, noise,
                                   args.remat, model_kwargs=parse_model_kwargs(args.model_kwarg),
                                   cpu_ynnpack=args.cpu_ynnpack)
         cases.append(train_case(config, mesh, f"jax train noise={noise}"))
+        if noise != "none":
+            noisy_configs.append(config)
     for other in args.compare_cpu_ynnpack:  # the same noiseless step, compiled otherwise
         config = benchmark_config(args.model, args.batch, args.resolution, args.dtype,
                                   remat=args.remat,
                                   model_kwargs=parse_model_kwargs(args.model_kwarg),
                                   cpu_ynnpack=other)
         cases.append(train_case(config, mesh, f"jax train cpu_ynnpack={other}"))
-    for noise in parse_noises(args.noise)[1:]:
-        config = benchmark_config(args.model, args.batch, args.resolution, args.dtype, noise,
-                                  model_kwargs=parse_model_kwargs(args.model_kwarg),
-                                  cpu_ynnpack=args.cpu_ynnpack)
-        cases.append(noise_op_case(config, mesh, f"noise op {noise} (fwd+bwd)"))
+    for config in noisy_configs:
+        cases.append(noise_op_case(config, mesh, f"noise op {config.noise.type} (fwd+bwd)"))
     if args.eval:
         config = benchmark_config(args.model, args.batch, args.resolution, args.dtype,
                                   model_kwargs=parse_model_kwargs(args.model_kwarg),

@@ -454,8 +454,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, orders: Sequence[str
 
 def main_with_flags(argv, *, entropy_default: bool = False) -> None:
     """absl entry shared with ``python -m noisy_flax.entropy --config ... --workdir ...``."""
-    from absl import app, flags, logging
+    from absl import app, flags
     from ml_collections import config_flags
+
+    from noisy_flax import cli
+    from noisy_flax.checkpointing import CheckpointError  # a user-fixable state
 
     sys.path.insert(0, os.getcwd())  # configs/ lives in the repository root
     config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -470,23 +473,14 @@ def main_with_flags(argv, *, entropy_default: bool = False) -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def main(args):
-        if len(args) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
-        if not flags.FLAGS["verbosity"].present:
-            logging.set_verbosity(logging.WARNING)
+        cli.start(args)
         try:
             run(config_flag.value, workdir.value, orders=orders.value,
                 batch_size=batch_size.value, seed=seed.value, split=split.value,
                 per_class=per_class.value, with_entropy=with_entropy.value,
                 probe_steps=probe_steps.value)
-        except (ValueError, FileNotFoundError) as error:  # CheckpointError is not one
-            print(f"error: {str(error).splitlines()[0]}", file=sys.stderr, flush=True)
-            sys.exit(2)
-        except RuntimeError as error:  # checkpointing.CheckpointError: a user-fixable state
-            if type(error).__name__ != "CheckpointError":
-                raise
-            print(f"error: {str(error).splitlines()[0]}", file=sys.stderr, flush=True)
-            sys.exit(2)
+        except (ValueError, FileNotFoundError, CheckpointError) as error:
+            cli.fail(cli.first_line(error))
 
     app.run(main, argv=argv)
 

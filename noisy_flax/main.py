@@ -19,6 +19,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from noisy_flax import cli
+from noisy_flax.cli import EXIT_USER_ERROR, fail, first_line
+
 # The repository root holds configs/; make `from configs import common` work
 # however the module is started.
 sys.path.insert(0, os.getcwd())
@@ -60,24 +63,6 @@ def _is_multiworker_tpu() -> bool:
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
-EXIT_USER_ERROR = 2
-
-
-def fail(message: str) -> None:
-    """The one line a user error prints, then exit status 2."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    if isinstance(error, KeyError):  # KeyError quotes its message
-        text = text.strip("'\"")
-    lines = text.splitlines()
-    if not lines:
-        return type(error).__name__
-    more = " (details: --verbosity=1)" if len(lines) > 1 else ""
-    return lines[0].strip() + more
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -158,10 +143,7 @@ def run(config, workdir: str) -> int:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax and tfds log every step at INFO
+    cli.start(argv)
     initialize_distributed()
     status = run(_CONFIG.value, _WORKDIR.value)
     if status:

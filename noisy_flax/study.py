@@ -402,8 +402,10 @@ def _count_units(pending, workdir: str) -> dict[tuple, int]:
 
 
 def main(argv) -> None:
-    from absl import app, flags, logging
+    from absl import app, flags
     from ml_collections import config_flags
+
+    from noisy_flax import cli
 
     sys.path.insert(0, os.getcwd())  # configs/ lives in the repository root
     config_flag = config_flags.DEFINE_config_file("config", None, "Study config file.")
@@ -411,15 +413,11 @@ def main(argv) -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def _main(args):
-        if len(args) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
-        if not flags.FLAGS["verbosity"].present:
-            logging.set_verbosity(logging.WARNING)
+        cli.start(args)
         try:
             run_study(config_flag.value, workdir.value)
         except (ValueError, train.TrainingError) as error:
-            print(f"error: {str(error).splitlines()[0]}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            cli.fail(cli.first_line(error))
 
     app.run(_main, argv=argv)
 

@@ -324,12 +324,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # --- Steps.
     batch_spec = sharding.batch_sharding(mesh)
+    options = cpu_tuning.compiler_options(config)
     train_step = jax.jit(make_train_step(model, tx, schedule, config),
                          in_shardings=(state_shardings, batch_spec),
                          out_shardings=(state_shardings, sharding.replicated(mesh)),
-                         donate_argnums=(0,), compiler_options=cpu_tuning.compiler_options(config))
-    eval_step = jax.jit(make_eval_step(model, config),
-                        compiler_options=cpu_tuning.compiler_options(config))
+                         donate_argnums=(0,), compiler_options=options)
+    eval_step = jax.jit(make_eval_step(model, config), compiler_options=options)
 
     def run_eval(step: int) -> dict[str, float]:
         max_batches = math.ceil(config.eval_max_examples / config.eval_batch_size) \
