@@ -179,10 +179,7 @@ def train_case(config, mesh, name: str) -> Case:
     tx, schedule = optim.make_optimizer(config, total_steps=10_000, warmup_steps=0)
     state, state_shardings = train.create_train_state(config, model, tx, mesh)
     batch = synthetic_batch(config, mesh)
-    jitted = jax.jit(train.make_train_step(model, tx, schedule, config),
-                     in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                     out_shardings=(state_shardings, sharding.replicated(mesh)),
-                     donate_argnums=(0,), compiler_options=cpu_tuning.compiler_options(config))
+    jitted = train.jit_train_step(model, tx, schedule, config, state_shardings, mesh)
     compiled, seconds = compile_timed(jitted, state, batch)
     log(f"{name}: compiled in {seconds:.1f}s")
     holder = {"state": state}

@@ -43,7 +43,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from noisy_flax import cpu_tuning, evaluate, optim, reporting, sharding, train
+from noisy_flax import evaluate, optim, reporting, sharding, train
 from noisy_flax.noise import noise_config as make_noise_config
 
 OFF, ON = "off", "on"
@@ -174,11 +174,7 @@ class Trainer:
                 params=jax.device_put(init["params"], shardings.params),
                 batch_stats=jax.device_put(init.get("batch_stats", {}), shardings.batch_stats))
         if key not in self._steps:
-            self._steps[key] = jax.jit(
-                train.make_train_step(model, tx, schedule, c),
-                in_shardings=(shardings, sharding.batch_sharding(self.mesh)),
-                out_shardings=(shardings, sharding.replicated(self.mesh)), donate_argnums=(0,),
-                compiler_options=cpu_tuning.compiler_options(c))
+            self._steps[key] = train.jit_train_step(model, tx, schedule, c, shardings, self.mesh)
         step_fn = self._steps[key]
         batches = train_batches(data, c.batch_size, c.seed, bool(c.input.flip),
                                 stream=int(init is not None))

@@ -198,6 +198,15 @@ def make_train_step(model, tx, schedule, config) -> Callable:
     return train_step
 
 
+def jit_train_step(model, tx, schedule, config, state_shardings, mesh: Mesh) -> Callable:
+    """The train step as every loop runs it: sharded over ``mesh``, the state
+    donated, compiled with the backend's options (noisy_flax.cpu_tuning)."""
+    return jax.jit(make_train_step(model, tx, schedule, config),
+                   in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   donate_argnums=(0,), compiler_options=cpu_tuning.compiler_options(config))
+
+
 def make_eval_step(model, config) -> Callable:
     """Per-batch sums (never means), so padded batches count correctly."""
     has_batch_stats = uses_batch_stats(model)
@@ -323,13 +332,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step = int(jax.device_get(state.step))
 
     # --- Steps.
-    batch_spec = sharding.batch_sharding(mesh)
-    options = cpu_tuning.compiler_options(config)
-    train_step = jax.jit(make_train_step(model, tx, schedule, config),
-                         in_shardings=(state_shardings, batch_spec),
-                         out_shardings=(state_shardings, sharding.replicated(mesh)),
-                         donate_argnums=(0,), compiler_options=options)
-    eval_step = jax.jit(make_eval_step(model, config), compiler_options=options)
+    train_step = jit_train_step(model, tx, schedule, config, state_shardings, mesh)
+    eval_step = jax.jit(make_eval_step(model, config),
+                        compiler_options=cpu_tuning.compiler_options(config))
 
     def run_eval(step: int) -> dict[str, float]:
         max_batches = math.ceil(config.eval_max_examples / config.eval_batch_size) \
