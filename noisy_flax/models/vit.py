@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from noisy_flax.models.common import (apply_noise, apply_noise_to_patch_tokens,
                                       noise_is_here, resolve_index)
+from noisy_flax.models.matmul import flat_dot_general
 from noisy_flax.noise import Noise
 
 Dtype = Any
@@ -47,7 +48,7 @@ class MultiHeadDotProductAttention(nn.Module):
         head_dim = dim // self.num_heads
         dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
                                              kernel_init=nn.initializers.xavier_uniform(),
-                                             name=name)
+                                             dot_general=flat_dot_general, name=name)
         q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
         if self.dropout_rate > 0 and not deterministic:
             attended = self._attention_with_dropout(q, k, v)
@@ -55,7 +56,8 @@ class MultiHeadDotProductAttention(nn.Module):
             # XLA's fused attention on CPU/TPU, cuDNN flash attention on GPU.
             attended = jax.nn.dot_product_attention(q, k, v)
         return nn.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype,
-                               kernel_init=nn.initializers.xavier_uniform(), name="out")(attended)
+                               kernel_init=nn.initializers.xavier_uniform(),
+                               dot_general=flat_dot_general, name="out")(attended)
 
     def _attention_with_dropout(self, q, k, v):
         scale = q.shape[-1] ** -0.5
@@ -74,11 +76,11 @@ class MlpBlock(nn.Module):
     def __call__(self, x, *, deterministic: bool):
         dim = x.shape[-1]
         x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                     bias_init=nn.initializers.normal(1e-6))(x)
+                     bias_init=nn.initializers.normal(1e-6), dot_general=flat_dot_general)(x)
         x = nn.gelu(x, approximate=False)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         x = nn.Dense(dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                     bias_init=nn.initializers.normal(1e-6))(x)
+                     bias_init=nn.initializers.normal(1e-6), dot_general=flat_dot_general)(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
