@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from noisy_flax.models.common import apply_noise, noise_is_here, resolve_index
+from noisy_flax.models.pooling import max_pool
 from noisy_flax.noise import Noise
 
 Dtype = Any
@@ -98,7 +99,7 @@ class ResNet(nn.Module):
         if self.stem == "imagenet":
             x = _conv(self.width, 7, 2, self.dtype, "conv1")(x)
             x = nn.relu(_norm(train, self.dtype, "bn1")(x))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
             x = _conv(self.width, 3, 1, self.dtype, "conv1")(x)
             x = nn.relu(_norm(train, self.dtype, "bn1")(x))
