@@ -280,3 +280,25 @@ def test_resnet_batch_stats_follow_pytorch_momentum(resnet_setup):
     np.testing.assert_allclose(state["batch_stats"]["bn1"]["mean"], expected, rtol=1e-5, atol=1e-6)
     _, unchanged = model.apply(resnet_setup, x, train=False, mutable=["batch_stats"])
     np.testing.assert_array_equal(unchanged["batch_stats"]["bn1"]["mean"], old)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_attention_matches_numpy_on_either_path(backend, monkeypatch):
+    """The CPU path (explicit softmax) and the accelerator path
+    (jax.nn.dot_product_attention) against numpy's attention."""
+    from noisy_flax.models.vit import MultiHeadDotProductAttention
+    x = np.random.default_rng(0).standard_normal((2, 5, 12)).astype(np.float32)
+    module = MultiHeadDotProductAttention(num_heads=3)
+    params = module.init(jax.random.key(0), x, deterministic=True)["params"]
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    got = module.apply({"params": params}, x, deterministic=True)
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    project = lambda name: np.einsum("bnd,dhk->bnhk", x, p[name]["kernel"]) + p[name]["bias"]
+    q, k, v = project("query"), project("key"), project("value")
+    logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(4)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    attended = np.einsum("bhqs,bshk->bqhk", weights, v)
+    want = np.einsum("bqhk,hkd->bqd", attended, p["out"]["kernel"]) + p["out"]["bias"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
