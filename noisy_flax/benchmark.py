@@ -21,6 +21,7 @@ if __name__ == "__main__":  # first, before heavy imports: see noisy_flax.cpu_tu
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -64,7 +65,7 @@ NOISE_CHOICES = tuple(t for t in noise_lib.NOISE_TYPES)
 def benchmark_config(model: str, batch: int, resolution: int, dtype: str = "float32",
                      noise: str = "none", remat: bool = False, num_classes: int = 1000,
                      model_kwargs: Optional[dict[str, Any]] = None,
-                     cpu_ynnpack: str = "reductions") -> ml_collections.ConfigDict:
+                     cpu_ynnpack: str = cpu_tuning.DEFAULT_CPU_YNNPACK) -> ml_collections.ConfigDict:
     """The keys the model, optimizer and steps read, with ImageNet-like values.
 
     Built here rather than from configs.common, which imports the tf.data
@@ -289,7 +290,8 @@ def published_peak(device, dtype: str) -> Optional[float]:
     return None
 
 
-def matmul_case(n: int = 1024, dtype: str = "float32", cpu_ynnpack: str = "reductions") -> Case:
+def matmul_case(n: int = 1024, dtype: str = "float32",
+                cpu_ynnpack: str = cpu_tuning.DEFAULT_CPU_YNNPACK) -> Case:
     """A dense n x n matmul compiled as the steps are: what the CPU's FLOP/s
     can reach in this run. (On the 2-core Xeon, Eigen's matmul, which
     'reductions' selects, was 1.5-2x YNNPACK's: the higher peak.)"""
@@ -456,26 +458,21 @@ def run_steps(args) -> list[dict[str, Any]]:
             raise SystemExit("--vs-torch needs torch, timm and torchvision: "
                              "pip install -e '.[torch]' (or run from a venv that has them)")
     mesh = sharding.create_mesh([("data", -1), ("fsdp", 1)])
+    config_for = functools.partial(benchmark_config, args.model, args.batch, args.resolution,
+                                   args.dtype, model_kwargs=parse_model_kwargs(args.model_kwarg))
     cases, noisy_configs = [], []
     for noise in parse_noises(args.noise):
-        config = benchmark_config(args.model, args.batch, args.resolution, args.dtype, noise,
-                                  args.remat, model_kwargs=parse_model_kwargs(args.model_kwarg),
-                                  cpu_ynnpack=args.cpu_ynnpack)
+        config = config_for(noise=noise, remat=args.remat, cpu_ynnpack=args.cpu_ynnpack)
         cases.append(train_case(config, mesh, f"jax train noise={noise}"))
         if noise != "none":
             noisy_configs.append(config)
     for other in args.compare_cpu_ynnpack:  # the same noiseless step, compiled otherwise
-        config = benchmark_config(args.model, args.batch, args.resolution, args.dtype,
-                                  remat=args.remat,
-                                  model_kwargs=parse_model_kwargs(args.model_kwarg),
-                                  cpu_ynnpack=other)
+        config = config_for(remat=args.remat, cpu_ynnpack=other)
         cases.append(train_case(config, mesh, f"jax train cpu_ynnpack={other}"))
     for config in noisy_configs:
         cases.append(noise_op_case(config, mesh, f"noise op {config.noise.type} (fwd+bwd)"))
     if args.eval:
-        config = benchmark_config(args.model, args.batch, args.resolution, args.dtype,
-                                  model_kwargs=parse_model_kwargs(args.model_kwarg),
-                                  cpu_ynnpack=args.cpu_ynnpack)
+        config = config_for(cpu_ynnpack=args.cpu_ynnpack)
         cases.append(eval_case(config, mesh, "jax eval noise=none"))
     device = jax.devices()[0]
     peak = published_peak(device, args.dtype)
@@ -633,7 +630,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--model-kwarg", action="append", default=[], metavar="KEY=VALUE",
                    help="model override, e.g. num_layers=2 (repeatable)")
     p.add_argument("--remat", action="store_true", help="rematerialise each ViT block")
-    p.add_argument("--cpu-ynnpack", choices=cpu_tuning.CPU_YNNPACK, default="reductions",
+    p.add_argument("--cpu-ynnpack", choices=cpu_tuning.CPU_YNNPACK,
+                   default=cpu_tuning.DEFAULT_CPU_YNNPACK,
                    help="what XLA:CPU hands to YNNPACK, as config.cpu_ynnpack")
     p.add_argument("--compare-cpu-ynnpack", action="append", default=[],
                    choices=cpu_tuning.CPU_YNNPACK,

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 NO_REEXEC = "NOISY_FLAX_NO_REEXEC"
 CPU_YNNPACK = ("reductions", "default")
+DEFAULT_CPU_YNNPACK = "reductions"
 _YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 _REDUCTIONS_ONLY = "LIBRARY_FUSION_TYPE_REDUCE"
 
@@ -55,15 +56,17 @@ def reexec_with_huge_pages() -> None:
     os.execve(sys.executable, list(sys.orig_argv), env)
 
 
-def check_cpu_ynnpack(value: str) -> None:
-    if value not in CPU_YNNPACK:
-        raise ValueError(f"unknown config.cpu_ynnpack {value!r}; use one of {', '.join(CPU_YNNPACK)}")
+def cpu_ynnpack_choice(config) -> str:
+    """``config.cpu_ynnpack`` (configs made before the key get the default), checked."""
+    choice = config.get("cpu_ynnpack", DEFAULT_CPU_YNNPACK)
+    if choice not in CPU_YNNPACK:
+        raise ValueError(f"unknown config.cpu_ynnpack {choice!r}; use one of {', '.join(CPU_YNNPACK)}")
+    return choice
 
 
 def compiler_options(config) -> dict[str, Any]:
     """XLA options for jitting the steps of ``config`` on this backend."""
-    choice = config.get("cpu_ynnpack", "reductions")
-    check_cpu_ynnpack(choice)
+    choice = cpu_ynnpack_choice(config)
     if choice == "default" or _YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
         return {}  # XLA's default, or the user's own XLA_FLAGS choice
     import jax

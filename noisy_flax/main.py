@@ -19,8 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from noisy_flax import cli
-from noisy_flax.cli import EXIT_USER_ERROR, fail, first_line
+from noisy_flax.cli import EXIT_USER_ERROR, fail, first_line, start
 
 # The repository root holds configs/; make `from configs import common` work
 # however the module is started.
@@ -143,7 +142,7 @@ def run(config, workdir: str) -> int:
 
 
 def main(argv):
-    cli.start(argv)
+    start(argv)
     initialize_distributed()
     status = run(_CONFIG.value, _WORKDIR.value)
     if status:

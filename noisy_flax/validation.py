@@ -38,7 +38,7 @@ def validate_config(config: ml_collections.ConfigDict):
 
 
 def check_choices(config) -> None:
-    cpu_tuning.check_cpu_ynnpack(config.get("cpu_ynnpack", "reductions"))
+    cpu_tuning.cpu_ynnpack_choice(config)
     if config.get("eval_order", "dataset") not in EVAL_ORDERS:
         raise ValueError(f"unknown config.eval_order {config.eval_order!r}; "
                          f"use one of {', '.join(EVAL_ORDERS)}")
