@@ -11,9 +11,10 @@ mkdir -p "$LOGS"
 run() { local name=$1; shift; echo "== $name: $*" >&2; "$@" > "$LOGS/$name.txt" 2> "$LOGS/$name.err"; }
 case "${1:-all}" in
   vs_torch|all)
-    # JAX (tuned), JAX with XLA's default YNNPACK use, PyTorch, and the matmul peak, interleaved.
-    run vit_tiny_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --compare-cpu-ynnpack default --steps 16 --warmup 2 --chunk 2
-    run resnet18_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --compare-cpu-ynnpack default --steps 12 --warmup 2 --chunk 2 ;;&
+    # JAX (tuned), JAX with XLA's default YNNPACK use, PyTorch, the matmul peak, and both eval
+    # (forward-only) steps, interleaved.
+    run vit_tiny_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --steps 16 --warmup 2 --chunk 2
+    run resnet18_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --steps 12 --warmup 2 --chunk 2 ;;&
   huge_pages|all)
     # The same ViT step without the huge-page re-exec (compare with vit_tiny_vs_torch).
     run vit_tiny_small_pages env NOISY_FLAX_NO_REEXEC=1 "$PY" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --steps 12 --warmup 2 --chunk 2 ;;&

@@ -488,6 +488,8 @@ def run_steps(args) -> list[dict[str, Any]]:
         if args.torch_compile:
             torch_cases.append(benchmark_torch.train_case(args.model, args.batch,
                                                           args.resolution, compile=True))
+        if args.eval:
+            torch_cases.append(benchmark_torch.eval_case(args.model, args.batch, args.resolution))
     interleave(cases + torch_cases, args.steps, args.warmup, args.chunk)
     if peak_source == "measured matmul":
         matmul = cases.pop()
@@ -511,10 +513,13 @@ def run_steps(args) -> list[dict[str, Any]]:
     if mem is not None:
         for row in rows:
             row["peak_device_memory_bytes"] = mem
+    jax_eval = next((row for row in rows[:len(cases)] if row["name"].startswith("jax eval")), None)
     for torch_row in rows[len(cases):]:
-        # For PyTorch rows the ratio is images/s JAX (no noise) / PyTorch.
-        torch_row["ratio"] = rows[0]["images_per_s"] / torch_row["images_per_s"]
-        rows[0]["jax_over_" + torch_row["name"].replace(" ", "_")] = torch_row["ratio"]
+        # For PyTorch rows the ratio is images/s JAX (no noise) / PyTorch: the
+        # train step against the train step, the forward pass against the eval step.
+        jax_row = jax_eval if torch_row["name"] == "torch eval" else rows[0]
+        torch_row["ratio"] = jax_row["images_per_s"] / torch_row["images_per_s"]
+        jax_row["jax_over_" + torch_row["name"].replace(" ", "_")] = torch_row["ratio"]
     return rows
 
 
@@ -636,7 +641,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--compare-cpu-ynnpack", action="append", default=[],
                    choices=cpu_tuning.CPU_YNNPACK,
                    help="also time the noiseless train step with this cpu_ynnpack (repeatable)")
-    p.add_argument("--eval", action="store_true", help="also time the eval step")
+    p.add_argument("--eval", action="store_true",
+                   help="also time the eval step (with --vs-torch: and PyTorch's forward pass)")
     p.add_argument("--vs-torch", action="store_true", help="also time timm / torchvision")
     p.add_argument("--torch-compile", action="store_true",
                    help="with --vs-torch: also time the torch.compile'd PyTorch model")

@@ -3,7 +3,8 @@
 The published NoisyNN code trains timm ViTs and torchvision ResNets with
 AdamW; this times that same step (forward, cross-entropy, backward, AdamW)
 at the same batch and resolution: fp32 on the CPU, bf16 autocast on a GPU,
-optionally under ``torch.compile``. Needs the ``torch`` extra (torch, timm,
+optionally under ``torch.compile``; with ``--eval``, also the forward pass
+alone. Needs the ``torch`` extra (torch, timm,
 torchvision).
 """
 from __future__ import annotations
@@ -78,6 +79,32 @@ def train_case(model_name: str, batch: int, resolution: int, *, compile: bool = 
             "params": sum(p.numel() for p in model.parameters())}
     name = f"torch train{' compiled' if compile else ''}"
     return Case(name, run, info)
+
+
+def eval_case(model_name: str, batch: int, resolution: int, *,
+              num_classes: int = 1000) -> Case:
+    """One forward pass of the PyTorch model in eval mode, without autograd."""
+    import torch
+    threads = configure_threads()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = create_model(model_name, num_classes).to(device).eval()
+    images = (torch.rand(batch, 3, resolution, resolution,
+                         generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def run():
+        with torch.inference_mode(), autocast:
+            model(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    start = _now()
+    run()
+    info = {"compile_s": _now() - start, "torch": torch.__version__, "torch_threads": threads,
+            "torch_device": str(device), "torch_compile": False,
+            "autocast": "bf16" if device.type == "cuda" else "off (fp32)",
+            "params": sum(p.numel() for p in model.parameters())}
+    return Case("torch eval", run, info)
 
 
 def _now() -> float:

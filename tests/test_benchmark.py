@@ -125,12 +125,37 @@ def test_vs_torch_without_torch_fails_with_a_message(monkeypatch, fast_compile):
         benchmark.main(TINY + ["--vs-torch", "--json"])
 
 
+def test_vs_torch_compares_train_with_train_and_eval_with_eval(monkeypatch, fast_compile):
+    """The ratio wiring, with stand-in PyTorch cases whose speed is set by
+    construction: the eval row must be divided by the JAX eval step."""
+    import time
+    from noisy_flax import benchmark_torch
+    monkeypatch.setattr(benchmark_torch, "available", lambda: True)
+
+    def fake(name, seconds):
+        return lambda *args, **kwargs: benchmark.Case(name, lambda: time.sleep(seconds), {})
+    monkeypatch.setattr(benchmark_torch, "train_case", fake("torch train", 0.05))
+    monkeypatch.setattr(benchmark_torch, "eval_case", fake("torch eval", 0.02))
+    rows = benchmark.run_steps(benchmark.parse_args(TINY + ["--vs-torch", "--eval"]))
+    by_name = {row["name"]: row for row in rows}
+    jax_train, jax_eval = by_name["jax train noise=none"], by_name["jax eval noise=none"]
+    torch_train, torch_eval = by_name["torch train"], by_name["torch eval"]
+    # images/s of the stand-ins: the batch over a sleep of at least the set time
+    assert torch_train["images_per_s"] <= 8 / 0.05 and torch_eval["images_per_s"] <= 8 / 0.02
+    assert torch_train["ratio"] == pytest.approx(jax_train["images_per_s"] / torch_train["images_per_s"])
+    assert torch_eval["ratio"] == pytest.approx(jax_eval["images_per_s"] / torch_eval["images_per_s"])
+    assert jax_train["jax_over_torch_train"] == torch_train["ratio"]
+    assert jax_eval["jax_over_torch_eval"] == torch_eval["ratio"]
+    assert "jax_over_torch_eval" not in jax_train
+
+
 def test_torch_reference_step_runs():
     pytest.importorskip("torch")
     pytest.importorskip("timm")
     pytest.importorskip("torchvision")
     from noisy_flax import benchmark_torch
     for name, resolution in (("resnet18", 32), ("vit_tiny_patch16_224", 224)):
-        case = benchmark_torch.train_case(name, 2, resolution, num_classes=10)
-        case.run()
-        assert case.info["params"] > 0 and case.info["torch_threads"] >= 1
+        for case in (benchmark_torch.train_case(name, 2, resolution, num_classes=10),
+                     benchmark_torch.eval_case(name, 2, resolution, num_classes=10)):
+            case.run()
+            assert case.info["params"] > 0 and case.info["torch_threads"] >= 1
