@@ -4,13 +4,14 @@ The published NoisyNN code trains timm ViTs and torchvision ResNets with
 AdamW; this times that same step (forward, cross-entropy, backward, AdamW)
 at the same batch and resolution: fp32 on the CPU, bf16 autocast on a GPU,
 optionally under ``torch.compile``; with ``--eval``, also the forward pass
-alone. Needs the ``torch`` extra (torch, timm,
-torchvision).
+alone. Needs the ``torch`` extra (torch, timm, torchvision).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+from typing import Any
 
 from noisy_flax.benchmark import Case
 
@@ -46,65 +47,81 @@ def configure_threads() -> int:
     return threads
 
 
+@dataclasses.dataclass
+class _Reference:
+    """What both PyTorch cases set up alike: model, synthetic images, policy."""
+    threads: int
+    device: Any
+    model: Any
+    generator: Any  # drew the images; the train step draws its labels next
+    images: Any
+    autocast: Any
+
+
+def _reference(model_name: str, batch: int, resolution: int, num_classes: int) -> _Reference:
+    import torch
+    threads = configure_threads()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = create_model(model_name, num_classes).to(device)
+    generator = torch.Generator().manual_seed(0)
+    images = (torch.rand(batch, 3, resolution, resolution, generator=generator) * 2 - 1).to(device)
+    # fp32 on the CPU; bf16 compute under autocast on the GPU (AMP).
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return _Reference(threads, device, model, generator, images, autocast)
+
+
+def _case(name: str, step, ref: _Reference, compile: bool = False) -> Case:
+    """``step`` made blocking, run once (optimizer state, compilation), as a Case."""
+    import torch
+
+    def run():
+        step()
+        if ref.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    start = _now()
+    run()
+    info = {"compile_s": _now() - start, "torch": torch.__version__, "torch_threads": ref.threads,
+            "torch_device": str(ref.device), "torch_compile": compile,
+            "autocast": "bf16" if ref.device.type == "cuda" else "off (fp32)",
+            "params": sum(p.numel() for p in ref.model.parameters())}
+    return Case(name, run, info)
+
+
 def train_case(model_name: str, batch: int, resolution: int, *, compile: bool = False,
                num_classes: int = 1000, lr: float = 1e-3, weight_decay: float = 1e-4) -> Case:
     """One AdamW training step of the PyTorch model, as a benchmark Case."""
     import torch
-    threads = configure_threads()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model(model_name, num_classes).to(device).train()
-    # fp32 master weights; bf16 compute under autocast on the GPU (AMP).
+    ref = _reference(model_name, batch, resolution, num_classes)
+    model = ref.model.train()
+    # fp32 master weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=ref.device.type == "cuda")
     forward = torch.compile(model) if compile else model
-    generator = torch.Generator().manual_seed(0)
-    images = (torch.rand(batch, 3, resolution, resolution, generator=generator) * 2 - 1).to(device)
-    labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    labels = torch.randint(0, num_classes, (batch,), generator=ref.generator).to(ref.device)
 
-    def run():
+    def step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = torch.nn.functional.cross_entropy(forward(images), labels)
+        with ref.autocast:
+            loss = torch.nn.functional.cross_entropy(forward(ref.images), labels)
         loss.backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
-    start = _now()
-    run()  # the first step builds the optimizer state (and compiles)
-    info = {"compile_s": _now() - start, "torch": torch.__version__, "torch_threads": threads,
-            "torch_device": str(device), "torch_compile": compile,
-            "autocast": "bf16" if device.type == "cuda" else "off (fp32)",
-            "params": sum(p.numel() for p in model.parameters())}
-    name = f"torch train{' compiled' if compile else ''}"
-    return Case(name, run, info)
+    return _case(f"torch train{' compiled' if compile else ''}", step, ref, compile)
 
 
 def eval_case(model_name: str, batch: int, resolution: int, *,
               num_classes: int = 1000) -> Case:
     """One forward pass of the PyTorch model in eval mode, without autograd."""
     import torch
-    threads = configure_threads()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model(model_name, num_classes).to(device).eval()
-    images = (torch.rand(batch, 3, resolution, resolution,
-                         generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    ref = _reference(model_name, batch, resolution, num_classes)
+    model = ref.model.eval()
 
-    def run():
-        with torch.inference_mode(), autocast:
-            model(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def step():
+        with torch.inference_mode(), ref.autocast:
+            model(ref.images)
 
-    start = _now()
-    run()
-    info = {"compile_s": _now() - start, "torch": torch.__version__, "torch_threads": threads,
-            "torch_device": str(device), "torch_compile": False,
-            "autocast": "bf16" if device.type == "cuda" else "off (fp32)",
-            "params": sum(p.numel() for p in model.parameters())}
-    return Case("torch eval", run, info)
+    return _case("torch eval", step, ref)
 
 
 def _now() -> float:
