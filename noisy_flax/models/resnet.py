@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from noisy_flax.models.activations import relu
 from noisy_flax.models.common import apply_noise, noise_is_here, resolve_index
 from noisy_flax.models.pooling import max_pool
 from noisy_flax.noise import Noise
@@ -46,10 +47,10 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         y = _conv(self.features, 3, self.stride, self.dtype, "conv1")(x)
-        y = nn.relu(_norm(train, self.dtype, "bn1")(y))
+        y = relu(_norm(train, self.dtype, "bn1")(y))
         y = _conv(self.features, 3, 1, self.dtype, "conv2")(y)
         y = _norm(train, self.dtype, "bn2")(y)
-        return nn.relu(y + _shortcut(self, x, train))
+        return relu(y + _shortcut(self, x, train))
 
 
 class Bottleneck(nn.Module):
@@ -61,12 +62,12 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         y = _conv(self.features, 1, 1, self.dtype, "conv1")(x)
-        y = nn.relu(_norm(train, self.dtype, "bn1")(y))
+        y = relu(_norm(train, self.dtype, "bn1")(y))
         y = _conv(self.features, 3, self.stride, self.dtype, "conv2")(y)
-        y = nn.relu(_norm(train, self.dtype, "bn2")(y))
+        y = relu(_norm(train, self.dtype, "bn2")(y))
         y = _conv(self.features * 4, 1, 1, self.dtype, "conv3")(y)
         y = _norm(train, self.dtype, "bn3")(y)
-        return nn.relu(y + _shortcut(self, x, train))
+        return relu(y + _shortcut(self, x, train))
 
 
 def _shortcut(block, x, train: bool):
@@ -98,11 +99,11 @@ class ResNet(nn.Module):
             x = apply_noise(self, self.noise, x, mask)
         if self.stem == "imagenet":
             x = _conv(self.width, 7, 2, self.dtype, "conv1")(x)
-            x = nn.relu(_norm(train, self.dtype, "bn1")(x))
+            x = relu(_norm(train, self.dtype, "bn1")(x))
             x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
             x = _conv(self.width, 3, 1, self.dtype, "conv1")(x)
-            x = nn.relu(_norm(train, self.dtype, "bn1")(x))
+            x = relu(_norm(train, self.dtype, "bn1")(x))
         noisy_stage, noisy_block = self._noisy_block()
         for s, blocks in enumerate(self.stage_sizes):
             for b in range(blocks):
