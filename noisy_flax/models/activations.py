@@ -5,11 +5,11 @@ that convolution's weight gradient, which XLA:CPU runs on a channel-major
 copy of it. ``jnp.maximum(x, 0)`` counts as a one-input operation, so XLA
 re-computes it, together with the BatchNorm and the residual add before
 it, inside every such transposing copy, reading each of those inputs in
-transposed order: 0.6 s of a 2.9 s ResNet-18 train step at 224 px on the
-2-core CPU. Written as a select, the ReLU has two full-size inputs, so XLA
-computes it once and the copies read one tensor (BENCHMARKS.md). Same
-values, NaNs included, and the same gradient as ``jax.nn.relu`` (0 at 0).
-Other backends get ``jax.nn.relu``.
+transposed order: 0.6 s of kernel time in a 2.9 s ResNet-18 train step at
+224 px on the 2-core CPU. Written as a select, the ReLU has two full-size
+inputs, so XLA computes it once and the copies read one tensor
+(BENCHMARKS.md). Same values, NaNs included, and the same gradient as
+``jax.nn.relu`` (0 at 0). Other backends get ``jax.nn.relu``.
 """
 from __future__ import annotations
 
