@@ -1,5 +1,7 @@
 """activations.relu: numpy's values and jax.nn.relu's gradient on either
-backend, and on the CPU an output that XLA computes once."""
+backend, and on the CPU an output that XLA computes once. activations.gelu:
+the exact GELU's values and derivative (scipy in float64), without erfc."""
+import math
 import re
 
 import jax
@@ -7,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from scipy import special
 
 from noisy_flax.models import activations
 
@@ -46,3 +49,25 @@ def test_cpu_weight_gradient_copy_reads_the_relu_output_only():
     # What is avoided: with max(x, 0) XLA re-computes a * 1.5 + b inside the copy.
     assert max(_channel_major_copy_inputs(jax.nn.relu)) == 2
     assert _channel_major_copy_inputs(activations.relu) == [1]
+
+
+GELU_INPUTS = np.concatenate([np.linspace(-6, 6, 241), [-30.0, -1e-3, 0.0, 1e-3, 30.0]]).astype(np.float32)
+
+
+def test_gelu_values_and_derivative_match_the_exact_gelu():
+    x = GELU_INPUTS.astype(np.float64)
+    cdf = special.ndtr(x)  # Phi(x), the normal CDF
+    pdf = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    out, vjp = jax.vjp(activations.gelu, jnp.asarray(GELU_INPUTS))
+    (grad,) = vjp(jnp.ones_like(out))
+    np.testing.assert_allclose(out, x * cdf, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grad, cdf + x * pdf, rtol=1e-6, atol=1e-6)
+    # The tanh approximation is 1e-3 away at |x| ~ 2: the tolerance tells them apart.
+    assert np.max(np.abs(jax.nn.gelu(GELU_INPUTS, approximate=True) - x * cdf)) > 1e-4
+
+
+def test_gelu_forward_needs_no_exponential():
+    # jax.nn.gelu's erfc expands into an exponential and branches; erf does not.
+    count = lambda f: jax.jit(f).lower(jnp.ones((8, 16))).compile().as_text().count(" exponential(")
+    assert count(lambda x: jax.nn.gelu(x, approximate=False)) >= 1
+    assert count(activations.gelu) == 0

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from noisy_flax.models.activations import gelu
 from noisy_flax.models.common import (apply_noise, apply_noise_to_patch_tokens,
                                       noise_is_here, resolve_index)
 from noisy_flax.models.matmul import flat_dot_general
@@ -86,7 +87,7 @@ class MlpBlock(nn.Module):
         dim = x.shape[-1]
         x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                      bias_init=nn.initializers.normal(1e-6), dot_general=flat_dot_general)(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)  # exact, in PyTorch's erf form: faster on XLA:CPU than erfc
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         x = nn.Dense(dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                      bias_init=nn.initializers.normal(1e-6), dot_general=flat_dot_general)(x)
