@@ -8,7 +8,7 @@ WORKDIR ?= workdirs/default
 CONFIG ?= configs/default.py
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: run test install data clean
+.PHONY: run test install data tcmalloc clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,17 @@ data:
 	  fi; \
 	fi
 
-run: install data
+# TCMalloc keeps each step's memory instead of handing it back to the kernel
+# (noisy_flax/cpu_tuning.py); without it the run still works, on glibc's malloc.
+tcmalloc:
+	@if ! /sbin/ldconfig -p | grep libtcmalloc >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libtcmalloc-minimal4; } || \
+	  echo "note: could not install libtcmalloc-minimal4; running on glibc's malloc (slower on the CPU)"; \
+	fi
+
+run: install data tcmalloc
 	$(PY) -m noisy_flax.main --config $(CONFIG) --workdir $(WORKDIR)
 
 test: install

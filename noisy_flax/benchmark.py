@@ -17,7 +17,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # first, before heavy imports: see noisy_flax.cpu_tuning
     from noisy_flax import cpu_tuning
-    cpu_tuning.reexec_with_huge_pages()
+    cpu_tuning.reexec_with_fast_malloc()
 
 import argparse
 import dataclasses
@@ -402,7 +402,10 @@ def environment() -> dict[str, Any]:
            "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
            "cpu_model": cpu_model(), "python": platform.python_version(),
            "jax": jax.__version__, "jaxlib": _version("jaxlib"), "flax": _version("flax"),
-           "optax": _version("optax"), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+           "optax": _version("optax"), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           # the allocator matters on the CPU (noisy_flax.cpu_tuning)
+           "ld_preload": os.environ.get("LD_PRELOAD", ""),
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     return env
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # first, before heavy imports: see noisy_flax.cpu_tuning
     from noisy_flax import cpu_tuning
-    cpu_tuning.reexec_with_huge_pages()
+    cpu_tuning.reexec_with_fast_malloc()
 
 import dataclasses
 import json

@@ -1,4 +1,5 @@
-"""noisy_flax.cpu_tuning: huge-page malloc by re-exec, and the CPU dot library."""
+"""noisy_flax.cpu_tuning: TCMalloc and huge-page malloc by re-exec, and the CPU dot library."""
+import json
 import os
 import platform
 import subprocess
@@ -14,36 +15,62 @@ from noisy_flax import cpu_tuning
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc")
 
 
+def _fast(env, allocator=None):
+    return cpu_tuning.environment_with_fast_malloc(env, find_allocator=lambda: allocator)
+
+
 @glibc_only
 def test_environment_gains_the_tunable_once_and_keeps_the_others():
-    env = cpu_tuning.environment_with_huge_pages({"PATH": "/bin"})
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    env = cpu_tuning.environment_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.check=0"})
+    assert _fast({"PATH": "/bin"}) == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    env = _fast({"GLIBC_TUNABLES": "glibc.malloc.check=0"})
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.check=0:glibc.malloc.hugetlb=1"
     # Already chosen (by us or by the user), or opted out: nothing to do.
-    assert cpu_tuning.environment_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
-    assert cpu_tuning.environment_with_huge_pages({"NOISY_FLAX_NO_REEXEC": "1"}) is None
+    assert _fast({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
+    assert _fast({"NOISY_FLAX_NO_REEXEC": "1"}, "libtcmalloc_minimal.so.4") is None
+
+
+@glibc_only
+def test_environment_preloads_tcmalloc_where_installed_unless_an_allocator_is_chosen():
+    tc = "libtcmalloc_minimal.so.4"
+    hugetlb = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert _fast(hugetlb, tc) == {**hugetlb, "LD_PRELOAD": tc}
+    assert _fast({**hugetlb, "LD_PRELOAD": "libfoo.so"}, tc)["LD_PRELOAD"] == f"{tc}:libfoo.so"
+    assert _fast({**hugetlb, "LD_PRELOAD": tc}, tc) is None  # the re-executed process
+    assert _fast({**hugetlb, "LD_PRELOAD": "/opt/libjemalloc.so.2"}, tc) is None  # the user's
+    assert _fast({**hugetlb, "NOISY_FLAX_NO_TCMALLOC": "1"}, tc) is None
+    assert _fast(hugetlb, None) is None  # not installed: glibc with huge pages
 
 
 def _run_module(env_overrides):
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "NOISY_FLAX_NO_REEXEC")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "NOISY_FLAX_NO_REEXEC", "NOISY_FLAX_NO_TCMALLOC")}
     env.update(env_overrides)
     proc = subprocess.Popen([sys.executable, "-u", "-m", "noisy_flax.cpu_tuning"], env=env,
                             stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(
                                 os.path.abspath(cpu_tuning.__file__))))
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
-    pid, _, tunables = out.strip().partition(" ")
-    return proc.pid, int(pid), tunables
+    return proc.pid, json.loads(out)
 
 
 @glibc_only
 def test_entry_point_reexecutes_itself_in_place_with_huge_pages():
-    started, running, tunables = _run_module({})
-    assert running == started  # execve: the same process, so signals and launchers still reach it
-    assert tunables == "glibc.malloc.hugetlb=1"
-    _, _, tunables = _run_module({"NOISY_FLAX_NO_REEXEC": "1"})
-    assert tunables == ""
+    started, seen = _run_module({"NOISY_FLAX_NO_TCMALLOC": "1"})
+    assert seen["pid"] == started  # execve: the same process, so signals and launchers still reach it
+    assert seen["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert seen["LD_PRELOAD"] == "" and seen["mapped"] == []
+    _, seen = _run_module({"NOISY_FLAX_NO_REEXEC": "1"})
+    assert seen["GLIBC_TUNABLES"] == "" and seen["LD_PRELOAD"] == ""
+
+
+@glibc_only
+@pytest.mark.skipif(cpu_tuning.find_tcmalloc() is None,
+                    reason="TCMalloc is not installed (Debian: libtcmalloc-minimal4)")
+def test_entry_point_reexecutes_itself_with_tcmalloc_mapped():
+    started, seen = _run_module({})
+    assert seen["pid"] == started
+    assert seen["LD_PRELOAD"] == cpu_tuning.find_tcmalloc()
+    assert any(name.startswith("libtcmalloc") for name in seen["mapped"])  # really loaded
 
 
 def _thp_mode():
