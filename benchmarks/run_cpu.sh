@@ -15,8 +15,12 @@ case "${1:-all}" in
     # (forward-only) steps, interleaved.
     run vit_tiny_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --steps 16 --warmup 2 --chunk 2
     run resnet18_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --steps 12 --warmup 2 --chunk 2 ;;&
+  malloc|all)
+    # The same two runs on glibc's malloc (huge pages) instead of TCMalloc (compare with vs_torch).
+    run vit_tiny_vs_torch_glibc_malloc env NOISY_FLAX_NO_TCMALLOC=1 "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --steps 16 --warmup 2 --chunk 2
+    run resnet18_vs_torch_glibc_malloc env NOISY_FLAX_NO_TCMALLOC=1 "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --steps 12 --warmup 2 --chunk 2 ;;&
   huge_pages|all)
-    # The same ViT step without the huge-page re-exec (compare with vit_tiny_vs_torch).
+    # The same ViT step without the re-exec: glibc's malloc with 4 KiB pages.
     run vit_tiny_small_pages env NOISY_FLAX_NO_REEXEC=1 "$PY" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --steps 12 --warmup 2 --chunk 2 ;;&
   noise|all)
     run vit_tiny_noise_all "$PY" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --noise all --steps 12 --warmup 1 --chunk 2 ;;&
