@@ -8,7 +8,7 @@
   start-up since both are read only then:
   - TCMalloc (gperftools; Debian's ``libtcmalloc-minimal4``), where
     installed, is preloaded. It keeps freed memory for the next step: no
-    faults, and 0.67-0.84x the ViT-Ti/16 step time with huge pages.
+    faults, and 0.67-0.84x the ViT-Ti/16 step time of glibc with huge pages.
   - ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` makes glibc ask for
     transparent huge pages (1,800 faults of 2 MiB); it is what glibc's own
     malloc runs with when TCMalloc is absent.
