@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/default
 CONFIG ?= configs/default.py
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+# System packages come from apt, through sudo when not root.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: run test install data tcmalloc clean
 
@@ -21,20 +23,15 @@ install: $(VENV)/.installed
 # Fashion-MNIST ships as a Debian package; nothing is downloaded from a dataset hub.
 data:
 	@if [ ! -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
-	  else \
-	    sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; \
-	  fi; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
 # TCMalloc keeps each step's memory instead of handing it back to the kernel
 # (noisy_flax/cpu_tuning.py); without it the run still works, on glibc's malloc.
 tcmalloc:
 	@if ! /sbin/ldconfig -p | grep libtcmalloc >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || \
-	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libtcmalloc-minimal4; } || \
+	  $(SUDO) apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libtcmalloc-minimal4; } || \
 	  echo "note: could not install libtcmalloc-minimal4; running on glibc's malloc (slower on the CPU)"; \
 	fi
 

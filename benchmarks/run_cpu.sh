@@ -9,16 +9,20 @@ PY_TORCH=${PY_TORCH:-/work/torchvenv/bin/python}
 LOGS=${LOGS:-benchmarks/logs}
 mkdir -p "$LOGS"
 run() { local name=$1; shift; echo "== $name: $*" >&2; "$@" > "$LOGS/$name.txt" 2> "$LOGS/$name.err"; }
+# vs_torch SUFFIX [PREFIX...]: ViT-Ti and ResNet-18 against PyTorch, each command run under PREFIX.
+vs_torch() {
+  local suffix=$1; shift
+  run "vit_tiny_vs_torch$suffix" "$@" "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --steps 16 --warmup 2 --chunk 2
+  run "resnet18_vs_torch$suffix" "$@" "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --steps 12 --warmup 2 --chunk 2
+}
 case "${1:-all}" in
   vs_torch|all)
     # JAX (tuned), JAX with XLA's default YNNPACK use, PyTorch, the matmul peak, and both eval
     # (forward-only) steps, interleaved.
-    run vit_tiny_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --steps 16 --warmup 2 --chunk 2
-    run resnet18_vs_torch "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --steps 12 --warmup 2 --chunk 2 ;;&
+    vs_torch "" ;;&
   malloc|all)
     # The same two runs on glibc's malloc (huge pages) instead of TCMalloc (compare with vs_torch).
-    run vit_tiny_vs_torch_glibc_malloc env NOISY_FLAX_NO_TCMALLOC=1 "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --steps 16 --warmup 2 --chunk 2
-    run resnet18_vs_torch_glibc_malloc env NOISY_FLAX_NO_TCMALLOC=1 "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --steps 12 --warmup 2 --chunk 2 ;;&
+    vs_torch _glibc_malloc env NOISY_FLAX_NO_TCMALLOC=1 ;;&
   huge_pages|all)
     # The same ViT step without the re-exec: glibc's malloc with 4 KiB pages.
     run vit_tiny_small_pages env NOISY_FLAX_NO_REEXEC=1 "$PY" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --steps 12 --warmup 2 --chunk 2 ;;&
