@@ -461,8 +461,9 @@ def run_steps(args) -> list[dict[str, Any]]:
             raise SystemExit("--vs-torch needs torch, timm and torchvision: "
                              "pip install -e '.[torch]' (or run from a venv that has them)")
     mesh = sharding.create_mesh([("data", -1), ("fsdp", 1)])
+    model_kwargs = parse_model_kwargs(args.model_kwarg)
     config_for = functools.partial(benchmark_config, args.model, args.batch, args.resolution,
-                                   args.dtype, model_kwargs=parse_model_kwargs(args.model_kwarg))
+                                   args.dtype, model_kwargs=model_kwargs)
     cases, noisy_configs = [], []
     for noise in parse_noises(args.noise):
         config = config_for(noise=noise, remat=args.remat, cpu_ynnpack=args.cpu_ynnpack)
@@ -472,6 +473,10 @@ def run_steps(args) -> list[dict[str, Any]]:
     for other in args.compare_cpu_ynnpack:  # the same noiseless step, compiled otherwise
         config = config_for(remat=args.remat, cpu_ynnpack=other)
         cases.append(train_case(config, mesh, f"jax train cpu_ynnpack={other}"))
+    for item in args.compare_model_kwarg:  # the same noiseless step, with one model override
+        config = config_for(remat=args.remat, cpu_ynnpack=args.cpu_ynnpack,
+                            model_kwargs={**model_kwargs, **parse_model_kwargs([item])})
+        cases.append(train_case(config, mesh, f"jax train {item}"))
     for config in noisy_configs:
         cases.append(noise_op_case(config, mesh, f"noise op {config.noise.type} (fwd+bwd)"))
     if args.eval:
@@ -644,6 +649,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--compare-cpu-ynnpack", action="append", default=[],
                    choices=cpu_tuning.CPU_YNNPACK,
                    help="also time the noiseless train step with this cpu_ynnpack (repeatable)")
+    p.add_argument("--compare-model-kwarg", action="append", default=[], metavar="KEY=VALUE",
+                   help="also time the noiseless train step with this model override added, "
+                        "e.g. last_block_all_tokens=true (repeatable)")
     p.add_argument("--eval", action="store_true",
                    help="also time the eval step (with --vs-torch: and PyTorch's forward pass)")
     p.add_argument("--vs-torch", action="store_true", help="also time timm / torchvision")

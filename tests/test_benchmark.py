@@ -29,15 +29,20 @@ def fast_compile():
 
 
 def test_runs_a_tiny_model_and_prints_a_table_and_json_lines(capsys, fast_compile):
-    benchmark.main(TINY + ["--noise", "gaussian", "--eval", "--compare-cpu-ynnpack", "default"])
+    benchmark.main(TINY + ["--noise", "gaussian", "--eval", "--compare-cpu-ynnpack", "default",
+                           "--compare-model-kwarg", "last_block_all_tokens=true"])
     out = capsys.readouterr().out
     assert "jax train noise=gaussian" in out and "img/s" in out  # the table
     rows = _json_lines(out)
     assert [r["name"] for r in rows] == ["jax train noise=none", "jax train noise=gaussian",
                                          "jax train cpu_ynnpack=default",
+                                         "jax train last_block_all_tokens=true",
                                          "noise op gaussian (fwd+bwd)", "jax eval noise=none"]
     other = rows.pop(2)
     assert other["ratio"] > 0 and other["flops"] > 0
+    # The override reaches the model: its one block now computes all 50 tokens, not 1.
+    all_tokens = rows.pop(2)
+    assert all_tokens["ratio"] > 0 and all_tokens["flops"] > 1.5 * rows[0]["flops"]
     op = rows.pop(2)
     # vit_nano_patch4_28: (28 / 4)^2 = 49 patch tokens + the class token, width 64.
     assert op["site_shape"] == [8, 50, 64]

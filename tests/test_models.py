@@ -282,13 +282,15 @@ def test_resnet_batch_stats_follow_pytorch_momentum(resnet_setup):
     np.testing.assert_array_equal(unchanged["batch_stats"]["bn1"]["mean"], old)
 
 
+@pytest.mark.parametrize("query_tokens", [None, 1, 2])
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
-def test_attention_matches_numpy_on_either_path(backend, monkeypatch):
+def test_attention_matches_numpy_on_either_path(backend, query_tokens, monkeypatch):
     """The CPU path (explicit softmax) and the accelerator path
-    (jax.nn.dot_product_attention) against numpy's attention."""
+    (jax.nn.dot_product_attention) against numpy's attention; with
+    ``query_tokens`` the first rows of it."""
     from noisy_flax.models.vit import MultiHeadDotProductAttention
     x = np.random.default_rng(0).standard_normal((2, 5, 12)).astype(np.float32)
-    module = MultiHeadDotProductAttention(num_heads=3)
+    module = MultiHeadDotProductAttention(num_heads=3, query_tokens=query_tokens)
     params = module.init(jax.random.key(0), x, deterministic=True)["params"]
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     got = module.apply({"params": params}, x, deterministic=True)
@@ -301,4 +303,53 @@ def test_attention_matches_numpy_on_either_path(backend, monkeypatch):
     weights /= weights.sum(-1, keepdims=True)
     attended = np.einsum("bhqs,bshk->bqhk", weights, v)
     want = np.einsum("bqhk,hkd->bqd", attended, p["out"]["kernel"]) + p["out"]["bias"]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert got.shape == (2, query_tokens or 5, 12)
+    np.testing.assert_allclose(got, want[:, :query_tokens], rtol=1e-4, atol=1e-5)
+
+
+LAST_BLOCK_NOISES = [None, {**OPTIMAL, "site": "attn_input", "train": True},
+                     {"type": "within_image", "site": "block_input", "train": True},
+                     {"type": "gaussian", "site": "attn_input", "strength": 0.5, "train": True}]
+
+
+@pytest.mark.parametrize("noise_cfg", LAST_BLOCK_NOISES, ids=lambda c: c and c["type"])
+def test_last_block_on_class_token_alone_gives_same_logits_and_gradients(vit_variables, noise_cfg):
+    """The default (the last block computes the class token only) against
+    every token computed, with noise in that block, in training mode."""
+    x = images()
+    labels = jnp.arange(6) % 5
+
+    def loss(model, params):
+        logits = model.apply({"params": params}, x, train=True, rngs={"noise": jax.random.key(3)})
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)), logits
+
+    (l_cls, logits_cls), g_cls = jax.value_and_grad(
+        lambda p: loss(tiny_vit(noise_cfg), p), has_aux=True)(vit_variables["params"])
+    (l_all, logits_all), g_all = jax.value_and_grad(
+        lambda p: loss(tiny_vit(noise_cfg, last_block_all_tokens=True), p),
+        has_aux=True)(vit_variables["params"])
+    np.testing.assert_allclose(logits_cls, logits_all, atol=1e-6 * np.max(np.abs(logits_all)))
+    np.testing.assert_allclose(l_cls, l_all, rtol=1e-6)
+    # Rounding only, against the gradients' scale: optimal Q's inverse
+    # amplifies float32 rounding in a few elements, and some gradients are
+    # zero up to rounding (the key bias: softmax ignores a constant shift).
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(g_all))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4 * scale), g_cls, g_all)
+
+
+def test_last_block_on_class_token_alone_saves_its_other_tokens_matmuls():
+    """XLA's FLOP count of the forward pass drops by the closed form of the
+    matmuls the other tokens would need in the last block: query and output
+    projections, both MLP layers, and their rows of Q.K^T and P.V."""
+    batch, width, mlp, tokens = 2, 192, 768, 197  # ViT-Ti/16 at 224 px
+    x = jnp.zeros((batch, 224, 224, 3))
+
+    def forward_flops(**kw):
+        model = create_model("vit_tiny_patch16_224", num_classes=10, num_layers=2, **kw)
+        variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+        return jax.jit(model.apply).lower(variables, x).compile().cost_analysis()["flops"]
+
+    per_token = 2 * (2 * width * width + 2 * width * mlp + 2 * tokens * width)
+    saved = batch * (tokens - 1) * per_token
+    # The rest of the difference is element-wise work (GELU, LayerNorm, biases): ~2%.
+    assert forward_flops(last_block_all_tokens=True) - forward_flops() == pytest.approx(saved, rel=0.03)

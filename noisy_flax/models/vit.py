@@ -36,10 +36,15 @@ VIT_SITES = ("image", "embedding", "block_input", "attn_input")
 
 
 class MultiHeadDotProductAttention(nn.Module):
-    """Self-attention with vit_jax's parameter layout (query/key/value/out)."""
+    """Self-attention with vit_jax's parameter layout (query/key/value/out).
+
+    With ``query_tokens=n`` only the first n tokens attend (to all of them),
+    and only their outputs are computed.
+    """
     num_heads: int
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    query_tokens: Optional[int] = None
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
@@ -50,7 +55,8 @@ class MultiHeadDotProductAttention(nn.Module):
         dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
                                              kernel_init=nn.initializers.xavier_uniform(),
                                              dot_general=flat_dot_general, name=name)
-        q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
+        queries = x if self.query_tokens is None else x[:, :self.query_tokens]
+        q, k, v = dense("query")(queries), dense("key")(x), dense("value")(x)
         dropout = self.dropout_rate > 0 and not deterministic
         if dropout or jax.default_backend() == "cpu":
             attended = self._softmax_attention(q, k, v, dropout)
@@ -67,7 +73,7 @@ class MultiHeadDotProductAttention(nn.Module):
         ``jax.nn.dot_product_attention``, whose backward pass there re-reads
         the 197 x 197 probabilities several times (BENCHMARKS.md)."""
         batch, length, heads, head_dim = q.shape
-        to_batch_major = lambda t: t.transpose(0, 2, 1, 3).reshape(batch * heads, length, head_dim)
+        to_batch_major = lambda t: t.transpose(0, 2, 1, 3).reshape(batch * heads, -1, head_dim)
         q, k, v = to_batch_major(q * head_dim ** -0.5), to_batch_major(k), to_batch_major(v)
         logits = jnp.matmul(q, k.transpose(0, 2, 1))
         weights = nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
@@ -95,7 +101,13 @@ class MlpBlock(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-    """Pre-norm transformer block; optionally noisy at its input or attention input."""
+    """Pre-norm transformer block; optionally noisy at its input or attention input.
+
+    ``class_token_only``: return the class token alone (batch, 1, width). Its
+    attention still reads every token, but the other tokens' queries, attention
+    outputs and MLP are never computed: what the last block needs when only
+    the class token is classified.
+    """
     mlp_dim: int
     num_heads: int
     grid: tuple[int, int]
@@ -104,6 +116,7 @@ class Encoder1DBlock(nn.Module):
     attention_dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
     noise: Optional[Noise] = None  # set only on the block that carries it
+    class_token_only: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool, mask=None):  # positional: nn.remat needs train static
@@ -114,12 +127,14 @@ class Encoder1DBlock(nn.Module):
         if noise_is_here(self.noise, "attn_input", train):
             # The published NoisyViT site: LayerNorm-1 output, before qkv.
             y = apply_noise_to_patch_tokens(self, self.noise, y, self.grid, mask=mask)
+        query_tokens = 1 if self.class_token_only else None
         y = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
                                          dropout_rate=self.attention_dropout_rate,
+                                         query_tokens=query_tokens,
                                          name="MultiHeadDotProductAttention_1")(
                                              y, deterministic=deterministic)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        x = x + self._drop_path(y, deterministic)
+        x = x[:, :query_tokens] + self._drop_path(y, deterministic)
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
         y = MlpBlock(self.mlp_dim, dtype=self.dtype, dropout_rate=self.dropout_rate,
                      name="MlpBlock_3")(y, deterministic=deterministic)
@@ -151,7 +166,11 @@ class PositionEmbedding(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Position embedding, the blocks and the final norm (vit_jax's 'Transformer')."""
+    """Position embedding, the blocks and the final norm (vit_jax's 'Transformer').
+
+    Unless ``last_block_all_tokens``, the last block computes the class token
+    alone and the output is (batch, 1, width); see ``VisionTransformer``.
+    """
     num_layers: int
     mlp_dim: int
     num_heads: int
@@ -162,6 +181,7 @@ class Encoder(nn.Module):
     drop_path_rate: float = 0.0
     remat: bool = False
     noise: Optional[Noise] = None
+    last_block_all_tokens: bool = False
 
     @nn.compact
     def __call__(self, x, *, train: bool, mask=None):
@@ -181,12 +201,22 @@ class Encoder(nn.Module):
                 # Stochastic depth grows linearly with depth, as in timm.
                 drop_path_rate=self.drop_path_rate * i / max(self.num_layers - 1, 1),
                 noise=self.noise if i == noisy_block else None,
+                class_token_only=i == self.num_layers - 1 and not self.last_block_all_tokens,
                 name=f"encoderblock_{i}")(x, train, mask)
         return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
 
 
 class VisionTransformer(nn.Module):
-    """ViT classifier; ``__call__(images NHWC, train, mask=None) -> logits``."""
+    """ViT classifier; ``__call__(images NHWC, train, mask=None) -> logits``.
+
+    The logits read the class token alone, and no noise site lies after the
+    last block's attention, so by default that block computes the class
+    token's query, attention output and MLP only (its keys and values still
+    come from every token). Same logits and gradients as computing every
+    token, as timm and vit_jax do, with 1/depth of the blocks' work less
+    (tests/test_models.py); ``last_block_all_tokens=True`` computes them all,
+    e.g. to read the last block's patch tokens.
+    """
     num_classes: int
     patch_size: int = 16
     hidden_size: int = 768
@@ -201,6 +231,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     noise: Optional[Noise] = None
+    last_block_all_tokens: bool = False
 
     def setup_check(self):
         if self.noise is not None and self.noise.site not in VIT_SITES:
@@ -223,6 +254,7 @@ class VisionTransformer(nn.Module):
                     grid=(gh, gw), dtype=self.dtype, dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate,
                     drop_path_rate=self.drop_path_rate, remat=self.remat, noise=self.noise,
+                    last_block_all_tokens=self.last_block_all_tokens,
                     name="Transformer")(x, train=train, mask=mask)
         x = x[:, 0]
         if self.representation_size is not None:
