@@ -37,9 +37,11 @@ PY
 echo "best batch: $BEST" | tee "$OUT/best_batch.txt"
 
 # 2. The same batch against PyTorch, interleaved in one process. Both share
-#    the GPU, so JAX must not preallocate most of its memory.
+#    the GPU, so JAX must not preallocate most of its memory. The all-token
+#    case does the work timm does (the default skips the last block's other tokens).
 XLA_PYTHON_CLIENT_PREALLOCATE=false "$PYTHON" -m noisy_flax.benchmark --model "$MODEL" \
     --dtype bfloat16 --batch "$BEST" --steps "$STEPS" --warmup 5 \
+    --compare-model-kwarg last_block_all_tokens=true \
     --vs-torch --torch-compile | tee "$OUT/vs_torch_b$BEST.txt"
 
 # 3. Noise overhead at the same batch (every noise type, same run).
