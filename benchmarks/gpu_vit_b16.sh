@@ -38,10 +38,12 @@ echo "best batch: $BEST" | tee "$OUT/best_batch.txt"
 
 # 2. The same batch against PyTorch, interleaved in one process. Both share
 #    the GPU, so JAX must not preallocate most of its memory. The all-token
-#    case does the work timm does (the default skips the last block's other tokens).
+#    case does the work timm does (the default skips the last block's other
+#    tokens); the XLA-attention case times the default's cuDNN attention against XLA's.
 XLA_PYTHON_CLIENT_PREALLOCATE=false "$PYTHON" -m noisy_flax.benchmark --model "$MODEL" \
     --dtype bfloat16 --batch "$BEST" --steps "$STEPS" --warmup 5 \
     --compare-model-kwarg last_block_all_tokens=true \
+    --compare-model-kwarg attention_implementation=xla \
     --vs-torch --torch-compile | tee "$OUT/vs_torch_b$BEST.txt"
 
 # 3. Noise overhead at the same batch (every noise type, same run).

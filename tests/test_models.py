@@ -282,29 +282,65 @@ def test_resnet_batch_stats_follow_pytorch_momentum(resnet_setup):
     np.testing.assert_array_equal(unchanged["batch_stats"]["bn1"]["mean"], old)
 
 
-@pytest.mark.parametrize("query_tokens", [None, 1, 2])
-@pytest.mark.parametrize("backend", ["cpu", "gpu"])
-def test_attention_matches_numpy_on_either_path(backend, query_tokens, monkeypatch):
-    """The CPU path (explicit softmax) and the accelerator path
-    (jax.nn.dot_product_attention) against numpy's attention; with
-    ``query_tokens`` the first rows of it."""
-    from noisy_flax.models.vit import MultiHeadDotProductAttention
-    x = np.random.default_rng(0).standard_normal((2, 5, 12)).astype(np.float32)
-    module = MultiHeadDotProductAttention(num_heads=3, query_tokens=query_tokens)
-    params = module.init(jax.random.key(0), x, deterministic=True)["params"]
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    got = module.apply({"params": params}, x, deterministic=True)
-
+def numpy_attention(params, x):
+    """Multi-head attention in float64 numpy, vit_jax's parameter layout."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     project = lambda name: np.einsum("bnd,dhk->bnhk", x, p[name]["kernel"]) + p[name]["bias"]
     q, k, v = project("query"), project("key"), project("value")
-    logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(4)
+    logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     attended = np.einsum("bhqs,bshk->bqhk", weights, v)
-    want = np.einsum("bqhk,hkd->bqd", attended, p["out"]["kernel"]) + p["out"]["bias"]
+    return np.einsum("bqhk,hkd->bqd", attended, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+@pytest.mark.parametrize("query_tokens", [None, 1, 2])
+@pytest.mark.parametrize("backend,implementation", [
+    ("cpu", "auto"), ("gpu", "auto"), ("cpu", "xla"), ("gpu", "softmax")])
+def test_attention_matches_numpy_on_every_path(backend, implementation, query_tokens, monkeypatch):
+    """The explicit softmax (the CPU's default) and jax.nn.dot_product_attention
+    (an accelerator's, in float32 XLA's) against numpy's attention; with
+    ``query_tokens`` the first rows of it."""
+    from noisy_flax.models.vit import MultiHeadDotProductAttention
+    x = np.random.default_rng(0).standard_normal((2, 5, 12)).astype(np.float32)
+    module = MultiHeadDotProductAttention(num_heads=3, query_tokens=query_tokens,
+                                          implementation=implementation)
+    params = module.init(jax.random.key(0), x, deterministic=True)["params"]
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    got = module.apply({"params": params}, x, deterministic=True)
     assert got.shape == (2, query_tokens or 5, 12)
-    np.testing.assert_allclose(got, want[:, :query_tokens], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, numpy_attention(params, x)[:, :query_tokens],
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,asked", [(jnp.bfloat16, ["cudnn", "xla"]), (jnp.float32, ["xla"])])
+def test_gpu_attention_asks_cudnn_in_half_precision_and_falls_back_to_xla(dtype, asked, monkeypatch):
+    """On a GPU, bf16 attention asks jax for cuDNN first; where jax refuses
+    (here: no cuDNN on this machine) it takes XLA's, and float32 goes to XLA
+    directly (cuDNN's fused attention has no float32)."""
+    from noisy_flax.models.vit import MultiHeadDotProductAttention
+    x = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
+    module = MultiHeadDotProductAttention(num_heads=2, dtype=dtype)
+    params = module.init(jax.random.key(0), x, deterministic=True)["params"]
+    calls, real = [], jax.nn.dot_product_attention
+
+    def spy(*args, implementation=None, **kwargs):
+        calls.append(implementation)
+        return real(*args, implementation=implementation, **kwargs)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    got = module.apply({"params": params}, x, deterministic=True)
+    assert calls == asked
+    want = numpy_attention(params, x)
+    tolerance = 0.05 if dtype == jnp.bfloat16 else 1e-5  # bf16: 8 bits of mantissa
+    np.testing.assert_allclose(np.asarray(got, np.float32), want,
+                               atol=tolerance * np.max(np.abs(want)))
+
+
+def test_unknown_attention_implementation_is_clear():
+    with pytest.raises(ValueError, match="attention_implementation 'flash'.*auto, softmax, xla, cudnn"):
+        tiny_vit(attention_implementation="flash").init(jax.random.key(0), images())
 
 
 LAST_BLOCK_NOISES = [None, {**OPTIMAL, "site": "attn_input", "train": True},

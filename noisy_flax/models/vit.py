@@ -35,18 +35,25 @@ VARIANTS = {
 # All lie before the last block's attention, which lets that block compute the
 # class token alone (VisionTransformer); a site after it would need every token.
 VIT_SITES = ("image", "embedding", "block_input", "attn_input")
+# How attention is computed. "auto": the explicit softmax on a CPU; on a GPU,
+# cuDNN's fused attention in bf16 / fp16 where cuDNN takes the shapes, else
+# XLA's (jax.nn.dot_product_attention itself picks XLA unless asked).
+ATTENTION_IMPLEMENTATIONS = ("auto", "softmax", "xla", "cudnn")
 
 
 class MultiHeadDotProductAttention(nn.Module):
     """Self-attention with vit_jax's parameter layout (query/key/value/out).
 
     With ``query_tokens=n`` only the first n tokens attend (to all of them),
-    and only their outputs are computed.
+    and only their outputs are computed. ``implementation``: one of
+    ``ATTENTION_IMPLEMENTATIONS``; attention dropout always takes the
+    explicit softmax, which has the probabilities to drop.
     """
     num_heads: int
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
     query_tokens: Optional[int] = None
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
@@ -59,15 +66,24 @@ class MultiHeadDotProductAttention(nn.Module):
                                              dot_general=flat_dot_general, name=name)
         queries = x if self.query_tokens is None else x[:, :self.query_tokens]
         q, k, v = dense("query")(queries), dense("key")(x), dense("value")(x)
-        dropout = self.dropout_rate > 0 and not deterministic
-        if dropout or jax.default_backend() == "cpu":
-            attended = self._softmax_attention(q, k, v, dropout)
-        else:
-            # cuDNN flash attention on GPU, XLA's own elsewhere.
-            attended = jax.nn.dot_product_attention(q, k, v)
+        attended = self._attend(q, k, v, dropout=self.dropout_rate > 0 and not deterministic)
         return nn.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype,
                                kernel_init=nn.initializers.xavier_uniform(),
                                dot_general=flat_dot_general, name="out")(attended)
+
+    def _attend(self, q, k, v, dropout: bool):
+        choice = check_attention_implementation(self.implementation)
+        if dropout or choice == "softmax" or (choice == "auto" and jax.default_backend() == "cpu"):
+            return self._softmax_attention(q, k, v, dropout)
+        if choice == "cudnn":
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        if (choice == "auto" and jax.default_backend() == "gpu"
+                and q.dtype in (jnp.bfloat16, jnp.float16)):
+            try:  # jax checks cuDNN's limits (head dim, version) while tracing
+                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            except (NotImplementedError, ValueError, RuntimeError):
+                pass  # shapes cuDNN does not take, or no cuDNN: XLA's below
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
     def _softmax_attention(self, q, k, v, dropout: bool):
         """Attention with heads folded into the batch axis. On XLA:CPU the
@@ -119,6 +135,7 @@ class Encoder1DBlock(nn.Module):
     drop_path_rate: float = 0.0
     noise: Optional[Noise] = None  # set only on the block that carries it
     class_token_only: bool = False
+    attention_implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool, mask=None):  # positional: nn.remat needs train static
@@ -133,6 +150,7 @@ class Encoder1DBlock(nn.Module):
         y = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
                                          dropout_rate=self.attention_dropout_rate,
                                          query_tokens=query_tokens,
+                                         implementation=self.attention_implementation,
                                          name="MultiHeadDotProductAttention_1")(
                                              y, deterministic=deterministic)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
@@ -184,6 +202,7 @@ class Encoder(nn.Module):
     remat: bool = False
     noise: Optional[Noise] = None
     last_block_all_tokens: bool = False
+    attention_implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x, *, train: bool, mask=None):
@@ -204,6 +223,7 @@ class Encoder(nn.Module):
                 drop_path_rate=self.drop_path_rate * i / max(self.num_layers - 1, 1),
                 noise=self.noise if i == noisy_block else None,
                 class_token_only=i == self.num_layers - 1 and not self.last_block_all_tokens,
+                attention_implementation=self.attention_implementation,
                 name=f"encoderblock_{i}")(x, train, mask)
         return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
 
@@ -218,6 +238,7 @@ class VisionTransformer(nn.Module):
     token, as timm and vit_jax do, with most of one block's work less (6.9%
     of ViT-Ti/16's FLOPs; tests/test_models.py). ``last_block_all_tokens=True``
     computes them all, e.g. to read the last block's patch tokens.
+    ``attention_implementation``: see ``ATTENTION_IMPLEMENTATIONS``.
     """
     num_classes: int
     patch_size: int = 16
@@ -234,10 +255,12 @@ class VisionTransformer(nn.Module):
     remat: bool = False
     noise: Optional[Noise] = None
     last_block_all_tokens: bool = False
+    attention_implementation: str = "auto"
 
     def setup_check(self):
         if self.noise is not None and self.noise.site not in VIT_SITES:
             raise ValueError(f"noise site {self.noise.site!r} is not a ViT site; use one of {VIT_SITES}")
+        check_attention_implementation(self.attention_implementation)
 
     @nn.compact
     def __call__(self, images, *, train: bool = False, mask=None):
@@ -257,6 +280,7 @@ class VisionTransformer(nn.Module):
                     attention_dropout_rate=self.attention_dropout_rate,
                     drop_path_rate=self.drop_path_rate, remat=self.remat, noise=self.noise,
                     last_block_all_tokens=self.last_block_all_tokens,
+                    attention_implementation=self.attention_implementation,
                     name="Transformer")(x, train=train, mask=mask)
         x = x[:, 0]
         if self.representation_size is not None:
@@ -264,6 +288,13 @@ class VisionTransformer(nn.Module):
         logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                           name="head")(x)
         return logits.astype(jnp.float32)
+
+
+def check_attention_implementation(name: str) -> str:
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention_implementation {name!r}; use one of "
+                         f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    return name
 
 
 def _check_images(images, patch_size: int) -> None:
