@@ -313,14 +313,18 @@ def test_attention_matches_numpy_on_every_path(backend, implementation, query_to
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,asked", [(jnp.bfloat16, ["cudnn", "xla"]), (jnp.float32, ["xla"])])
-def test_gpu_attention_asks_cudnn_in_half_precision_and_falls_back_to_xla(dtype, asked, monkeypatch):
-    """On a GPU, bf16 attention asks jax for cuDNN first; where jax refuses
-    (here: no cuDNN on this machine) it takes XLA's, and float32 goes to XLA
-    directly (cuDNN's fused attention has no float32)."""
+@pytest.mark.parametrize("dtype,query_tokens,asked", [
+    (jnp.bfloat16, None, ["cudnn", "xla"]), (jnp.float32, None, ["xla"]),
+    (jnp.bfloat16, 1, ["xla"])])
+def test_gpu_attention_asks_cudnn_in_half_precision_and_falls_back_to_xla(
+        dtype, query_tokens, asked, monkeypatch):
+    """On a GPU, bf16 self-attention asks jax for cuDNN first; where jax
+    refuses (here: no cuDNN on this machine) it takes XLA's. float32 goes to
+    XLA directly (cuDNN's fused attention has no float32), and so does the
+    class token's single query row."""
     from noisy_flax.models.vit import MultiHeadDotProductAttention
     x = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
-    module = MultiHeadDotProductAttention(num_heads=2, dtype=dtype)
+    module = MultiHeadDotProductAttention(num_heads=2, dtype=dtype, query_tokens=query_tokens)
     params = module.init(jax.random.key(0), x, deterministic=True)["params"]
     calls, real = [], jax.nn.dot_product_attention
 
@@ -332,7 +336,7 @@ def test_gpu_attention_asks_cudnn_in_half_precision_and_falls_back_to_xla(dtype,
     monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
     got = module.apply({"params": params}, x, deterministic=True)
     assert calls == asked
-    want = numpy_attention(params, x)
+    want = numpy_attention(params, x)[:, :query_tokens]
     tolerance = 0.05 if dtype == jnp.bfloat16 else 1e-5  # bf16: 8 bits of mantissa
     np.testing.assert_allclose(np.asarray(got, np.float32), want,
                                atol=tolerance * np.max(np.abs(want)))

@@ -36,8 +36,8 @@ VARIANTS = {
 # class token alone (VisionTransformer); a site after it would need every token.
 VIT_SITES = ("image", "embedding", "block_input", "attn_input")
 # How attention is computed. "auto": the explicit softmax on a CPU; on a GPU,
-# cuDNN's fused attention in bf16 / fp16 where cuDNN takes the shapes, else
-# XLA's (jax.nn.dot_product_attention itself picks XLA unless asked).
+# cuDNN's fused attention for self-attention in bf16 / fp16 where cuDNN takes
+# the shapes, else XLA's (jax.nn.dot_product_attention picks XLA unless asked).
 ATTENTION_IMPLEMENTATIONS = ("auto", "softmax", "xla", "cudnn")
 
 
@@ -77,8 +77,10 @@ class MultiHeadDotProductAttention(nn.Module):
             return self._softmax_attention(q, k, v, dropout)
         if choice == "cudnn":
             return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        # Self-attention only: the class-token-only last block (one query row)
+        # is cheap either way, and keeps to the shapes cuDNN is known to take.
         if (choice == "auto" and jax.default_backend() == "gpu"
-                and q.dtype in (jnp.bfloat16, jnp.float16)):
+                and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[1] == k.shape[1]):
             try:  # jax checks cuDNN's limits (head dim, version) while tracing
                 return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
             except (NotImplementedError, ValueError, RuntimeError):
