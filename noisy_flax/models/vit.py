@@ -73,13 +73,14 @@ class MultiHeadDotProductAttention(nn.Module):
 
     def _attend(self, q, k, v, dropout: bool):
         choice = check_attention_implementation(self.implementation)
-        if dropout or choice == "softmax" or (choice == "auto" and jax.default_backend() == "cpu"):
+        backend = jax.default_backend()
+        if dropout or choice == "softmax" or (choice == "auto" and backend == "cpu"):
             return self._softmax_attention(q, k, v, dropout)
         if choice == "cudnn":
             return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
         # Self-attention only: the class-token-only last block (one query row)
         # is cheap either way, and keeps to the shapes cuDNN is known to take.
-        if (choice == "auto" and jax.default_backend() == "gpu"
+        if (choice == "auto" and backend == "gpu"
                 and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[1] == k.shape[1]):
             try:  # jax checks cuDNN's limits (head dim, version) while tracing
                 return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
@@ -262,7 +263,6 @@ class VisionTransformer(nn.Module):
     def setup_check(self):
         if self.noise is not None and self.noise.site not in VIT_SITES:
             raise ValueError(f"noise site {self.noise.site!r} is not a ViT site; use one of {VIT_SITES}")
-        check_attention_implementation(self.attention_implementation)
 
     @nn.compact
     def __call__(self, images, *, train: bool = False, mask=None):
