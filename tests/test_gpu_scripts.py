@@ -1,0 +1,125 @@
+"""The GPU measurement scripts, run here on the CPU: their logic, not their figures.
+
+``benchmarks/gpu_checks.py`` runs for real on a tiny ViT; ``gpu_vit_b16.sh``
+runs with a stand-in Python whose benchmark answers are fixed, so the batch
+it must pick, the stage it must skip and the files it must leave are known.
+"""
+import json
+import os
+import pathlib
+import shutil
+import stat
+import subprocess
+import sys
+
+import jax
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_checks  # noqa: E402
+
+
+def _rows(capsys):
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_gpu_checks_on_the_cpu_reports_every_implementation(capsys):
+    assert gpu_checks.main(["--model", "vit_nano_patch4_28", "--batch", "2"]) == 0
+    header, *rows = _rows(capsys)
+    assert header["backend"] == "cpu"
+    by_name = {row["implementation"]: row for row in rows}
+    assert set(by_name) == {"auto", "cudnn", "xla", "softmax"}
+    assert not by_name["cudnn"]["compiled"] and "cuDNN" in by_name["cudnn"]["error"]
+    for name in ("auto", "xla", "softmax"):
+        row = by_name[name]
+        assert row["compiled"] and not row["calls_cudnn_attention"]
+        # bfloat16 against float32: rounding, well inside the script's tolerance, never exact.
+        assert 0 < row["logits_gap"] < gpu_checks.BF16_TOLERANCE / 3
+        assert 0 < row["grads_gap"] < gpu_checks.BF16_TOLERANCE / 3
+
+
+def test_gpu_checks_fails_an_implementation_that_computes_something_else(
+        monkeypatch, capsys):
+    real = jax.nn.dot_product_attention
+
+    def off_by_a_scale(q, k, v, *args, implementation=None, **kwargs):
+        out = real(q, k, v, *args, implementation=implementation, **kwargs)
+        return out * 1.5 if implementation == "xla" else out
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", off_by_a_scale)
+    assert gpu_checks.main(["--model", "vit_nano_patch4_28", "--batch", "2"]) == 1
+    by_name = {row["implementation"]: row for row in _rows(capsys)[1:]}
+    assert by_name["xla"]["logits_gap"] > gpu_checks.BF16_TOLERANCE
+    assert by_name["softmax"]["logits_gap"] < gpu_checks.BF16_TOLERANCE
+
+
+# A stand-in for the Python the script runs: the benchmark prints a fixed
+# train row per batch (MFU peaking at 256), batch 512 runs out of memory;
+# other stages print their arguments; the script's own helper runs for real.
+FAKE_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = "-" ]; then exec {python} "$@"; fi
+if [ "$1" = "-c" ]; then echo "jax fake"; exit 0; fi
+echo "$@" >> "$FAKE_CALLS"
+batch=0; prev=""
+for a in "$@"; do [ "$prev" = "--batch" ] && batch=$a; prev=$a; done
+case " $* " in
+  *" --json "*)
+    [ "$batch" = 512 ] && {{ echo "out of memory" >&2; exit 1; }}
+    util=$([ "$batch" = 256 ] && echo 0.45 || echo 0.30)
+    echo "{{\\"name\\": \\"jax train noise=none\\", \\"batch\\": $batch, \\"images_per_s\\": $batch, \\"utilisation\\": $util}}" ;;
+  *) echo "ran: $*" ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    path = tmp_path / "python"
+    path.write_text(FAKE_PYTHON.format(python=sys.executable))
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def _run_script(tmp_path, fake_python, out, **env):
+    calls = tmp_path / "calls.txt"
+    full_env = {**os.environ, "PYTHON": str(fake_python), "FAKE_CALLS": str(calls), **env}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_vit_b16.sh"), str(out)],
+                            cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120)
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return result, lines
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
+def test_gpu_script_takes_the_best_batch_through_every_stage(tmp_path, fake_python):
+    out = tmp_path / "out"
+    result, calls = _run_script(tmp_path, fake_python, out)
+    assert result.returncode == 0, result.stderr
+    assert "best batch: 256" in result.stderr
+    assert "batch 512 gave no result" in result.stderr
+    later = [c for c in calls if "--json" not in c and "gpu_checks" not in c]
+    assert len(later) == 3 and all("--batch 256" in c for c in later)
+    assert "--vs-torch" in later[0] and "--torch-compile" in later[1] and "--noise all" in later[2]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checks.jsonl", "gpu.txt", "log.txt", "noise.txt", "sweep.jsonl", "vs_torch.txt",
+        "vs_torch_compile.txt"]
+    assert len((out / "sweep.jsonl").read_text().splitlines()) == 2  # 128 and 256
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
+def test_gpu_script_skips_what_the_deadline_leaves_no_time_for(tmp_path, fake_python):
+    result, calls = _run_script(tmp_path, fake_python, tmp_path / "out", DEADLINE_S="30")
+    assert result.returncode == 1  # every stage needs more than 30 s: no batch measured
+    assert "skip checks" in result.stderr and "no batch of the sweep ran" in result.stderr
+    assert calls == []
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
+def test_gpu_script_finishes_a_cut_off_run_without_touching_its_results(tmp_path, fake_python):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "vs_torch.txt").write_text("earlier result\n")
+    result, calls = _run_script(tmp_path, fake_python, out, STAGES="compile noise", BEST="128")
+    assert result.returncode == 0, result.stderr
+    assert len(calls) == 2 and all("--batch 128" in c for c in calls)
+    assert (out / "vs_torch.txt").read_text() == "earlier result\n"
