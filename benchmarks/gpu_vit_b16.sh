@@ -11,7 +11,7 @@
 #
 # Stages, most important first; each writes its results before the next starts:
 #   0. checks.jsonl        every attention implementation compiles? cuDNN reached? bf16 error
-#   1. sweep.jsonl         JAX alone at each of BATCHES: the batch with the highest MFU
+#   1. sweep.jsonl         JAX alone at each of BATCHES (256, 512): the one with the highest MFU
 #   2. vs_torch.txt        that batch against PyTorch eager (and the all-token and
 #                          XLA-attention steps, and both forward passes), interleaved
 #   3. vs_torch_compile.txt  the same against torch.compile
@@ -22,7 +22,7 @@
 set -uo pipefail
 OUT=${1:-benchmarks/results/gpu_$(date +%Y%m%d_%H%M%S)}
 MODEL=${MODEL:-vit_base_patch16_224}
-BATCHES=${BATCHES:-"128 256 512"}
+BATCHES=${BATCHES:-"256 512"}
 STEPS=${STEPS:-30}
 WARMUP=${WARMUP:-5}
 PYTHON=${PYTHON:-python}
@@ -62,7 +62,7 @@ stage() {
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true; } | tee "$OUT/gpu.txt"
 "$PYTHON" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/gpu.txt"
 
-stage checks 60 "$OUT/checks.jsonl" "$PYTHON" benchmarks/gpu_checks.py --model "$MODEL"
+stage checks 45 "$OUT/checks.jsonl" "$PYTHON" benchmarks/gpu_checks.py --model "$MODEL"
 
 for b in $([ -z "$BEST" ] && echo "$BATCHES"); do
   # One process per batch: JAX takes most of the GPU's memory for itself.
@@ -87,7 +87,7 @@ say "best batch: $BEST"
 # 2-3. PyTorch shares the GPU, so JAX must not preallocate most of its memory.
 # The all-token case does the work timm does (the default skips the last
 # block's other tokens); the XLA-attention case times cuDNN's against XLA's.
-stage vs_torch 150 "$OUT/vs_torch.txt" env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PYTHON" -m noisy_flax.benchmark \
+stage vs_torch 120 "$OUT/vs_torch.txt" env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PYTHON" -m noisy_flax.benchmark \
     --model "$MODEL" --dtype bfloat16 --batch "$BEST" --steps "$STEPS" --warmup "$WARMUP" --eval \
     --compare-model-kwarg last_block_all_tokens=true \
     --compare-model-kwarg attention_implementation=xla \
