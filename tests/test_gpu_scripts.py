@@ -73,6 +73,9 @@ esac
 """
 
 
+needs_timeout = pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
+
+
 @pytest.fixture
 def fake_python(tmp_path):
     path = tmp_path / "python"
@@ -90,7 +93,7 @@ def _run_script(tmp_path, fake_python, out, **env):
     return result, lines
 
 
-@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
+@needs_timeout
 def test_gpu_script_takes_the_best_batch_through_every_stage(tmp_path, fake_python):
     out = tmp_path / "out"
     result, calls = _run_script(tmp_path, fake_python, out, BATCHES="128 256 512")
@@ -106,7 +109,7 @@ def test_gpu_script_takes_the_best_batch_through_every_stage(tmp_path, fake_pyth
     assert len((out / "sweep.jsonl").read_text().splitlines()) == 2  # 128 and 256
 
 
-@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
+@needs_timeout
 def test_gpu_script_skips_what_the_deadline_leaves_no_time_for(tmp_path, fake_python):
     result, calls = _run_script(tmp_path, fake_python, tmp_path / "out", DEADLINE_S="30")
     assert result.returncode == 1  # every stage needs more than 30 s: no batch measured
@@ -114,7 +117,7 @@ def test_gpu_script_skips_what_the_deadline_leaves_no_time_for(tmp_path, fake_py
     assert calls == []
 
 
-@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
+@needs_timeout
 def test_gpu_script_finishes_a_cut_off_run_without_touching_its_results(tmp_path, fake_python):
     out = tmp_path / "out"
     out.mkdir()
