@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from noisy_flax.models.activations import relu
 from noisy_flax.models.common import apply_noise, noise_is_here, resolve_index
 from noisy_flax.models.pooling import max_pool
+from noisy_flax.models.winograd import WinogradConv3x3, check_conv_algorithm, uses_winograd
 from noisy_flax.noise import Noise
 
 Dtype = Any
@@ -24,12 +25,17 @@ RESNET_SITES = ("image", "block_input")
 STEMS = ("imagenet", "small")
 
 
-def _conv(features: int, kernel: int, stride: int, dtype, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, dtype, name: str,
+          algorithm: str = "direct", spatial: Sequence[int] = (0, 0)) -> nn.Module:
+    """A convolution without bias; ``algorithm`` (see ``models.winograd``)
+    may compute a 3x3, stride-1 one by Winograd's F(4x4, 3x3) instead."""
+    init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    if uses_winograd(algorithm, kernel_size=kernel, stride=stride, spatial=spatial, dtype=dtype):
+        return WinogradConv3x3(features, dtype=dtype, kernel_init=init, name=name)
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                   kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                   name=name)
+                   kernel_init=init, name=name)
 
 
 def _norm(train: bool, dtype, name: str) -> nn.BatchNorm:
@@ -42,13 +48,15 @@ class BasicBlock(nn.Module):
     features: int
     stride: int = 1
     dtype: Dtype = jnp.float32
+    conv_algorithm: str = "direct"
     expansion = 1
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        y = _conv(self.features, 3, self.stride, self.dtype, "conv1")(x)
+        y = _conv(self.features, 3, self.stride, self.dtype, "conv1",
+                  self.conv_algorithm, x.shape[1:3])(x)
         y = relu(_norm(train, self.dtype, "bn1")(y))
-        y = _conv(self.features, 3, 1, self.dtype, "conv2")(y)
+        y = _conv(self.features, 3, 1, self.dtype, "conv2", self.conv_algorithm, y.shape[1:3])(y)
         y = _norm(train, self.dtype, "bn2")(y)
         return relu(y + _shortcut(self, x, train))
 
@@ -57,13 +65,15 @@ class Bottleneck(nn.Module):
     features: int
     stride: int = 1
     dtype: Dtype = jnp.float32
+    conv_algorithm: str = "direct"
     expansion = 4
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         y = _conv(self.features, 1, 1, self.dtype, "conv1")(x)
         y = relu(_norm(train, self.dtype, "bn1")(y))
-        y = _conv(self.features, 3, self.stride, self.dtype, "conv2")(y)
+        y = _conv(self.features, 3, self.stride, self.dtype, "conv2",
+                  self.conv_algorithm, y.shape[1:3])(y)
         y = relu(_norm(train, self.dtype, "bn2")(y))
         y = _conv(self.features * 4, 1, 1, self.dtype, "conv3")(y)
         y = _norm(train, self.dtype, "bn3")(y)
@@ -82,7 +92,13 @@ def _shortcut(block, x, train: bool):
 
 
 class ResNet(nn.Module):
-    """``__call__(images NHWC, train, mask=None) -> logits``."""
+    """``__call__(images NHWC, train, mask=None) -> logits``.
+
+    ``conv_algorithm``: how the blocks' 3x3, stride-1 convolutions are
+    computed, one of ``models.winograd.CONV_ALGORITHMS``. ``"auto"`` (the
+    default) takes Winograd's F(4x4, 3x3) on a CPU in float32 for maps of
+    14 px and more, the direct convolution otherwise; the parameters are the
+    same either way."""
     stage_sizes: Sequence[int]
     block_cls: type
     num_classes: int
@@ -90,6 +106,7 @@ class ResNet(nn.Module):
     stem: str = "imagenet"  # 'imagenet': 7x7/2 + max-pool; 'small': 3x3/1 for 28-32 px
     dtype: Dtype = jnp.float32
     noise: Optional[Noise] = None
+    conv_algorithm: str = "auto"
 
     @nn.compact
     def __call__(self, images, *, train: bool = False, mask=None):
@@ -110,13 +127,15 @@ class ResNet(nn.Module):
                 if (s, b) == (noisy_stage, noisy_block) and noise_is_here(self.noise, "block_input", train):
                     x = apply_noise(self, self.noise, x, mask)
                 x = self.block_cls(self.width * 2 ** s, stride=2 if s > 0 and b == 0 else 1,
-                                   dtype=self.dtype, name=f"layer{s + 1}_{b}")(x, train=train)
+                                   dtype=self.dtype, conv_algorithm=self.conv_algorithm,
+                                   name=f"layer{s + 1}_{b}")(x, train=train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
 
     def _check(self, images):
         if images.ndim != 4:
             raise ValueError(f"images must be NHWC (batch, height, width, channels), got shape {images.shape}")
+        check_conv_algorithm(self.conv_algorithm)
         if self.stem not in STEMS:
             raise ValueError(f"unknown ResNet stem {self.stem!r}; use one of {STEMS}")
         if self.noise is not None and self.noise.site not in RESNET_SITES:

@@ -1,0 +1,148 @@
+"""Winograd's F(4x4, 3x3) convolution against a float64 numpy convolution,
+its choice rules, and the ResNet built on it."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from noisy_flax.models import create_model
+from noisy_flax.models.winograd import AUTO_MIN_SIDE, uses_winograd, winograd_conv3x3
+
+
+def numpy_conv3x3(x, kernel):
+    """Cross-correlation with padding 1, stride 1, NHWC by HWIO, in float64."""
+    x = np.asarray(x, np.float64)
+    kernel = np.asarray(kernel, np.float64)
+    _, height, width, _ = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(np.einsum("bhwc,co->bhwo", padded[:, i:i + height, j:j + width], kernel[i, j])
+               for i in range(3) for j in range(3))
+
+
+def numpy_conv3x3_gradients(x, kernel, out_grad):
+    """d(sum(out * out_grad)) / d(x, kernel), written out from the definition."""
+    x, kernel, out_grad = (np.asarray(a, np.float64) for a in (x, kernel, out_grad))
+    _, height, width, _ = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    padded_grad = np.zeros_like(padded)
+    kernel_grad = np.zeros_like(kernel)
+    for i in range(3):
+        for j in range(3):
+            window = padded[:, i:i + height, j:j + width]
+            kernel_grad[i, j] = np.einsum("bhwc,bhwo->co", window, out_grad)
+            padded_grad[:, i:i + height, j:j + width] += np.einsum("bhwo,co->bhwc", out_grad,
+                                                                  kernel[i, j])
+    return padded_grad[:, 1:-1, 1:-1], kernel_grad
+
+
+def relative_error(actual, expected):
+    return float(np.linalg.norm(np.asarray(actual, np.float64) - expected) / np.linalg.norm(expected))
+
+
+# Sides that are and are not whole 4x4 tiles, non-square maps, channel changes.
+SHAPES = [(2, 8, 8, 3, 5), (1, 7, 9, 4, 4), (3, 5, 6, 2, 7), (1, 1, 1, 3, 2), (2, 14, 13, 6, 3)]
+
+
+@pytest.mark.parametrize("batch,height,width,cin,cout", SHAPES)
+def test_values_and_gradients_match_float64(batch, height, width, cin, cout):
+    rng = np.random.default_rng(height * 100 + width)
+    x = rng.standard_normal((batch, height, width, cin)).astype(np.float32)
+    kernel = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+    out_grad = rng.standard_normal((batch, height, width, cout)).astype(np.float32)
+
+    @jax.jit
+    def forward_backward(x, kernel, out_grad):
+        out, vjp = jax.vjp(winograd_conv3x3, x, kernel)
+        return out, vjp(out_grad)
+
+    out, (x_grad, kernel_grad) = forward_backward(x, kernel, out_grad)
+    expected_x_grad, expected_kernel_grad = numpy_conv3x3_gradients(x, kernel, out_grad)
+
+    # F(4x4, 3x3) rounds a little more than the direct form (its transforms
+    # carry constants up to 8 and 1/24): a few 1e-6 here, 1e-7 for the direct form.
+    assert out.shape == (batch, height, width, cout)
+    assert relative_error(out, numpy_conv3x3(x, kernel)) < 2e-5
+    assert relative_error(x_grad, expected_x_grad) < 2e-5
+    assert relative_error(kernel_grad, expected_kernel_grad) < 2e-5
+
+
+def test_it_runs_as_matmuls_with_no_convolution_left():
+    x = jnp.ones((1, 8, 8, 4))
+    kernel = jnp.ones((3, 3, 4, 4))
+    text = jax.jit(jax.grad(lambda x, k: winograd_conv3x3(x, k).sum(), argnums=(0, 1))) \
+        .lower(x, kernel).as_text()
+    assert "convolution" not in text and "dot_general" in text
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="NHWC map and a 3x3 HWIO kernel"):
+        winograd_conv3x3(jnp.ones((8, 8, 4)), jnp.ones((3, 3, 4, 4)))
+    with pytest.raises(ValueError, match="4 channels, the kernel takes 5"):
+        winograd_conv3x3(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 5, 4)))
+
+
+def test_choice_rules():
+    f32 = jnp.float32
+    big, small = (AUTO_MIN_SIDE, 56), (AUTO_MIN_SIDE - 1, 56)
+    assert uses_winograd("auto", kernel_size=3, stride=1, spatial=big, dtype=f32)  # this is a CPU
+    assert not uses_winograd("auto", kernel_size=3, stride=1, spatial=small, dtype=f32)
+    assert not uses_winograd("auto", kernel_size=3, stride=2, spatial=big, dtype=f32)
+    assert not uses_winograd("auto", kernel_size=1, stride=1, spatial=big, dtype=f32)
+    assert not uses_winograd("auto", kernel_size=3, stride=1, spatial=big, dtype=jnp.bfloat16)
+    assert not uses_winograd("direct", kernel_size=3, stride=1, spatial=big, dtype=f32)
+    assert uses_winograd("winograd", kernel_size=3, stride=1, spatial=small, dtype=f32)
+    assert not uses_winograd("winograd", kernel_size=3, stride=2, spatial=big, dtype=f32)
+    with pytest.raises(ValueError, match="needs float32, got bfloat16"):
+        uses_winograd("winograd", kernel_size=3, stride=1, spatial=big, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="unknown conv_algorithm 'wino'"):
+        uses_winograd("wino", kernel_size=3, stride=1, spatial=big, dtype=f32)
+
+
+def _count_convolutions(model, variables, images):
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    return str(jaxpr).count("conv_general_dilated")
+
+
+def test_resnet_takes_winograd_where_auto_says_and_keeps_parameters_and_outputs():
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
+    models = {name: create_model("resnet18_small", num_classes=10, width=8, conv_algorithm=name)
+              for name in ("auto", "direct")}
+    variables = {name: m.init(jax.random.PRNGKey(0), images) for name, m in models.items()}
+    # The same parameters, initialised alike: checkpoints load into either.
+    jax.tree.map(np.testing.assert_array_equal, variables["auto"], variables["direct"])
+
+    # resnet18_small at 32 px: stages at 32, 16, 8 and 4 px. Direct: the stem, 16
+    # block convolutions and 3 projections. "auto" takes the stride-1 3x3 ones at
+    # 14 px and more: all four of stage 1, and the last three of stage 2.
+    assert _count_convolutions(models["direct"], variables["direct"], images) == 20
+    assert _count_convolutions(models["auto"], variables["auto"], images) == 20 - 7
+
+    def loss(model, params, batch_stats):
+        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                train=True, mutable=["batch_stats"])
+        return jnp.sum(logits ** 2), logits
+
+    results = {}
+    for name, model in models.items():
+        v = variables[name]
+        gradient = jax.jit(jax.value_and_grad(lambda p, s: loss(model, p, s), has_aux=True))
+        (_, logits), grads = gradient(v["params"], v["batch_stats"])
+        results[name] = (logits, grads)
+    logits_error = relative_error(results["auto"][0], np.asarray(results["direct"][0], np.float64))
+    assert 0 < logits_error < 1e-4
+    for path, grad in jax.tree_util.tree_leaves_with_path(results["auto"][1]):
+        expected = np.asarray(
+            _leaf(results["direct"][1], path), np.float64)
+        assert relative_error(grad, expected) < 1e-3, jax.tree_util.keystr(path)
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
+def test_resnet_rejects_an_unknown_algorithm():
+    model = create_model("resnet18_small", num_classes=10, width=8, conv_algorithm="fast")
+    with pytest.raises(ValueError, match="unknown conv_algorithm 'fast'"):
+        model.init(jax.random.PRNGKey(0), jnp.ones((1, 32, 32, 3)))
