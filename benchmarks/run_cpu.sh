@@ -13,12 +13,13 @@ run() { local name=$1; shift; echo "== $name: $*" >&2; "$@" > "$LOGS/$name.txt" 
 vs_torch() {
   local suffix=$1; shift
   run "vit_tiny_vs_torch$suffix" "$@" "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --compare-model-kwarg last_block_all_tokens=true --steps 16 --warmup 2 --chunk 2
-  run "resnet18_vs_torch$suffix" "$@" "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --steps 12 --warmup 2 --chunk 2
+  run "resnet18_vs_torch$suffix" "$@" "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --compare-model-kwarg conv_algorithm=direct --steps 12 --warmup 2 --chunk 2
 }
 case "${1:-all}" in
   vs_torch|all)
     # JAX (tuned), JAX with XLA's default YNNPACK use, (ViT) JAX with the last block computing
-    # every token as PyTorch does, PyTorch, the matmul peak, and both eval steps, interleaved.
+    # every token as PyTorch does, (ResNet) JAX with direct 3x3 convolutions instead of
+    # Winograd's, PyTorch, the matmul peak, and both eval steps, interleaved.
     vs_torch "" ;;&
   malloc|all)
     # The same two runs on glibc's malloc (huge pages) instead of TCMalloc (compare with vs_torch).

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from noisy_flax.models import create_model
-from noisy_flax.models.winograd import AUTO_MIN_SIDE, uses_winograd, winograd_conv3x3
+from noisy_flax.models.winograd import (AUTO_MIN_CHANNELS, AUTO_MIN_SIDE, uses_winograd,
+                                        winograd_conv3x3)
 
 
 def numpy_conv3x3(x, kernel):
@@ -82,20 +83,24 @@ def test_bad_shapes_are_named():
 
 
 def test_choice_rules():
-    f32 = jnp.float32
-    big, small = (AUTO_MIN_SIDE, 56), (AUTO_MIN_SIDE - 1, 56)
-    assert uses_winograd("auto", kernel_size=3, stride=1, spatial=big, dtype=f32)  # this is a CPU
-    assert not uses_winograd("auto", kernel_size=3, stride=1, spatial=small, dtype=f32)
-    assert not uses_winograd("auto", kernel_size=3, stride=2, spatial=big, dtype=f32)
-    assert not uses_winograd("auto", kernel_size=1, stride=1, spatial=big, dtype=f32)
-    assert not uses_winograd("auto", kernel_size=3, stride=1, spatial=big, dtype=jnp.bfloat16)
-    assert not uses_winograd("direct", kernel_size=3, stride=1, spatial=big, dtype=f32)
-    assert uses_winograd("winograd", kernel_size=3, stride=1, spatial=small, dtype=f32)
-    assert not uses_winograd("winograd", kernel_size=3, stride=2, spatial=big, dtype=f32)
+    def choose(choice="auto", kernel_size=3, stride=1, spatial=(AUTO_MIN_SIDE, 56),
+               channels=AUTO_MIN_CHANNELS, dtype=jnp.float32):
+        return uses_winograd(choice, kernel_size=kernel_size, stride=stride, spatial=spatial,
+                             channels=channels, dtype=dtype)
+
+    assert choose()  # this is a CPU
+    assert not choose(spatial=(AUTO_MIN_SIDE - 1, 56))
+    assert not choose(channels=AUTO_MIN_CHANNELS - 1)
+    assert not choose(stride=2)
+    assert not choose(kernel_size=1)
+    assert not choose(dtype=jnp.bfloat16)
+    assert not choose("direct")
+    assert choose("winograd", spatial=(1, 1), channels=1)
+    assert not choose("winograd", stride=2)
     with pytest.raises(ValueError, match="needs float32, got bfloat16"):
-        uses_winograd("winograd", kernel_size=3, stride=1, spatial=big, dtype=jnp.bfloat16)
+        choose("winograd", dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="unknown conv_algorithm 'wino'"):
-        uses_winograd("wino", kernel_size=3, stride=1, spatial=big, dtype=f32)
+        choose("wino")
 
 
 def _count_convolutions(model, variables, images):
@@ -104,18 +109,19 @@ def _count_convolutions(model, variables, images):
 
 
 def test_resnet_takes_winograd_where_auto_says_and_keeps_parameters_and_outputs():
-    images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
-    models = {name: create_model("resnet18_small", num_classes=10, width=8, conv_algorithm=name)
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
+    models = {name: create_model("resnet18_small", num_classes=10, width=32, conv_algorithm=name)
               for name in ("auto", "direct")}
     variables = {name: m.init(jax.random.PRNGKey(0), images) for name, m in models.items()}
     # The same parameters, initialised alike: checkpoints load into either.
     jax.tree.map(np.testing.assert_array_equal, variables["auto"], variables["direct"])
 
-    # resnet18_small at 32 px: stages at 32, 16, 8 and 4 px. Direct: the stem, 16
-    # block convolutions and 3 projections. "auto" takes the stride-1 3x3 ones at
-    # 14 px and more: all four of stage 1, and the last three of stage 2.
+    # resnet18_small of width 32 at 64 px: stages of 32, 64, 128 and 256 channels
+    # at 64, 32, 16 and 8 px. Direct: the stem, 16 block convolutions and 3
+    # projections. "auto" takes the stride-1 3x3 ones with 128 input channels
+    # or more on maps of 14 px or more: stage 3's, less its strided first.
     assert _count_convolutions(models["direct"], variables["direct"], images) == 20
-    assert _count_convolutions(models["auto"], variables["auto"], images) == 20 - 7
+    assert _count_convolutions(models["auto"], variables["auto"], images) == 20 - 3
 
     def loss(model, params, batch_stats):
         logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, images,

@@ -26,11 +26,12 @@ STEMS = ("imagenet", "small")
 
 
 def _conv(features: int, kernel: int, stride: int, dtype, name: str,
-          algorithm: str = "direct", spatial: Sequence[int] = (0, 0)) -> nn.Module:
+          algorithm: str = "direct", input_shape: Sequence[int] = (0, 0, 0, 0)) -> nn.Module:
     """A convolution without bias; ``algorithm`` (see ``models.winograd``)
     may compute a 3x3, stride-1 one by Winograd's F(4x4, 3x3) instead."""
     init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-    if uses_winograd(algorithm, kernel_size=kernel, stride=stride, spatial=spatial, dtype=dtype):
+    if uses_winograd(algorithm, kernel_size=kernel, stride=stride, spatial=input_shape[1:3],
+                     channels=input_shape[3], dtype=dtype):
         return WinogradConv3x3(features, dtype=dtype, kernel_init=init, name=name)
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
@@ -54,9 +55,9 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         y = _conv(self.features, 3, self.stride, self.dtype, "conv1",
-                  self.conv_algorithm, x.shape[1:3])(x)
+                  self.conv_algorithm, x.shape)(x)
         y = relu(_norm(train, self.dtype, "bn1")(y))
-        y = _conv(self.features, 3, 1, self.dtype, "conv2", self.conv_algorithm, y.shape[1:3])(y)
+        y = _conv(self.features, 3, 1, self.dtype, "conv2", self.conv_algorithm, y.shape)(y)
         y = _norm(train, self.dtype, "bn2")(y)
         return relu(y + _shortcut(self, x, train))
 
@@ -73,7 +74,7 @@ class Bottleneck(nn.Module):
         y = _conv(self.features, 1, 1, self.dtype, "conv1")(x)
         y = relu(_norm(train, self.dtype, "bn1")(y))
         y = _conv(self.features, 3, self.stride, self.dtype, "conv2",
-                  self.conv_algorithm, y.shape[1:3])(y)
+                  self.conv_algorithm, y.shape)(y)
         y = relu(_norm(train, self.dtype, "bn2")(y))
         y = _conv(self.features * 4, 1, 1, self.dtype, "conv3")(y)
         y = _norm(train, self.dtype, "bn3")(y)
@@ -97,8 +98,8 @@ class ResNet(nn.Module):
     ``conv_algorithm``: how the blocks' 3x3, stride-1 convolutions are
     computed, one of ``models.winograd.CONV_ALGORITHMS``. ``"auto"`` (the
     default) takes Winograd's F(4x4, 3x3) on a CPU in float32 for maps of
-    14 px and more, the direct convolution otherwise; the parameters are the
-    same either way."""
+    14 px and more with 128 channels and more, the direct convolution
+    otherwise; the parameters are the same either way."""
     stage_sizes: Sequence[int]
     block_cls: type
     num_classes: int

@@ -10,13 +10,15 @@ transforms are additions with small constants. It gives the same
 convolution up to float32 rounding (relative error of a few 1e-6 against
 the direct form's 1e-7, both measured against float64).
 
-On XLA:CPU the matmuls run on Eigen at near its peak, while the direct
-convolution's weight gradient needs channel-major copies of its input: for
-ResNet-18 at 56, 28 and 14 px, forward and backward run 1.5-2.1x faster this
-way (BENCHMARKS.md). Below 14 px (ResNet's last stage at 224 px) the tiles
-cover the map too loosely to gain, so ``"auto"`` keeps the direct form there,
-and on every other backend, where cuDNN and TPU convolutions are fast and
-half precision would not carry the transforms' constants.
+``"auto"`` takes it where it made the whole ResNet-18 train step faster on
+XLA:CPU (BENCHMARKS.md): float32 maps of at least 14 px with at least 128
+input channels, that is the second and third stages at 224 px. Below 14 px
+the 4x4 tiles cover the map too loosely; with 64 channels the transforms'
+memory traffic and Eigen's slow 64 x 64 kernel-gradient products ate the
+gain inside the step although the layer alone ran faster. On every other
+backend cuDNN's and the TPU's convolutions are fast, and half precision
+would not carry the transforms' constants, so ``"auto"`` keeps the direct
+form there.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ import numpy as np
 
 CONV_ALGORITHMS = ("auto", "direct", "winograd")
 TILE = 4                     # output block side, m in F(m x m, 3x3)
-AUTO_MIN_SIDE = 14           # "auto": smallest map side that gains on the CPU
+AUTO_MIN_SIDE = 14           # "auto" on the CPU: the smallest map side,
+AUTO_MIN_CHANNELS = 128      # and the fewest input channels, that gained
 
 # Interpolation points 0, 1, -1, 2, -2 and infinity.
 _INPUT_T = np.array([[4, 0, -5, 0, 1, 0],      # B^T: 6x6 input block to the product basis
@@ -56,8 +59,8 @@ def check_conv_algorithm(name: str) -> str:
     return name
 
 
-def uses_winograd(choice: str, *, kernel_size: int, stride: int,
-                  spatial: Sequence[int], dtype: Any) -> bool:
+def uses_winograd(choice: str, *, kernel_size: int, stride: int, spatial: Sequence[int],
+                  channels: int, dtype: Any) -> bool:
     """Whether a convolution with these settings runs as Winograd's F(4x4, 3x3)."""
     check_conv_algorithm(choice)
     if choice == "direct" or kernel_size != 3 or stride != 1:
@@ -68,7 +71,7 @@ def uses_winograd(choice: str, *, kernel_size: int, stride: int,
                              "use conv_algorithm='auto' or 'direct' for half precision")
         return True
     return (jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32
-            and min(spatial) >= AUTO_MIN_SIDE)
+            and min(spatial) >= AUTO_MIN_SIDE and channels >= AUTO_MIN_CHANNELS)
 
 
 def _combine(matrix: np.ndarray, parts: Sequence[jax.Array]) -> jax.Array:
