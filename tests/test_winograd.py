@@ -37,7 +37,8 @@ def numpy_conv3x3_gradients(x, kernel, out_grad):
 
 
 def relative_error(actual, expected):
-    return float(np.linalg.norm(np.asarray(actual, np.float64) - expected) / np.linalg.norm(expected))
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 # Sides that are and are not whole 4x4 tiles, non-square maps, channel changes.
@@ -134,18 +135,12 @@ def test_resnet_takes_winograd_where_auto_says_and_keeps_parameters_and_outputs(
         gradient = jax.jit(jax.value_and_grad(lambda p, s: loss(model, p, s), has_aux=True))
         (_, logits), grads = gradient(v["params"], v["batch_stats"])
         results[name] = (logits, grads)
-    logits_error = relative_error(results["auto"][0], np.asarray(results["direct"][0], np.float64))
+    logits_error = relative_error(results["auto"][0], results["direct"][0])
     assert 0 < logits_error < 1e-4
-    for path, grad in jax.tree_util.tree_leaves_with_path(results["auto"][1]):
-        expected = np.asarray(
-            _leaf(results["direct"][1], path), np.float64)
+    # Same parameter tree on both sides (checked above), so the leaves pair up in order.
+    for (path, grad), expected in zip(jax.tree_util.tree_leaves_with_path(results["auto"][1]),
+                                      jax.tree.leaves(results["direct"][1]), strict=True):
         assert relative_error(grad, expected) < 1e-3, jax.tree_util.keystr(path)
-
-
-def _leaf(tree, path):
-    for key in path:
-        tree = tree[key.key]
-    return tree
 
 
 def test_resnet_rejects_an_unknown_algorithm():

@@ -118,8 +118,8 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     blocks = _transform_blocks(rows, 3, tiles_w)            # (6 col, 6 row, B, th, tw, C)
     blocks = blocks.reshape(size * size, batch * tiles_h * tiles_w, in_channels)
     # The kernel in the same (column, row) order as the blocks.
-    weights = jnp.einsum("ri,ijco,sj->srco", _KERNEL.astype(kernel.dtype), kernel,
-                         _KERNEL.astype(kernel.dtype))
+    to_basis = _KERNEL.astype(kernel.dtype)
+    weights = jnp.einsum("ri,ijco,sj->srco", to_basis, kernel, to_basis)
     weights = weights.reshape(size * size, in_channels, out_channels)
     products = jax.lax.dot_general(blocks, weights, (((2,), (1,)), ((0,), (0,))))
     products = products.reshape(size, size, batch, tiles_h, tiles_w, out_channels)
