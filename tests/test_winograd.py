@@ -120,9 +120,10 @@ def test_resnet_takes_winograd_where_auto_says_and_keeps_parameters_and_outputs(
     # resnet18_small of width 32 at 64 px: stages of 32, 64, 128 and 256 channels
     # at 64, 32, 16 and 8 px. Direct: the stem, 16 block convolutions and 3
     # projections. "auto" takes the stride-1 3x3 ones with 128 input channels
-    # or more on maps of 14 px or more: stage 3's, less its strided first.
+    # or more on maps of 7 px or more: stage 3's and stage 4's, less the
+    # strided first of each.
     assert _count_convolutions(models["direct"], variables["direct"], images) == 20
-    assert _count_convolutions(models["auto"], variables["auto"], images) == 20 - 3
+    assert _count_convolutions(models["auto"], variables["auto"], images) == 20 - 6
 
     def loss(model, params, batch_stats):
         logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, images,

@@ -98,7 +98,7 @@ class ResNet(nn.Module):
     ``conv_algorithm``: how the blocks' 3x3, stride-1 convolutions are
     computed, one of ``models.winograd.CONV_ALGORITHMS``. ``"auto"`` (the
     default) takes Winograd's F(4x4, 3x3) on a CPU in float32 for maps of
-    14 px and more with 128 channels and more, the direct convolution
+    7 px and more with 128 channels and more, the direct convolution
     otherwise; the parameters are the same either way."""
     stage_sizes: Sequence[int]
     block_cls: type

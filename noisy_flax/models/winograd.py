@@ -11,14 +11,13 @@ convolution up to float32 rounding (relative error of a few 1e-6 against
 the direct form's 1e-7, both measured against float64).
 
 ``"auto"`` takes it where it made the whole ResNet-18 train step faster on
-XLA:CPU (BENCHMARKS.md): float32 maps of at least 14 px with at least 128
-input channels, that is the second and third stages at 224 px. Below 14 px
-the 4x4 tiles cover the map too loosely; with 64 channels the transforms'
-memory traffic and Eigen's slow 64 x 64 kernel-gradient products ate the
-gain inside the step although the layer alone ran faster. On every other
-backend cuDNN's and the TPU's convolutions are fast, and half precision
-would not carry the transforms' constants, so ``"auto"`` keeps the direct
-form there.
+XLA:CPU (BENCHMARKS.md): float32 maps of at least 7 px with at least 128
+input channels, that is the second, third and fourth stages at 224 px.
+With 64 channels the transforms' memory traffic and Eigen's slow 64 x 64
+kernel-gradient products ate the gain inside the step although the layer
+alone ran as fast. On every other backend cuDNN's and the TPU's
+convolutions are fast, and half precision would not carry the transforms'
+constants, so ``"auto"`` keeps the direct form there.
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ import numpy as np
 
 CONV_ALGORITHMS = ("auto", "direct", "winograd")
 TILE = 4                     # output block side, m in F(m x m, 3x3)
-AUTO_MIN_SIDE = 14           # "auto" on the CPU: the smallest map side,
+AUTO_MIN_SIDE = 7            # "auto" on the CPU: the smallest map side,
 AUTO_MIN_CHANNELS = 128      # and the fewest input channels, that gained
 
 # Interpolation points 0, 1, -1, 2, -2 and infinity.
@@ -98,6 +97,16 @@ def _transform_blocks(x: jax.Array, axis: int, tiles: int) -> jax.Array:
     return _combine(_INPUT_T, windows)
 
 
+def _transform_kernel(kernel: jax.Array) -> jax.Array:
+    """G g G^T for every channel pair of an HWIO kernel: (6 column, 6 row, I, O),
+    the order of the input blocks. Written as scaled sums of kernel rows, it
+    is one pass over memory; as an einsum XLA:CPU lowered it to matmuls with
+    3-long contractions and strided copies, 40 ms per train step for one
+    512-channel layer, more than its products."""
+    rows = _combine(_KERNEL, [kernel[i] for i in range(3)])          # (6 row, 3 col, I, O)
+    return _combine(_KERNEL, [rows[:, j] for j in range(3)])         # (6 col, 6 row, I, O)
+
+
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """A 3x3, stride-1 convolution with padding 1 of an NHWC map by an HWIO
     kernel: ``lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
@@ -117,10 +126,7 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     rows = _transform_blocks(padded, 1, tiles_h)           # (6 row, B, th, W, C)
     blocks = _transform_blocks(rows, 3, tiles_w)            # (6 col, 6 row, B, th, tw, C)
     blocks = blocks.reshape(size * size, batch * tiles_h * tiles_w, in_channels)
-    # The kernel in the same (column, row) order as the blocks.
-    to_basis = _KERNEL.astype(kernel.dtype)
-    weights = jnp.einsum("ri,ijco,sj->srco", to_basis, kernel, to_basis)
-    weights = weights.reshape(size * size, in_channels, out_channels)
+    weights = _transform_kernel(kernel).reshape(size * size, in_channels, out_channels)
     products = jax.lax.dot_general(blocks, weights, (((2,), (1,)), ((0,), (0,))))
     products = products.reshape(size, size, batch, tiles_h, tiles_w, out_channels)
     columns = _combine(_OUTPUT_T, [products[s] for s in range(size)])     # (4 col, 6 row, ...)
