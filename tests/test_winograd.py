@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from noisy_flax.models import create_model
-from noisy_flax.models.winograd import (AUTO_MIN_CHANNELS, AUTO_MIN_SIDE, uses_winograd,
+from noisy_flax.models.winograd import (AUTO_MIN_CHANNELS, AUTO_MIN_ROWS, AUTO_MIN_SIDE, uses_winograd,
                                         winograd_conv3x3)
 
 
@@ -84,19 +84,24 @@ def test_bad_shapes_are_named():
 
 
 def test_choice_rules():
-    def choose(choice="auto", kernel_size=3, stride=1, spatial=(AUTO_MIN_SIDE, 56),
-               channels=AUTO_MIN_CHANNELS, dtype=jnp.float32):
-        return uses_winograd(choice, kernel_size=kernel_size, stride=stride, spatial=spatial,
-                             channels=channels, dtype=dtype)
+    # A 7x7 map is covered by 2 x 2 tiles of 4x4, so a batch of 32 gives 128.
+    def choose(choice="auto", kernel_size=3, stride=1, input_shape=(32, 7, 7, 128),
+               dtype=jnp.float32):
+        return uses_winograd(choice, kernel_size=kernel_size, stride=stride,
+                             input_shape=input_shape, dtype=dtype)
 
+    assert (AUTO_MIN_SIDE, AUTO_MIN_CHANNELS, AUTO_MIN_ROWS) == (7, 128, 128)
     assert choose()  # this is a CPU
-    assert not choose(spatial=(AUTO_MIN_SIDE - 1, 56))
-    assert not choose(channels=AUTO_MIN_CHANNELS - 1)
+    assert not choose(input_shape=(32, 6, 7, 128))       # a side below 7
+    assert not choose(input_shape=(32, 7, 7, 127))       # fewer than 128 channels
+    assert not choose(input_shape=(31, 7, 7, 128))       # 124 tiles
+    assert choose(input_shape=(16, 14, 14, 256))         # 16 x 4 x 4 = 256 tiles
+    assert not choose(input_shape=(16, 7, 7, 512))       # ResNet-50's last stage at batch 16
     assert not choose(stride=2)
     assert not choose(kernel_size=1)
     assert not choose(dtype=jnp.bfloat16)
     assert not choose("direct")
-    assert choose("winograd", spatial=(1, 1), channels=1)
+    assert choose("winograd", input_shape=(1, 1, 1, 1))
     assert not choose("winograd", stride=2)
     with pytest.raises(ValueError, match="needs float32, got bfloat16"):
         choose("winograd", dtype=jnp.bfloat16)
@@ -110,20 +115,22 @@ def _count_convolutions(model, variables, images):
 
 
 def test_resnet_takes_winograd_where_auto_says_and_keeps_parameters_and_outputs():
-    images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((8, 64, 64, 3)), jnp.float32)
     models = {name: create_model("resnet18_small", num_classes=10, width=32, conv_algorithm=name)
               for name in ("auto", "direct")}
-    variables = {name: m.init(jax.random.PRNGKey(0), images) for name, m in models.items()}
-    # The same parameters, initialised alike: checkpoints load into either.
+    # Initialised on one image, where "auto" picks no Winograd convolution at
+    # all: the same parameters, initialised alike, so checkpoints load into either.
+    variables = {name: m.init(jax.random.PRNGKey(0), images[:1]) for name, m in models.items()}
     jax.tree.map(np.testing.assert_array_equal, variables["auto"], variables["direct"])
 
     # resnet18_small of width 32 at 64 px: stages of 32, 64, 128 and 256 channels
     # at 64, 32, 16 and 8 px. Direct: the stem, 16 block convolutions and 3
     # projections. "auto" takes the stride-1 3x3 ones with 128 input channels
-    # or more on maps of 7 px or more: stage 3's and stage 4's, less the
-    # strided first of each.
+    # or more, on maps of 7 px or more, with 128 tiles or more: stage 3's
+    # (8 images x 4 x 4 tiles), less its strided first; stage 4 has 8 x 2 x 2.
     assert _count_convolutions(models["direct"], variables["direct"], images) == 20
-    assert _count_convolutions(models["auto"], variables["auto"], images) == 20 - 6
+    assert _count_convolutions(models["auto"], variables["auto"], images) == 20 - 3
+    assert _count_convolutions(models["auto"], variables["auto"], images[:1]) == 20
 
     def loss(model, params, batch_stats):
         logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, images,

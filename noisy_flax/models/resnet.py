@@ -30,8 +30,8 @@ def _conv(features: int, kernel: int, stride: int, dtype, name: str,
     """A convolution without bias; ``algorithm`` (see ``models.winograd``)
     may compute a 3x3, stride-1 one by Winograd's F(4x4, 3x3) instead."""
     init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-    if uses_winograd(algorithm, kernel_size=kernel, stride=stride, spatial=input_shape[1:3],
-                     channels=input_shape[3], dtype=dtype):
+    if uses_winograd(algorithm, kernel_size=kernel, stride=stride, input_shape=input_shape,
+                     dtype=dtype):
         return WinogradConv3x3(features, dtype=dtype, kernel_init=init, name=name)
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
@@ -98,8 +98,9 @@ class ResNet(nn.Module):
     ``conv_algorithm``: how the blocks' 3x3, stride-1 convolutions are
     computed, one of ``models.winograd.CONV_ALGORITHMS``. ``"auto"`` (the
     default) takes Winograd's F(4x4, 3x3) on a CPU in float32 for maps of
-    7 px and more with 128 channels and more, the direct convolution
-    otherwise; the parameters are the same either way."""
+    7 px and more with 128 channels and more and at least 128 4x4 tiles
+    in the batch, the direct convolution otherwise; the parameters are the
+    same either way."""
     stage_sizes: Sequence[int]
     block_cls: type
     num_classes: int

@@ -12,7 +12,10 @@ the direct form's 1e-7, both measured against float64).
 
 ``"auto"`` takes it where it made the whole ResNet-18 train step faster on
 XLA:CPU (BENCHMARKS.md): float32 maps of at least 7 px with at least 128
-input channels, that is the second, third and fourth stages at 224 px.
+input channels, and at least 128 4x4 tiles in the batch, that is the
+second, third and fourth stages of ResNet-18 at 224 px and batch 32. The
+kernel's transforms cost the same at any batch, so with fewer tiles (the
+fourth stage at batch 16) they ate the gain of the products.
 With 64 channels the transforms' memory traffic and Eigen's slow 64 x 64
 kernel-gradient products ate the gain inside the step although the layer
 alone ran as fast. On every other backend cuDNN's and the TPU's
@@ -31,7 +34,8 @@ import numpy as np
 CONV_ALGORITHMS = ("auto", "direct", "winograd")
 TILE = 4                     # output block side, m in F(m x m, 3x3)
 AUTO_MIN_SIDE = 7            # "auto" on the CPU: the smallest map side,
-AUTO_MIN_CHANNELS = 128      # and the fewest input channels, that gained
+AUTO_MIN_CHANNELS = 128      # the fewest input channels,
+AUTO_MIN_ROWS = 128          # and the fewest tiles (rows of each product) that gained
 
 # Interpolation points 0, 1, -1, 2, -2 and infinity.
 _INPUT_T = np.array([[4, 0, -5, 0, 1, 0],      # B^T: 6x6 input block to the product basis
@@ -58,9 +62,10 @@ def check_conv_algorithm(name: str) -> str:
     return name
 
 
-def uses_winograd(choice: str, *, kernel_size: int, stride: int, spatial: Sequence[int],
-                  channels: int, dtype: Any) -> bool:
-    """Whether a convolution with these settings runs as Winograd's F(4x4, 3x3)."""
+def uses_winograd(choice: str, *, kernel_size: int, stride: int, input_shape: Sequence[int],
+                  dtype: Any) -> bool:
+    """Whether a convolution with these settings, on an NHWC input of
+    ``input_shape``, runs as Winograd's F(4x4, 3x3)."""
     check_conv_algorithm(choice)
     if choice == "direct" or kernel_size != 3 or stride != 1:
         return False
@@ -69,8 +74,11 @@ def uses_winograd(choice: str, *, kernel_size: int, stride: int, spatial: Sequen
             raise ValueError(f"conv_algorithm='winograd' needs float32, got {jnp.dtype(dtype).name}; "
                              "use conv_algorithm='auto' or 'direct' for half precision")
         return True
+    batch, height, width, channels = input_shape
+    rows = batch * -(-height // TILE) * -(-width // TILE)
     return (jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32
-            and min(spatial) >= AUTO_MIN_SIDE and channels >= AUTO_MIN_CHANNELS)
+            and min(height, width) >= AUTO_MIN_SIDE and channels >= AUTO_MIN_CHANNELS
+            and rows >= AUTO_MIN_ROWS)
 
 
 def _combine(matrix: np.ndarray, parts: Sequence[jax.Array]) -> jax.Array:
