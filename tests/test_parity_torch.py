@@ -42,7 +42,8 @@ def _randomise_batchnorm_statistics(module, generator) -> None:
                 layer.bias.copy_(0.1 * torch.randn(count, generator=generator))
 
 
-def _logit_difference(torch_model, name: str, side: int, tmp_path) -> tuple[float, float]:
+def _logit_difference(torch_model, name: str, side: int, tmp_path,
+                      **model_kwargs) -> tuple[float, float]:
     torch_model.eval()
     path = tmp_path / f"{name}.safetensors"
     safetensors_torch.save_file(torch_model.state_dict(), str(path))
@@ -50,12 +51,12 @@ def _logit_difference(torch_model, name: str, side: int, tmp_path) -> tuple[floa
     with torch.no_grad():
         expected = torch_model(torch.from_numpy(images)).numpy()
 
-    model = create_model(name, num_classes=expected.shape[-1])
+    model = create_model(name, num_classes=expected.shape[-1], **model_kwargs)
     variables = pretrained.load_params(str(path), model)
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     logits = np.asarray(apply(variables, images.transpose(0, 2, 3, 1)))
     difference = float(np.max(np.abs(logits - expected)))
-    print(f"\nparity {name}: max abs logit difference {difference:.3g} "
+    print(f"\nparity {name} {model_kwargs or ''}: max abs logit difference {difference:.3g} "
           f"(max |logit| {np.max(np.abs(expected)):.3g})")
     return difference, float(np.max(np.abs(expected)))
 
@@ -73,14 +74,18 @@ def test_timm_vit_logits_match(name, side, tmp_path):
     assert difference <= TOLERANCE
 
 
+# "auto" picks direct convolutions for this small batch; "winograd" takes
+# every stride-1 3x3 convolution, so both forms are held to torchvision.
+@pytest.mark.parametrize("conv_algorithm", ["direct", "winograd"])
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_torchvision_resnet_logits_match(name, tmp_path):
+def test_torchvision_resnet_logits_match(name, conv_algorithm, tmp_path):
     torch.manual_seed(0)  # torchvision's own initialisation draws from the global generator
     generator = torch.Generator().manual_seed(0)
     torch_model = getattr(torchvision.models, name)(weights=None)
     _perturb_all_parameters(torch_model, generator)
     _randomise_batchnorm_statistics(torch_model, generator)
-    difference, scale = _logit_difference(torch_model, name, 224, tmp_path)
+    difference, scale = _logit_difference(torch_model, name, 224, tmp_path,
+                                          conv_algorithm=conv_algorithm)
     assert scale > 0.1, "logits too small to tell a wrong mapping from a right one"
     assert difference <= TOLERANCE
 
