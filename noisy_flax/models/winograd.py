@@ -65,7 +65,9 @@ def check_conv_algorithm(name: str) -> str:
 def uses_winograd(choice: str, *, kernel_size: int, stride: int, input_shape: Sequence[int],
                   dtype: Any) -> bool:
     """Whether a convolution with these settings, on an NHWC input of
-    ``input_shape``, runs as Winograd's F(4x4, 3x3)."""
+    ``input_shape``, runs as Winograd's F(4x4, 3x3). The shape is the one
+    the model is traced with: under jit over several devices, the global
+    batch."""
     check_conv_algorithm(choice)
     if choice == "direct" or kernel_size != 3 or stride != 1:
         return False
