@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from noisy_flax.models import create_model
-from noisy_flax.models.winograd import (AUTO_MIN_CHANNELS, AUTO_MIN_ROWS, AUTO_MIN_SIDE, uses_winograd,
-                                        winograd_conv3x3)
+from noisy_flax.models.winograd import (AUTO_MIN_CHANNELS, AUTO_MIN_ROWS, AUTO_MIN_SIDE,
+                                        uses_winograd, winograd_conv3x3)
 
 
 def numpy_conv3x3(x, kernel):

@@ -14,9 +14,9 @@ the direct form's 1e-7, both measured against float64).
 XLA:CPU (BENCHMARKS.md): float32 maps of at least 7 px with at least 128
 input channels, and at least 128 4x4 tiles in the batch, that is the
 second, third and fourth stages of ResNet-18 at 224 px and batch 32. The
-kernel's transforms cost the same at any batch, so with fewer tiles (the
-fourth stage at batch 16) they ate the gain of the products.
-With 64 channels the transforms' memory traffic and Eigen's slow 64 x 64
+kernel's transforms cost the same at any batch, so with fewer tiles
+(ResNet-50's fourth stage at batch 16) they ate the products' gain. With
+64 channels the transforms' memory traffic and Eigen's slow 64 x 64
 kernel-gradient products ate the gain inside the step although the layer
 alone ran as fast. On every other backend cuDNN's and the TPU's
 convolutions are fast, and half precision would not carry the transforms'
