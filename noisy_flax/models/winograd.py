@@ -111,8 +111,8 @@ def _transform_kernel(kernel: jax.Array) -> jax.Array:
     """G g G^T for every channel pair of an HWIO kernel: (6 column, 6 row, I, O),
     the order of the input blocks. Written as scaled sums of kernel rows, it
     is one pass over memory; as an einsum XLA:CPU lowered it to matmuls with
-    3-long contractions and strided copies, 40 ms per train step for one
-    512-channel layer, more than its products."""
+    3-long contractions and strided copies: 33 ms of one 512-channel layer's
+    forward and backward at 7 px and batch 32, more than its products."""
     rows = _combine(_KERNEL, [kernel[i] for i in range(3)])          # (6 row, 3 col, I, O)
     return _combine(_KERNEL, [rows[:, j] for j in range(3)])         # (6 col, 6 row, I, O)
 
