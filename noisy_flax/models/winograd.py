@@ -56,10 +56,9 @@ _OUTPUT_T = np.array([[1, 1, 1, 1, 1, 0],      # A^T: product basis to the 4x4 o
                       [0, 1, -1, 8, -8, 1]], np.float32)
 
 
-def check_conv_algorithm(name: str) -> str:
-    if name not in CONV_ALGORITHMS:
-        raise ValueError(f"unknown conv_algorithm {name!r}; use one of {CONV_ALGORITHMS}")
-    return name
+def _tiles(side: int) -> int:
+    """How many 4-wide output blocks cover ``side``."""
+    return -(-side // TILE)
 
 
 def uses_winograd(choice: str, *, kernel_size: int, stride: int, input_shape: Sequence[int],
@@ -68,7 +67,8 @@ def uses_winograd(choice: str, *, kernel_size: int, stride: int, input_shape: Se
     ``input_shape``, runs as Winograd's F(4x4, 3x3). The shape is the one
     the model is traced with: under jit over several devices, the global
     batch."""
-    check_conv_algorithm(choice)
+    if choice not in CONV_ALGORITHMS:
+        raise ValueError(f"unknown conv_algorithm {choice!r}; use one of {CONV_ALGORITHMS}")
     if choice == "direct" or kernel_size != 3 or stride != 1:
         return False
     if choice == "winograd":
@@ -77,7 +77,7 @@ def uses_winograd(choice: str, *, kernel_size: int, stride: int, input_shape: Se
                              "use conv_algorithm='auto' or 'direct' for half precision")
         return True
     batch, height, width, channels = input_shape
-    rows = batch * -(-height // TILE) * -(-width // TILE)
+    rows = batch * _tiles(height) * _tiles(width)
     return (jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32
             and min(height, width) >= AUTO_MIN_SIDE and channels >= AUTO_MIN_CHANNELS
             and rows >= AUTO_MIN_ROWS)
@@ -129,7 +129,7 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     batch, height, width, _ = x.shape
     in_channels, out_channels = kernel.shape[2:]
     size = _INPUT_T.shape[0]
-    tiles_h, tiles_w = -(-height // TILE), -(-width // TILE)
+    tiles_h, tiles_w = _tiles(height), _tiles(width)
     # Padding 1 on the top and left, and on the bottom and right up to whole tiles.
     padded = jnp.pad(x, ((0, 0), (1, TILE * tiles_h + 1 - height),
                          (1, TILE * tiles_w + 1 - width), (0, 0)))
