@@ -7,7 +7,9 @@ torchvision weights with the fc head re-initialised, AdamW lr 1e-3 (PyTorch's
 default weight decay 0.01), cosine over 100 epochs to 1e-9, batch 512,
 RandomResizedCrop(224, area 0.05-1), ImageNet mean/std, circulant Q with
 alpha 0.4 and no gradient through the added term, at the input of the last
-block of stage 4, ON in training and evaluation.
+block of stage 4, ON in training and evaluation. Switched to the other noise
+types (``--config.noise.type=gaussian`` or ``salt_pepper``), it uses that
+script's values too: Gaussian strength 1.0, impulse probability 1.0.
 """
 from configs import common
 from configs.imagenet import imagenet_base, runlocal_model
@@ -27,7 +29,8 @@ def get_config(arg=None):
     c.input.normalize = "imagenet"
     c.init_dont_load = ("^fc/",)  # the released code re-initialises the head
     c.noise.update(type="circulant", alpha=0.4, stop_gradient=True, site="block_input",
-                   stage=4, layer=-1, scope="device", train=True, eval=True)
+                   stage=4, layer=-1, scope="device", train=True, eval=True,
+                   strength=1.0, prob=1.0)
     c.batch_size = 512
     c.optimizer = "adamw"
     c.lr = 1e-3

@@ -35,6 +35,10 @@ SITES = ("image", "embedding", "block_input", "attn_input")
 SCOPES = ("device", "global")
 # Noises that mix the samples of a batch: their result depends on the batch.
 BATCH_MIXING = ("optimal_q", "circulant")
+# Noises whose result depends on which batch they see, so scope='device' runs
+# them per shard; salt-and-pepper takes its extremes over the batch. The
+# others act per sample and run on the global array whatever the scope.
+BATCH_DEPENDENT = BATCH_MIXING + ("salt_pepper",)
 
 
 # ---------------------------------------------------------------------------
@@ -55,17 +59,23 @@ def circulant_q(k: int, alpha: float) -> np.ndarray:
     return alpha * (shift - np.eye(k))
 
 
-def check_circulant(k: int, alpha: float) -> None:
+def check_circulant(k: int, alpha: float, *, padded: bool = False) -> None:
     """Rejects circulant settings that destroy the input.
 
     det(I+Q) = (1-alpha)^k - (-alpha)^k vanishes exactly for alpha = 0.5 with
     even k. alpha = 1 is invertible (I+Q is the shift itself) but keeps none
-    of the sample, so it is not noise on the sample any more.
+    of the sample, so it is not noise on the sample any more. ``padded``: the
+    k rows may hold any number of real samples (a masked evaluation batch),
+    so alpha = 0.5 is singular whenever that number is even.
     """
     if not 0.0 <= alpha < 1.0:
         raise ValueError(
             f"circulant alpha={alpha} is outside [0, 1): alpha=1 replaces every sample by its "
             "neighbour; use 0 <= alpha < 1 (the paper uses 0.3 and 0.4)")
+    if alpha == 0.5 and padded and k >= 2:
+        raise ValueError(
+            f"circulant alpha=0.5 with padded batches of k={k} rows makes I+Q singular whenever "
+            "an even number of them are real (det = 0.5^n - 0.5^n = 0); use another alpha")
     if alpha == 0.5 and k % 2 == 0:
         raise ValueError(
             f"circulant alpha=0.5 with an even batch k={k} makes I+Q singular "
@@ -121,7 +131,7 @@ def circulant_noise(x: Array, *, alpha: float, stop_gradient: bool = False,
     published CNN code. Masked rows neither give nor receive.
     """
     del key
-    check_circulant(x.shape[0], alpha)
+    check_circulant(x.shape[0], alpha, padded=mask is not None)
     neighbour = jnp.take(x, _next_real_index(x.shape[0], mask), axis=0)
     added = alpha * (neighbour - x)
     if stop_gradient:
@@ -276,19 +286,21 @@ def noise_config(**overrides: Any) -> ml_collections.ConfigDict:
     """The noise ConfigDict with every field and its default."""
     cfg = ml_collections.ConfigDict(dict(
         type="none",          # one of NOISE_TYPES
-        strength=0.1,         # gaussian: x + strength * N(mean, std)
+        strength=0.1,         # gaussian: x + strength * N(mean, std); published ViT 0.1, CNN 1.0
         mean=0.0,
         std=1.0,
-        alpha=0.4,            # circulant (and within_image with q='circulant')
+        alpha=0.4,            # circulant (and within_image q='circulant'): CNN script 0.4, appendix 0.3
         stop_gradient=False,  # circulant: no gradient through Qx (published CNN)
         q="optimal",          # within_image: 'optimal' or 'circulant'
-        prob=0.05,            # salt_pepper
+        prob=0.05,            # salt_pepper: not a published value; the published CNN run used 1.0
         site="attn_input",    # see Noise
         layer=-1,
         stage=4,
+        # On in both modes, as in the published CNN; the published ViT trained
+        # with noise off (train=False, configs/noisyvit_imagenet.py).
         train=True,
         eval=True,
-        scope="device",       # batch mixing per device shard (published) or 'global'
+        scope="device",       # batch-dependent noise per device shard (published) or 'global'
     ))
     _check_fields(overrides, cfg)
     cfg.update(overrides)
@@ -300,7 +312,8 @@ def make_noise(config: Mapping[str, Any] | None, *, mesh: Optional[Mesh] = None,
     """Builds a Noise from a (partial) noise config; None for type 'none'.
 
     ``mesh`` is needed for ``scope='device'`` when more than one device holds
-    the batch: the noise then runs on each device's shard separately.
+    the batch: batch-dependent noise (``BATCH_DEPENDENT``) then runs on each
+    device's shard separately.
     """
     if config is None:
         return None
@@ -310,11 +323,11 @@ def make_noise(config: Mapping[str, Any] | None, *, mesh: Optional[Mesh] = None,
     if cfg.type == "none":
         return None
     fn, needs_key = _base_function(cfg)
-    if cfg.scope == "device" and mesh is not None and mesh.size > 1:
-        fn = per_device(fn, mesh, batch_axes)
-    elif (cfg.scope == "device" and mesh is None and jax.device_count() > 1
-          and cfg.type in BATCH_MIXING + ("salt_pepper",)):
-        fn = _ambient_mesh_per_device(fn, batch_axes)
+    if cfg.scope == "device" and cfg.type in BATCH_DEPENDENT:
+        if mesh is not None and mesh.size > 1:
+            fn = per_device(fn, mesh, batch_axes)
+        elif mesh is None and jax.device_count() > 1:
+            fn = _ambient_mesh_per_device(fn, batch_axes)
     return Noise(fn=fn, site=cfg.site, layer=cfg.layer, stage=cfg.stage, train=cfg.train,
                  eval=cfg.eval, needs_key=needs_key, name=cfg.type)
 

@@ -68,8 +68,8 @@ def check_circulant_batches(config, mesh: Mesh) -> None:
     sizes = {"train": config.batch_size // config.grad_accum_steps // per,
              "eval": config.eval_batch_size // per}
     for mode, k in sizes.items():
-        if cfg.get(mode, True):
-            noise.check_circulant(k, cfg.alpha)
+        if cfg.get(mode, True):  # evaluation batches are padded and masked
+            noise.check_circulant(k, cfg.alpha, padded=mode == "eval")
 
 
 def check_model_traces(config, mesh: Mesh) -> None:

@@ -86,6 +86,9 @@ CASES = {
                                  r"noise layer 4 is out of range .* 1 layers; use -1..0"),
     "circulant alpha makes I+Q singular": ({"noise.type": "circulant", "noise.alpha": 0.5},
                                            r"alpha=0.5 .* makes I\+Q singular"),
+    "circulant alpha=0.5 on padded evaluation batches of odd size": (
+        {"noise.type": "circulant", "noise.alpha": 0.5, "noise.train": False, "eval_batch_size": 24},
+        r"alpha=0.5 with padded batches of k=3 rows makes I\+Q singular"),
     "circulant alpha outside [0, 1)": ({"noise.type": "circulant", "noise.alpha": 1.5},
                                        r"alpha=1.5 is outside \[0, 1\)"),
     "batch not divisible by devices": ({"batch_size": 12},

@@ -294,6 +294,45 @@ def numpy_attention(params, x):
     return np.einsum("bqhk,hkd->bqd", attended, p["out"]["kernel"]) + p["out"]["bias"]
 
 
+def numpy_layer_norm(p, x):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-6) * p["scale"] + p["bias"]
+
+
+@pytest.mark.parametrize("site", ["block_input", "attn_input"])
+def test_noisy_block_matches_numpy(site):
+    """One pre-norm block with optimal-Q noise, written out in numpy: at
+    ``attn_input`` the noise mixes the LayerNorm-1 output that feeds the
+    attention, and the residual stream keeps the clean input (the published
+    NoisyViT site); at ``block_input`` the block's input itself is mixed."""
+    from scipy.special import erf
+    from noisy_flax.models.vit import Encoder1DBlock
+    x = np.random.default_rng(4).standard_normal((3, 5, 8)).astype(np.float32)
+    block = Encoder1DBlock(mlp_dim=16, num_heads=2, grid=(2, 2),
+                           noise=noise.make_noise({**OPTIMAL, "site": site}))
+    params = block.init(jax.random.key(0), x, False)["params"]
+    got = block.apply({"params": params}, x, False)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+    def mix_patch_tokens(h):  # (I + Q*) over the batch, class token untouched
+        k = h.shape[0]
+        return np.concatenate([h[:, :1], (h[:, 1:] + h[:, 1:].sum(0)) / (k + 1)], axis=1)
+
+    h = x.astype(np.float64)
+    if site == "block_input":
+        h = mix_patch_tokens(h)
+    y = numpy_layer_norm(p["LayerNorm_0"], h)
+    if site == "attn_input":
+        y = mix_patch_tokens(y)
+    h = h + numpy_attention(params["MultiHeadDotProductAttention_1"], y)
+    mlp = p["MlpBlock_3"]
+    hidden = numpy_layer_norm(p["LayerNorm_2"], h) @ mlp["Dense_0"]["kernel"] + mlp["Dense_0"]["bias"]
+    hidden = hidden / 2 * (1 + erf(hidden / np.sqrt(2)))
+    expected = h + hidden @ mlp["Dense_1"]["kernel"] + mlp["Dense_1"]["bias"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("query_tokens", [None, 1, 2])
 @pytest.mark.parametrize("backend,implementation", [
     ("cpu", "auto"), ("gpu", "auto"), ("cpu", "xla"), ("gpu", "softmax")])

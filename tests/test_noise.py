@@ -55,9 +55,26 @@ class TestQualityMatrices:
         with pytest.raises(ValueError, match="alpha"):
             noise.circulant_q(k, alpha)
 
-    def test_singular_circulant_really_is_singular(self):
-        # The rejected setting: the determinant formula gives exactly zero.
-        assert (1 - 0.5) ** 10 - (-0.5) ** 10 == 0
+    @pytest.mark.parametrize("k", range(1, 9))
+    def test_circulant_rejected_exactly_when_singular_or_out_of_range(self, k):
+        for alpha in (0.0, 0.1, 0.3, 0.4, 0.5, 0.7, 0.99, 1.0, -0.2):
+            shift = np.roll(np.eye(k), 1, axis=1)  # built here, not by the package
+            singular = abs(np.linalg.det((1 - alpha) * np.eye(k) + alpha * shift)) < 1e-12
+            if singular or not 0 <= alpha < 1:
+                with pytest.raises(ValueError, match="alpha"):
+                    noise.check_circulant(k, alpha)
+            else:
+                noise.check_circulant(k, alpha)
+
+    def test_padded_batch_at_half_is_rejected_since_any_real_count_can_occur(self):
+        # 3 rows, 2 real: among the real rows I+Q is [[.5, .5], [.5, .5]], singular,
+        # although the padded size 3 is odd.
+        x = jnp.asarray([[1.0, 2.0], [3.0, 5.0], [0.0, 0.0]])
+        mask = jnp.asarray([True, True, False])
+        assert np.linalg.matrix_rank(np.full((2, 2), 0.5)) == 1
+        with pytest.raises(ValueError, match="padded"):
+            noise.circulant_noise(x, alpha=0.5, mask=mask)
+        noise.circulant_noise(x, alpha=0.5)  # unpadded, k = 3: invertible, accepted
 
 
 class TestLinearTransform:
@@ -118,6 +135,12 @@ class TestLinearTransform:
         # No leak: changing sample 0 leaves samples 1.. unchanged.
         x2 = x.copy(); x2[0] += 100
         np.testing.assert_allclose(np.asarray(noise.within_image_noise(jnp.asarray(x2)))[1:], out[1:], atol=1e-5)
+
+    def test_within_image_circulant_matches_numpy(self):
+        x = np.random.default_rng(2).normal(size=(2, 5, 3, 2)).astype(np.float32)
+        out = np.asarray(noise.within_image_noise(jnp.asarray(x), q="circulant", alpha=0.3))
+        expected = np.swapaxes(numpy_circulant(np.swapaxes(x, 0, 1), 0.3), 0, 1)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
     def test_jit_and_vmap(self, batch):
         jitted = jax.jit(noise.optimal_q_noise)(jnp.asarray(batch))
@@ -202,6 +225,35 @@ class TestMakeNoise:
         x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
         np.testing.assert_allclose(n.fn(jnp.asarray(x)), numpy_circulant(x, 0.3), rtol=1e-5, atol=1e-6)
 
+    def test_config_defaults_are_the_published_values(self):
+        # NOISYNN.md: Gaussian s = 0.1 (ViT), mu = 0, sigma = 1; circulant alpha
+        # 0.4 (the CNN script); the published scope is the per-device batch.
+        cfg = noise.noise_config()
+        assert (cfg.strength, cfg.mean, cfg.std, cfg.alpha, cfg.scope) == (0.1, 0.0, 1.0, 0.4, "device")
+
+    def test_make_noise_passes_stop_gradient(self):
+        x = jnp.arange(5.0)
+        for stop, expected in [(True, np.eye(5)), (False, 0.6 * np.eye(5) + 0.4 * np.roll(np.eye(5), 1, 1))]:
+            n = noise.make_noise({"type": "circulant", "alpha": 0.4, "stop_gradient": stop,
+                                  "scope": "global"})
+            # Row b of the Jacobian is d x'_b / d x; stopped, the added Qx has none.
+            np.testing.assert_allclose(jax.jacobian(n.fn)(x), expected, atol=1e-6)
+
+    def test_make_noise_passes_gaussian_parameters(self):
+        # std = 0 leaves the closed form x + strength * mean, whatever the key.
+        n = noise.make_noise({"type": "gaussian", "strength": 2.0, "mean": 3.0, "std": 0.0,
+                              "scope": "global"})
+        x = jnp.arange(6.0).reshape(3, 2)
+        np.testing.assert_allclose(n.fn(x, key=jax.random.key(0)), np.arange(6.0).reshape(3, 2) + 6.0)
+
+    @pytest.mark.parametrize("prob", [0.0, 1.0])
+    def test_make_noise_passes_salt_pepper_prob(self, prob):
+        n = noise.make_noise({"type": "salt_pepper", "prob": prob, "scope": "global"})
+        x = np.random.default_rng(3).normal(size=(4, 50)).astype(np.float32)
+        out = np.asarray(n.fn(jnp.asarray(x), key=jax.random.key(0)))
+        replaced = np.isin(out, [x.max(), x.min()]) & (out != x)
+        assert replaced.mean() == pytest.approx(prob, abs=0.02)
+
     @pytest.mark.parametrize("cfg,message", [
         ({"type": "optimal"}, "did you mean 'optimal_q'"),
         ({"type": "gaussian", "strenght": 1.0}, "did you mean 'strength'"),
@@ -256,12 +308,34 @@ class TestScope:
         out = np.asarray(jax.jit(n.fn)(self._sharded(mesh, x)))
         np.testing.assert_allclose(out, published_optimal_q(x), rtol=1e-5, atol=1e-6)
 
-    def test_device_scope_salt_pepper_uses_shard_extremes(self, mesh):
+    @pytest.mark.parametrize("explicit_mesh", [True, False])
+    def test_device_scope_salt_pepper_uses_shard_extremes(self, mesh, explicit_mesh):
         x = np.arange(16 * 4, dtype=np.float32).reshape(16, 4)
-        n = noise.make_noise({"type": "salt_pepper", "prob": 1.0, "scope": "device"}, mesh=mesh)
-        out = np.asarray(jax.jit(n.fn)(self._sharded(mesh, x), key=jax.random.key(0)))
+        cfg = {"type": "salt_pepper", "prob": 1.0, "scope": "device"}
+        n = noise.make_noise(cfg, mesh=mesh if explicit_mesh else None)
+        with jax.set_mesh(mesh):
+            out = np.asarray(jax.jit(n.fn)(self._sharded(mesh, x), key=jax.random.key(0)))
         for shard_in, shard_out in zip(np.split(x, 8), np.split(out, 8)):
             assert set(np.unique(shard_out)) <= {shard_in.max(), shard_in.min()}
+
+    def test_device_scope_devices_draw_different_noise(self, mesh):
+        # Every shard holds the same values: only the key can tell them apart.
+        x = np.tile(np.arange(2 * 64, dtype=np.float32).reshape(2, 64), (8, 1))
+        n = noise.make_noise({"type": "salt_pepper", "prob": 0.5, "scope": "device"}, mesh=mesh)
+        out = np.asarray(jax.jit(n.fn)(self._sharded(mesh, x), key=jax.random.key(0)))
+        patterns = {np.split(out, 8)[i].tobytes() for i in range(8)}
+        assert len(patterns) == 8
+
+    @pytest.mark.parametrize("kind", ["gaussian", "within_image"])
+    def test_per_sample_noise_ignores_scope_and_mesh(self, mesh, kind):
+        # Noise that acts on each sample alone gives the same values on the
+        # sharded batch as on one device, with the same key.
+        x = np.random.default_rng(10).normal(size=(16, 4, 4, 2)).astype(np.float32)
+        key = jax.random.key(3)
+        alone = noise.make_noise({"type": kind, "scope": "global"}).fn(jnp.asarray(x), key=key)
+        n = noise.make_noise({"type": kind, "scope": "device"}, mesh=mesh)
+        sharded = jax.jit(n.fn)(self._sharded(mesh, x), key=key)
+        np.testing.assert_allclose(sharded, alone, rtol=1e-6, atol=1e-6)
 
 
 def test_device_scope_on_a_one_device_mesh_is_the_whole_batch():
