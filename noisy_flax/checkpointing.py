@@ -13,6 +13,10 @@ What orbax 0.12 does on its own, and what is added here:
   makes orbax's restore raise; here the step is reported, moved aside and the
   next older one is tried. Moving it aside (to ``<dir>.damaged/``) keeps it
   for inspection and lets training save that step again.
+* A healthy checkpoint of another model, optimizer or input (the state's
+  names or shapes differ) makes orbax's restore raise too; here that is told
+  apart from damage by the saved metadata, and refused with the differences,
+  leaving the checkpoint where it is.
 """
 from __future__ import annotations
 
@@ -56,7 +60,12 @@ class Checkpointer:
             # Only every `every` steps (plus preemption and forced saves):
             # orbax's default would also save the very first step.
             should_save_fn=lambda step, _last: step % every == 0)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Handlers named up front, so that a fresh process can read a saved
+        # state's metadata before restoring it.
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -114,6 +123,14 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} has format version {version}, this "
                 f"noisy_flax reads up to {FORMAT_VERSION}; upgrade noisy_flax or use another workdir")
+        saved = self.manager.item_metadata(step)["state"]
+        differences = state_differences(saved.tree, abstract_state) if saved is not None else []
+        if differences:
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} holds the training state of another "
+                f"model, optimizer or input ({len(differences)} names or shapes differ, e.g. "
+                f"{'; '.join(differences[:3])}); run with the config that wrote it, or use "
+                "another --workdir")
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))
         return restored["state"]
@@ -124,6 +141,26 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def state_differences(saved_tree: Any, abstract_state: Any) -> list[str]:
+    """Names and shapes in which a checkpoint's saved state (orbax metadata)
+    differs from the state to restore into; empty when they agree."""
+    saved, wanted = _shapes_by_name(saved_tree), _shapes_by_name(abstract_state)
+    return ([f"{n}: not in the checkpoint" for n in wanted if n not in saved]
+            + [f"{n}: only in the checkpoint" for n in saved if n not in wanted]
+            + [f"{n}: checkpoint {saved[n]}, now {wanted[n]}" for n in wanted
+               if n in saved and saved[n] != wanted[n]])
+
+
+def _shapes_by_name(tree: Any) -> dict[str, tuple]:
+    def name(key) -> str:
+        for attribute in ("key", "name", "idx"):  # dict, dataclass field, tuple position
+            if hasattr(key, attribute):
+                return str(getattr(key, attribute))
+        return str(key)
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def missing_commit_markers(step_dir: epath.Path) -> list[str]:

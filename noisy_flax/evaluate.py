@@ -414,14 +414,18 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str, mesh):
     _, total_steps, warmup_steps = train.schedule_lengths(config, info.num_train_examples)
     tx, _ = optim.make_optimizer(config, total_steps, warmup_steps)
     state, shardings = train.create_train_state(config, model, tx, mesh)
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-    try:
-        step, restored = ckpt.restore_latest(checkpointing.abstract_with_shardings(state, shardings))
-    finally:
-        ckpt.close()
+    directory = os.path.join(workdir, "checkpoints")
+    restored = None
+    if checkpointing.has_checkpoints(directory):  # else create nothing where no run is
+        ckpt = checkpointing.Checkpointer(directory)
+        try:
+            step, restored = ckpt.restore_latest(
+                checkpointing.abstract_with_shardings(state, shardings))
+        finally:
+            ckpt.close()
     if restored is None:
         raise checkpointing.CheckpointError(
-            f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train first with "
+            f"no checkpoint in {directory}; train first with "
             "python -m noisy_flax.main --config ... --workdir ...")
     return model, {"params": restored.params, "batch_stats": restored.batch_stats}, step
 

@@ -392,7 +392,8 @@ def _bilinear(x: np.ndarray, size: int, axis: int) -> np.ndarray:
 # Fitting the arrays onto the model
 # ---------------------------------------------------------------------------
 def load_params(path: str, model: nn.Module, *, num_classes: Optional[int] = None,
-                dont_load: Sequence[str] = (), image_size: Optional[int] = None) -> dict:
+                dont_load: Sequence[str] = (), image_size: Optional[int] = None,
+                channels: int = 3) -> dict:
     """Flax variables ({'params'[, 'batch_stats']}) for ``model`` from a checkpoint.
 
     Args:
@@ -408,12 +409,14 @@ def load_params(path: str, model: nn.Module, *, num_classes: Optional[int] = Non
         model's initial values, and file arrays they match are ignored.
       image_size: the image side the ViT will see (default: the model's);
         the position embedding is resampled to its grid.
+      channels: the input images' channels; the first layer's kernel must
+        match (RGB weights do not fit a grayscale model).
     """
     if num_classes is not None and num_classes != model.num_classes:
         model = model.clone(num_classes=num_classes)
     converted, unknown = to_flax_names(read_checkpoint(path), model)
     return fit_to_model(converted, model, unknown=unknown, dont_load=dont_load,
-                        image_size=image_size)
+                        image_size=image_size, channels=channels)
 
 
 def load_variables(path: str, model: nn.Module, **kwargs) -> dict:
@@ -423,9 +426,10 @@ def load_variables(path: str, model: nn.Module, **kwargs) -> dict:
 
 
 def fit_to_model(converted: Arrays, model: nn.Module, *, unknown: Iterable[str] = (),
-                 dont_load: Sequence[str] = (), image_size: Optional[int] = None) -> dict:
+                 dont_load: Sequence[str] = (), image_size: Optional[int] = None,
+                 channels: int = 3) -> dict:
     """Checks flat converted arrays against the model and nests them as variables."""
-    initial = _Initial(model, image_size)
+    initial = _Initial(model, image_size, channels)
     shapes = initial.shapes
     converted = _drop_representation(dict(converted), shapes)
     converted = _resample_posemb_to(converted, shapes)
@@ -442,12 +446,12 @@ def fit_to_model(converted: Arrays, model: nn.Module, *, unknown: Iterable[str] 
 class _Initial:
     """The model's variable shapes, and initial values of the names asked for."""
 
-    def __init__(self, model: nn.Module, image_size: Optional[int]):
+    def __init__(self, model: nn.Module, image_size: Optional[int], channels: int = 3):
         # Noise has no parameters and may want a key or a given batch: leave it out.
         self._model = model.clone(noise=None)
         # A ResNet's shapes do not depend on the image side: a small one inits fast.
         side = (image_size or input_size(model)) if isinstance(model, VisionTransformer) else 32
-        self._images = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
+        self._images = jax.ShapeDtypeStruct((1, side, side, channels), jnp.float32)
         self.shapes = traverse_util.flatten_dict(
             jax.eval_shape(self._init, jax.random.key(0), self._images), sep="/")
 

@@ -105,7 +105,7 @@ def load_initial_weights(config, model, state: TrainState, shardings) -> TrainSt
         check_head_classes(pretrained, config, model)
     variables = pretrained.load_variables(
         config.init_from, model, num_classes=config.num_classes,
-        dont_load=dont_load, image_size=config.image_size)
+        dont_load=dont_load, image_size=config.image_size, channels=config.input.channels)
     params = jax.device_put(variables["params"], shardings.params)
     batch_stats = jax.device_put(variables.get("batch_stats", {}), shardings.batch_stats)
     return state.replace(params=params, batch_stats=batch_stats)

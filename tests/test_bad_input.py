@@ -66,10 +66,10 @@ def save_npz(path: pathlib.Path, arrays: dict) -> str:
     return str(path)
 
 
-def vit_npz(path: pathlib.Path, num_classes: int) -> str:
+def vit_npz(path: pathlib.Path, num_classes: int, channels: int = 1) -> str:
     """A real (tiny) ViT checkpoint in the vit_jax .npz layout."""
     model = create_model("vit_nano_patch4_28", num_classes=num_classes, num_layers=1)
-    images = np.zeros((1, 28, 28, 1), np.float32)
+    images = np.zeros((1, 28, 28, channels), np.float32)
     variables = jax.eval_shape(lambda key: model.init(key, images, train=False), jax.random.key(0))
     flat = traverse_util.flatten_dict(variables["params"], sep="/")
     return save_npz(path, {k: np.zeros(v.shape, v.dtype) for k, v in flat.items()})
@@ -161,6 +161,12 @@ def test_wrong_number_of_classes_without_a_head_reset(dirs, workdir, tmp_path, c
                    r"head for 5 classes but config.num_classes=10; .*init_dont_load")
 
 
+def test_rgb_weights_for_grayscale_input(dirs, workdir, tmp_path, capsys):
+    config = tiny_run.tiny_config(*dirs, init_from=vit_npz(tmp_path / "rgb.npz", 10, channels=3))
+    expect_refused(capsys, config, workdir, r"the checkpoint does not fit the VisionTransformer: "
+                   r"0 missing, 0 unexpected, 1 mis-shaped")
+
+
 def test_pickled_npz_is_rejected(dirs, workdir, tmp_path, capsys):
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, **{"Transformer/posembed_input/pos_embedding": np.array([{"x": 1}], object)})
@@ -246,6 +252,37 @@ def test_resuming_with_a_changed_config_is_refused(dirs, trained, tmp_path, caps
     config = tiny_run.tiny_config(*dirs, batch_size=32, **{"noise.type": "gaussian"})
     expect_refused(capsys, config, workdir, r"holds a run with another config \(batch_size: 16 -> "
                    r"32; noise.type: \"optimal_q\" -> \"gaussian\"\).*allow_config_change=True")
+
+
+def test_another_model_is_refused_even_when_config_changes_are_allowed(dirs, trained, tmp_path,
+                                                                      capsys):
+    """allow_config_change continues a run; it cannot put another model's
+    state into it, and must not take the checkpoint for a damaged one."""
+    workdir = copy_of(trained, tmp_path)
+    config = tiny_run.tiny_config(*dirs, allow_config_change=True)
+    config.model_kwargs.num_layers = 2
+    expect_refused(capsys, config, workdir,
+                   r"checkpoint .*checkpoints/2 holds the training state of another model, "
+                   r"optimizer or input \(\d+ names or shapes differ, e.g. params/Transformer/"
+                   r"encoderblock_1/.*: not in the checkpoint.*\); run with the config that wrote it")
+
+
+@pytest.mark.parametrize("case", ["another model", "no run"])
+def test_evaluate_moves_and_creates_nothing(dirs, trained, tmp_path, case):
+    from noisy_flax import evaluate, sharding
+    config = tiny_run.tiny_config(*dirs)
+    if case == "another model":
+        workdir = copy_of(trained, tmp_path)
+        config.model_kwargs.num_layers = 2
+        message = r"holds the training state of another model"
+    else:
+        workdir = tmp_path / "absent"
+        message = r"no checkpoint in .*absent/checkpoints; train first"
+    before = tiny_run.snapshot(workdir)
+    with pytest.raises(checkpointing.CheckpointError, match=message):
+        evaluate.restore_variables(config, str(workdir), sharding.create_mesh(config.mesh))
+    assert tiny_run.snapshot(workdir) == before
+    assert not (tmp_path / "absent").exists()
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(dirs, tmp_path, capsys):

@@ -121,6 +121,18 @@ def _torchvision_resnet18_state(rng, num_classes=10) -> dict:
 # ---------------------------------------------------------------------------
 # augreg / vit_jax .npz
 # ---------------------------------------------------------------------------
+def test_first_layer_must_match_the_input_channels(tmp_path, vit_params):
+    """RGB weights do not fit a grayscale model; grayscale weights do."""
+    model = create_model(VIT, num_classes=10)
+    with pytest.raises(pretrained.CheckpointError,
+                       match=r"embedding/kernel: checkpoint \(4, 4, 3, 64\), model \(4, 4, 1, 64\)"):
+        pretrained.load_params(_augreg_npz(tmp_path, vit_params), model, channels=1)
+    gray = dict(vit_params, **{"embedding/kernel": vit_params["embedding/kernel"][:, :, :1]})
+    loaded = _flat(pretrained.load_params(_augreg_npz(tmp_path, gray, "gray.npz"), model,
+                                          channels=1)["params"])
+    np.testing.assert_array_equal(loaded["embedding/kernel"], gray["embedding/kernel"])
+
+
 def test_augreg_npz_round_trips_exactly(tmp_path, vit_params):
     variables = pretrained.load_params(_augreg_npz(tmp_path, vit_params),
                                        create_model(VIT, num_classes=10))
