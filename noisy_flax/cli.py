@@ -1,7 +1,10 @@
 """What the command-line entry points share: one-line user errors and quiet logs."""
 from __future__ import annotations
 
+import difflib
+import re
 import sys
+from typing import Any, Callable
 
 from absl import app, flags, logging
 
@@ -32,3 +35,93 @@ def start(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------
+# Flags with an ml_collections config: mistakes as one line, not a traceback
+# ---------------------------------------------------------------------------
+def flags_parser(config_flag) -> Callable[[list[str]], list[str]]:
+    """A ``flags_parser`` for ``app.run`` that reports a flag or config-key
+    typo, a bad value or a config file that fails to load as one line.
+    ``config_flag``: the holder ``DEFINE_config_file`` returned."""
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except flags.UnrecognizedFlagError as error:
+            if not error.flagname.startswith("config."):
+                fail(flag_error_message(error))
+            fail(unknown_key_message(config_flag, error.flagname.removeprefix("config.")))
+        except flags.Error as error:
+            fail(flag_error_message(error))
+        except (AttributeError, KeyError) as error:  # ml_collections: a key it lacks
+            text = str(error.args[0]) if error.args else str(error)
+            bad = (re.search(r"\w+", text) or [text])[0]
+            suggested = re.search(r'Did you mean "([^"]+)"', text)
+            key, fixed = _given_key(argv, bad, suggested and suggested[1])
+            fail(unknown_key_message(config_flag, key, fixed))
+    return parse
+
+
+def config_value(config_flag) -> Any:
+    """The loaded config; a file that failed to load is one line."""
+    try:
+        config = config_flag.value
+        getattr(config, "keys")  # one that failed to load raises at its first use
+        return config
+    except OSError as error:  # ml_collections defers a load failure to there
+        reason = str(error).strip().splitlines()[-1].strip()  # the OS's own words come last
+        fail(f"--config could not be loaded ({reason}); "
+             "give a config file such as configs/default.py, with optional :arguments")
+
+
+def flag_error_message(error: flags.Error) -> str:
+    """The innermost cause: a bad ``key=value`` argument raises inside the
+    config file, and absl wraps it in a message that holds a traceback."""
+    text = str(error)
+    if "Traceback" not in text:
+        return f"{text.splitlines()[0].strip()}; fix the value (see --helpfull)"
+    return first_line(_innermost_cause(error))
+
+
+def _innermost_cause(error: BaseException) -> BaseException:
+    while True:
+        following = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if following is None:
+            return error
+        error = following
+
+
+def _given_key(argv: list[str], bad: str, suggested: str | None) -> tuple[str, str | None]:
+    """The dotted key ('noise.typo') of the --config.* argument holding the
+    unknown name ``bad``, and that key with ml_collections' suggestion."""
+    given = [a.split("=")[0].removeprefix("--config.") for a in argv[1:]
+             if a.startswith("--config.")]
+    key = next((k for k in given if bad in k.split(".")), bad)
+    if not suggested:
+        return key, None
+    parts = key.split(".")
+    parts[parts.index(bad) if bad in parts else -1] = suggested
+    return key, ".".join(parts)
+
+
+def unknown_key_message(config_flag, key: str, fixed: str | None = None) -> str:
+    """'lrr' -> one line, with the corrected key (ml_collections' suggestion
+    or the closest key of the loaded config)."""
+    if fixed is None:
+        parent, _, leaf = key.rpartition(".")
+        closest = _closest_key(config_flag, parent, leaf)
+        fixed = f"{parent}.{closest}" if closest and parent else closest
+    hint = f"did you mean --config.{fixed}? " if fixed else ""
+    return (f"unknown config key --config.{key}; {hint}every key must exist in the config file "
+            "(check the spelling)")
+
+
+def _closest_key(config_flag, parent: str, leaf: str) -> str | None:
+    try:
+        node = config_flag.value
+        for name in filter(None, parent.split(".")):
+            node = node[name]
+        close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
+    except Exception:  # no config loaded yet, or the parent is unknown too
+        return None
+    return close[0] if close else None

@@ -479,14 +479,14 @@ def main_with_flags(argv, *, entropy_default: bool = False) -> None:
     def main(args):
         cli.start(args)
         try:
-            run(config_flag.value, workdir.value, orders=orders.value,
+            run(cli.config_value(config_flag), workdir.value, orders=orders.value,
                 batch_size=batch_size.value, seed=seed.value, split=split.value,
                 per_class=per_class.value, with_entropy=with_entropy.value,
                 probe_steps=probe_steps.value)
         except (ValueError, FileNotFoundError, CheckpointError) as error:
             cli.fail(cli.first_line(error))
 
-    app.run(main, argv=argv)
+    app.run(main, argv=argv, flags_parser=cli.flags_parser(config_flag))
 
 
 if __name__ == "__main__":

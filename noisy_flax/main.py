@@ -11,15 +11,13 @@ if __name__ == "__main__":  # first, before heavy imports: see noisy_flax.cpu_tu
     from noisy_flax import cpu_tuning
     cpu_tuning.reexec_with_fast_malloc()
 
-import difflib
 import os
-import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from noisy_flax.cli import EXIT_USER_ERROR, fail, first_line, start
+from noisy_flax.cli import EXIT_USER_ERROR, config_value, first_line, flags_parser, start
 
 # The repository root holds configs/; make `from configs import common` work
 # however the module is started.
@@ -64,70 +62,6 @@ def _is_multiworker_tpu() -> bool:
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a flag or config typo reported as one line, not a
-    traceback (ml_collections raises AttributeError for an unknown key)."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.UnrecognizedFlagError as error:
-        if not error.flagname.startswith("config."):
-            fail(flag_error_message(error))
-        fail(unknown_key_message(error.flagname.removeprefix("config.")))
-    except flags.Error as error:
-        fail(flag_error_message(error))
-    except AttributeError as error:  # ml_collections: an override of a key it lacks
-        suggested = re.search(r'Did you mean "([^"]+)"', str(error))
-        fail(unknown_key_message(_unknown_key(error, argv), suggested and suggested[1]))
-
-
-def flag_error_message(error: flags.Error) -> str:
-    """The innermost cause: a bad ``key=value`` argument raises inside the
-    config file, and absl wraps it in a message that holds a traceback."""
-    text = str(error)
-    if "Traceback" not in text:
-        return f"{text.splitlines()[0].strip()}; fix the value (see --helpfull)"
-    return first_line(_innermost_cause(error))
-
-
-def _innermost_cause(error: BaseException) -> BaseException:
-    while True:
-        following = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
-        if following is None:
-            return error
-        error = following
-
-
-def _unknown_key(error: AttributeError, argv: list[str]) -> str:
-    """The dotted key ('noise.typo') of the --config.* argument that failed."""
-    leaf = (re.search(r"\w+", str(error)) or [str(error)])[0]
-    given = [a.split("=")[0].removeprefix("--config.") for a in argv[1:]
-             if a.startswith("--config.")]
-    return next((key for key in given if key == leaf or key.endswith("." + leaf)), leaf)
-
-
-def unknown_key_message(key: str, suggested: str | None = None) -> str:
-    """'lrr' -> one line, with ml_collections' suggestion or the closest key
-    of the loaded config."""
-    parent, _, leaf = key.rpartition(".")
-    if suggested is None:
-        suggested = _closest_key(parent, leaf)
-    hint = f"did you mean --config.{parent + '.' if parent else ''}{suggested}? " \
-        if suggested else ""
-    return (f"unknown config key --config.{key}; {hint}every key must exist in the config file "
-            "(check the spelling)")
-
-
-def _closest_key(parent: str, leaf: str) -> str | None:
-    try:
-        node = _CONFIG.value
-        for name in filter(None, parent.split(".")):
-            node = node[name]
-        close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
-    except Exception:  # no config loaded yet, or the parent is unknown too
-        return None
-    return close[0] if close else None
-
-
 def run(config, workdir: str) -> int:
     """Trains; a user error prints one line and returns exit status 2."""
     from noisy_flax import train  # heavy imports after flag parsing
@@ -144,10 +78,10 @@ def run(config, workdir: str) -> int:
 def main(argv):
     start(argv)
     initialize_distributed()
-    status = run(_CONFIG.value, _WORKDIR.value)
+    status = run(config_value(_CONFIG), _WORKDIR.value)
     if status:
         sys.exit(status)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=flags_parser(_CONFIG))

@@ -39,6 +39,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from noisy_flax.cli import EXIT_USER_ERROR
 from noisy_flax.models import VisionTransformer, create_model, input_size
 
 Arrays = dict[str, np.ndarray]
@@ -604,9 +605,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         variables = convert(args.src, args.dst, args.model, num_classes=args.num_classes,
                             image_size=args.image_size, dont_load=args.dont_load)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except (CheckpointError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)  # a fit error lists the names after its line
+        return EXIT_USER_ERROR
     count = sum(np.size(v) for v in jax.tree.leaves(variables["params"]))
     print(f"wrote {args.dst}: {args.model}, {count:,} parameters, "
           f"collections {', '.join(sorted(variables))}")

@@ -411,11 +411,11 @@ def main(argv) -> None:
     def _main(args):
         cli.start(args)
         try:
-            run_study(config_flag.value, workdir.value)
+            run_study(cli.config_value(config_flag), workdir.value)
         except (ValueError, train.TrainingError) as error:
             cli.fail(cli.first_line(error))
 
-    app.run(_main, argv=argv)
+    app.run(_main, argv=argv, flags_parser=cli.flags_parser(config_flag))
 
 
 if __name__ == "__main__":

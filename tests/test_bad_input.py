@@ -3,8 +3,8 @@ problem and the fix, exit status 2, no traceback, and a workdir exactly as
 it was (every entry, size and mtime). Plus the security checks: nothing is
 unpickled, torch only with weights_only=True, no network unless asked.
 
-Cases run in this process through ``main.run`` / ``main.parse_flags`` (a
-process start costs ~15 s here); one subprocess checks the real command line.
+Cases run in this process through ``main.run`` (a process start costs
+~15 s here); a few subprocesses check the real command lines.
 """
 from __future__ import annotations
 
@@ -322,7 +322,10 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(dirs, tmp_path,
      "(see --helpfull)"),
     ("batch=abc", [], "error: config argument batch='abc' does not parse as int; write e.g. "
                       "batch=128"),
-], ids=["typo", "nested typo", "bad flag value", "key=value argument"])
+    ("runlocal", ["--config.nosie.type=gaussian"],
+     "error: unknown config key --config.nosie.type; did you mean --config.noise.type? every "
+     "key must exist in the config file (check the spelling)"),
+], ids=["typo", "nested typo", "bad flag value", "key=value argument", "parent typo"])
 def test_command_line_mistakes_print_one_line_and_exit_2(tmp_path, config_arg, extra, expected):
     result = subprocess.run(
         [sys.executable, "-m", "noisy_flax.main", "--config",
@@ -332,3 +335,35 @@ def test_command_line_mistakes_print_one_line_and_exit_2(tmp_path, config_arg, e
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [expected]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("module, args, expected", [
+    ("noisy_flax.main", ["--config", "configs/nope.py"],
+     "error: --config could not be loaded ([Errno 2] No such file or directory: "
+     "'configs/nope.py'); give a config file such as configs/default.py, with optional "
+     ":arguments"),
+    ("noisy_flax.evaluate", ["--config", "configs/fashion_mnist.py:runlocal",
+                             "--config.nosie.type=gaussian"],
+     "error: unknown config key --config.nosie.type; did you mean --config.noise.type? every "
+     "key must exist in the config file (check the spelling)"),
+    ("noisy_flax.study", ["--config", "configs/study_fashion_mnist.py:runlocl"],
+     "error: unknown config argument 'runlocl' (did you mean 'runlocal'?); this config takes"),
+], ids=["main, missing config file", "evaluate, parent typo", "study, bad argument"])
+def test_other_entry_points_report_one_line(tmp_path, module, args, expected):
+    result = subprocess.run([sys.executable, "-m", module, *args, "--workdir", str(tmp_path / "wd")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == main.EXIT_USER_ERROR, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "wd").exists()
+
+
+def test_convert_with_an_unknown_model_is_one_line(tmp_path, capsys):
+    from noisy_flax import pretrained
+    status = pretrained.main(["convert", vit_npz(tmp_path / "a.npz", 10), str(tmp_path / "out"),
+                              "--model", "vit_tny"])
+    err = capsys.readouterr().err
+    assert status == main.EXIT_USER_ERROR
+    assert err.startswith("error: ") and "vit_tny" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
