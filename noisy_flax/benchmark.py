@@ -634,9 +634,11 @@ def fed_train_case(synthetic: Case, iterator, mesh) -> Case:
 def parse_args(argv: Optional[Sequence[str]] = None):
     p = argparse.ArgumentParser(prog="python -m noisy_flax.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vit_tiny_patch16_224")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--model", default="vit_tiny_patch16_224",
+                   help="registry name (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="images per step (default: %(default)s)")
+    p.add_argument("--resolution", type=int,
+                   help="image side (default: the model's own: 224, 384 or 28 as in its name)")
     p.add_argument("--dtype", choices=tuple(train.DTYPES), default="float32")
     p.add_argument("--noise", default="none",
                    help="comma-separated noise types, or 'all'; 'none' is always the reference")
@@ -666,7 +668,11 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--input-batches", type=int, default=30, help="tf.data batches to time")
     p.add_argument("--mock-images", type=int, default=300, help="JPEGs for mock_imagenet")
     p.add_argument("--json", action="store_true", help="JSON lines only")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resolution is None:
+        from noisy_flax.models import create_model, input_size
+        args.resolution = input_size(create_model(args.model, num_classes=10))
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:

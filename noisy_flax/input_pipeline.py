@@ -141,11 +141,15 @@ def _tfds_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
 def _not_prepared_error(builder: tfds.core.DatasetBuilder, data_dir: str,
                         extra_hint: str = "") -> DataError:
   name = builder.name
+  if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):  # e.g. ImageNet: no download
+    fix = (f"put its archives in a folder DIR and run `tfds build {name} --manual_dir DIR "
+           f"--data_dir {data_dir}` (launch/README.md)")
+  else:
+    fix = (f"run `tfds build {name} --data_dir {data_dir}` on a machine with internet "
+           "and copy it here, or set config.download=True")
   return DataError(
       f"dataset {name!r} is not prepared in {data_dir} (looked for "
-      f"{builder.data_dir}); run `tfds build {name} --data_dir {data_dir}` on a "
-      f"machine with internet and copy it here, or set config.download=True"
-      f"{extra_hint}")
+      f"{builder.data_dir}); {fix}{extra_hint}")
 
 
 def _fashion_mnist_builder(config, data_dir: str) -> tfds.core.DatasetBuilder:

@@ -187,6 +187,8 @@ def salt_pepper_noise(x: Array, *, key, prob: float, mask=None) -> Array:
     carry no gradient; replaced elements carry none either.
     """
     _require_key(key, "salt_pepper")
+    if isinstance(prob, (int, float)) and not 0.0 <= prob <= 1.0:
+        raise ValueError(f"salt_pepper prob={prob} is not a probability; use a value in [0, 1]")
     if mask is None:
         high, low = jnp.max(x), jnp.min(x)
     else:

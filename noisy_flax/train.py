@@ -409,6 +409,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     elapsed = time.perf_counter() - started
     steps_run = int(jax.device_get(state.step)) - start_step
+    summary_path = os.path.join(workdir, "summary.json")
+    if steps_run == 0 and os.path.exists(summary_path):  # rerun of a finished run: keep its record
+        with open(summary_path) as f:
+            summary = json.load(f)
+        reporting.echo(f"Already trained to step {start_step}; summary kept in {summary_path}")
+        return summary
     summary = {"model": config.model, "steps": int(jax.device_get(state.step)),
                "train_seconds": round(elapsed, 1),
                "images_per_second": round(steps_run * config.batch_size / max(elapsed, 1e-9), 1)}
@@ -418,7 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         summary.update({f"eval_{k}": v for k, v in eval_result.items()})
     if is_main:
         reporting.echo(reporting.summary_table(summary))
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
+        with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)
         if config.plot and os.path.exists(reporter.jsonl_path):
             plotting.plot_curves(reporter.jsonl_path, os.path.join(workdir, "curves.png"),

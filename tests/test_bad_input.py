@@ -145,6 +145,16 @@ def test_dataset_not_prepared_and_downloads_off(dirs, workdir, tmp_path, capsys)
                    r"dataset 'mnist' is not prepared in .*tfds build mnist.*config.download=True")
 
 
+def test_manual_dataset_not_prepared_says_how_to_build_it(dirs, workdir, tmp_path, capsys):
+    empty = tmp_path / "empty_tfds"
+    empty.mkdir()
+    config = tiny_run.tiny_config(str(empty), dirs[1], dataset="imagenet2012")
+    line = expect_refused(capsys, config, workdir,
+                          r"dataset 'imagenet2012' is not prepared in .*tfds build imagenet2012 "
+                          r"--manual_dir DIR")
+    assert "download=True" not in line  # tfds cannot download ImageNet
+
+
 # ---------------------------------------------------------------------------
 # Pretrained weights
 # ---------------------------------------------------------------------------
@@ -237,6 +247,15 @@ def copy_of(trained, tmp_path) -> pathlib.Path:
     target = tmp_path / "copy"
     shutil.copytree(trained[0], target)
     return target
+
+
+def test_rerunning_a_finished_run_keeps_its_summary(dirs, trained, tmp_path, capsys):
+    workdir = copy_of(trained, tmp_path)
+    before = (workdir / "summary.json").read_text()
+    assert "eval_top1" in json.loads(before)
+    assert main.run(tiny_run.tiny_config(*dirs), str(workdir)) == 0
+    assert (workdir / "summary.json").read_text() == before
+    assert "Already trained to step 2" in capsys.readouterr().out
 
 
 def test_checkpoint_from_a_newer_format(dirs, trained, tmp_path, capsys):

@@ -164,3 +164,11 @@ def test_torch_reference_step_runs():
                      benchmark_torch.eval_case(name, 2, resolution, num_classes=10)):
             case.run()
             assert case.info["params"] > 0 and case.info["torch_threads"] >= 1
+
+
+@pytest.mark.parametrize("model, side", [("vit_nano_patch4_28", 28), ("vit_base_patch16_384", 384),
+                                         ("resnet18", 224)])
+def test_resolution_defaults_to_the_models_own(model, side):
+    # The side named in the ViT's registry name; torchvision's ResNets at 224.
+    assert benchmark.parse_args(["--model", model]).resolution == side
+    assert benchmark.parse_args(["--model", model, "--resolution", "64"]).resolution == 64

@@ -186,6 +186,11 @@ class TestRandomNoise:
         np.testing.assert_array_equal(out[~changed], xs[~changed])
         assert set(np.unique(out[changed])) <= {high, low}
 
+    @pytest.mark.parametrize("prob", [-0.1, 1.5])
+    def test_salt_pepper_prob_outside_0_1_raises(self, prob):
+        with pytest.raises(ValueError, match=f"prob={prob} is not a probability"):
+            noise.salt_pepper_noise(jnp.ones((2, 3)), key=jax.random.key(0), prob=prob)
+
     def test_salt_pepper_gradient_is_zero_on_replaced_values(self):
         x = jnp.asarray(np.random.default_rng(3).normal(size=(8, 16)).astype(np.float32))
         key = jax.random.key(1)
