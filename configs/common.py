@@ -105,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Start and placement.
     c.init_from = ml_collections.config_dict.placeholder(str)
     c.init_dont_load = ()  # regexes of parameters kept at their init value
+    c.init_required = False  # a fine-tuning recipe: refuse to start without init_from
     c.seed = 0
     c.mesh = [("data", -1), ("fsdp", 1)]
     c.sharding = "replicate"  # or 'fsdp'
@@ -158,6 +159,7 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.checkpoint_every = 2
     c.input.shuffle_buffer = 64
     c.eval_max_examples = 40
+    c.init_required = False  # a smoke run of a fine-tuning recipe needs no weights
     return c
 
 

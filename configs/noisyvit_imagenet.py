@@ -32,6 +32,7 @@ def get_config(arg=None):
     c = imagenet_base(a.res)
     c.model = vit_name(a.variant, a.res)
     c.dtype = "float32"  # the released run trained in fp32
+    c.init_required = True  # lr 1e-6 for 50 epochs only makes sense from the augreg weights
 
     c.input.randaugment = (2, 9)  # torchvision RandAugment() defaults, before the crop
     c.input.crop_area = (0.05, 1.0)

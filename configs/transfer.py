@@ -37,6 +37,7 @@ def get_config(arg=None):
     c.noise.update(type=a.noise, site="block_input" if is_resnet else "attn_input",
                    train=a.noise_train, eval=a.noise_eval)
     c.init_dont_load = ("^head/", "^fc/")  # new classes: a fresh head
+    c.init_required = True
     c.batch_size = a.batch
     c.eval_batch_size = 512
     c.optimizer = "sgd"

@@ -98,6 +98,11 @@ def check_dataset(config):
 
 def check_init_from(config) -> None:
     path = config.get("init_from")
+    if not path and config.get("init_required", False):
+        raise ValueError("this config fine-tunes pretrained weights but config.init_from is not "
+                         "set; pass --config.init_from=<.npz, .safetensors, .pth or converted "
+                         "checkpoint> (README: Pretrained weights), or "
+                         "--config.init_required=False to train from scratch")
     if path and "://" not in path and not os.path.exists(path):
         raise ValueError(f"config.init_from={path} does not exist; give the path of an .npz, "
                          ".safetensors, .pth or converted orbax checkpoint")

@@ -114,6 +114,10 @@ CASES = {
                                              r"has 10 classes .*set --config.num_classes=10"),
     "no training length": ({"total_steps": 0, "num_epochs": 0.0},
                            r"set config.total_steps or config.num_epochs to a positive value"),
+    "fine-tuning config without init_from": (
+        {"init_required": True},
+        r"this config fine-tunes pretrained weights but config.init_from is not set; pass "
+        r"--config.init_from=.* or --config.init_required=False"),
     "init_from file missing": ({"init_from": "/nonexistent/ViT-B_16.npz"},
                                r"init_from=/nonexistent/ViT-B_16.npz does not exist"),
 }
