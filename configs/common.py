@@ -111,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding = "replicate"  # or 'fsdp'
     # Evaluation, logging and checkpoints.
     c.eval_every = 0  # steps; 0 = at the end only
-    c.eval_max_examples = 0  # 0 = the whole split
+    c.eval_max_examples = 0  # 0 = the whole split; else rounded up to whole eval batches
     c.eval_order = "dataset"  # batch order at evaluation; see noisy_flax.batch_order
     c.log_every = 50
     c.checkpoint_every = 500

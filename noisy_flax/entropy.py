@@ -436,7 +436,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         evaluate.main_with_flags([sys.argv[0]] + args, entropy_default=True)
         return
     parser = argparse.ArgumentParser(
-        description="log|det(I+Q)| in nats per feature dimension, closed form vs slogdet")
+        description="log|det(I+Q)| in nats per feature dimension, closed form vs slogdet",
+        epilog="With --config CONFIG --workdir RUN instead: H(Y|Z) estimates on the features of "
+               "RUN's latest checkpoint under each test-batch order (the flags of "
+               "python -m noisy_flax.evaluate --help).")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 10, 16])
     parser.add_argument("--alpha", type=float, nargs="*", default=[0.3, 0.4])
     args = parser.parse_args(argv)

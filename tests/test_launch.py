@@ -421,6 +421,8 @@ BAD = [
                 "--data-dir", DATA_DIR], "--config"),
     ("run.sh", [*TARGET, "--config", CONFIG, "--workdir", "/tmp/w", "--data-dir", DATA_DIR],
      "gs://"),
+    ("run.sh", [*TARGET, "--config", CONFIG, "--workdir", "gs://BUCKET/runs", "--data-dir",
+                DATA_DIR], "bucket names are lowercase"),
     ("run.sh", [*TARGET, "--config", CONFIG, "--workdir", WORKDIR], "--data-dir is required"),
     ("run.sh", [*TARGET, "--config", CONFIG, "--workdir", WORKDIR, "--data-dir", DATA_DIR,
                 "--env", "BAD KEY=1"], "--env"),

@@ -203,6 +203,14 @@ def test_image_size_not_divisible_by_patch(vit_variables):
         tiny_vit().init(jax.random.key(0), jnp.zeros((1, 18, 18, 3)))
 
 
+@pytest.mark.parametrize("name", ["vit_nano_patch4_16", "resnet18_small"])
+def test_channels_first_images_are_named_as_such(name):
+    model = create_model(name, num_classes=5)
+    with pytest.raises(ValueError, match=r"look channels-first \(NCHW\); the models take NHWC"):
+        model.init(jax.random.key(0), jnp.zeros((2, 3, 16, 16)), train=False)
+    model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False)  # NHWC is fine
+
+
 def test_unknown_model_name_suggests():
     with pytest.raises(ValueError, match="did you mean.*resnet50"):
         create_model("resnet5O", num_classes=10)

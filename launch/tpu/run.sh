@@ -73,10 +73,10 @@ check "$config" '^[A-Za-z0-9_.][A-Za-z0-9_./-]*\.py(:.*)?$' \
 [[ -n $workdir ]] || die "--workdir is required: a gs:// directory all workers can write"
 # Worker disks are private and die with the VM; checkpoints must outlive both.
 check "$workdir" '^gs://[a-z0-9][a-z0-9._-]{1,221}(/.*)?$' \
-  "--workdir $(q "$workdir") must be a gs://bucket/path that all workers share"
+  "--workdir $(q "$workdir") must be a gs://bucket/path that all workers share (bucket names are lowercase letters, digits, -, _ and .)"
 [[ -n $data_dir ]] || die "--data-dir is required: where the tfds datasets are, e.g. gs://BUCKET/tensorflow_datasets"
 check "$data_dir" '^(gs://[a-z0-9][a-z0-9._-]{1,221}(/.*)?|/.*)$' \
-  "--data-dir $(q "$data_dir") must be gs://bucket/path or an absolute path on the workers"
+  "--data-dir $(q "$data_dir") must be gs://bucket/path (a lowercase bucket name) or an absolute path on the workers"
 # Unbuffered, so the log file shows progress as it happens.
 exports=("export PYTHONUNBUFFERED=1" "export TFDS_DATA_DIR=$(q "$data_dir")")
 for kv in "${envs[@]}"; do

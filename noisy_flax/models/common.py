@@ -1,4 +1,4 @@
-"""What the ViT and the ResNet share: applying a Noise at one site."""
+"""What the ViT and the ResNet share: the input check and applying a Noise at one site."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,6 +8,16 @@ import jax
 import jax.numpy as jnp
 
 from noisy_flax.noise import Noise
+
+
+def check_nhwc(images) -> None:
+    """Images are (batch, height, width, channels); a channels-first batch
+    (PyTorch's layout) is named as such rather than failing deeper in."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be NHWC (batch, height, width, channels), got shape {images.shape}")
+    if images.shape[1] in (1, 3) and images.shape[3] not in (1, 3):
+        raise ValueError(f"images of shape {images.shape} look channels-first (NCHW); the models "
+                         "take NHWC: pass images.transpose(0, 2, 3, 1)")
 
 
 def resolve_index(index: int, size: int, what: str) -> int:

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from noisy_flax.models.activations import relu
-from noisy_flax.models.common import apply_noise, noise_is_here, resolve_index
+from noisy_flax.models.common import apply_noise, check_nhwc, noise_is_here, resolve_index
 from noisy_flax.models.pooling import max_pool
 from noisy_flax.models.winograd import WinogradConv3x3, uses_winograd
 from noisy_flax.noise import Noise
@@ -135,8 +135,7 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
 
     def _check(self, images):
-        if images.ndim != 4:
-            raise ValueError(f"images must be NHWC (batch, height, width, channels), got shape {images.shape}")
+        check_nhwc(images)
         if self.stem not in STEMS:
             raise ValueError(f"unknown ResNet stem {self.stem!r}; use one of {STEMS}")
         if self.noise is not None and self.noise.site not in RESNET_SITES:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from noisy_flax.models.activations import gelu
-from noisy_flax.models.common import (apply_noise, apply_noise_to_patch_tokens,
+from noisy_flax.models.common import (apply_noise, apply_noise_to_patch_tokens, check_nhwc,
                                       noise_is_here, resolve_index)
 from noisy_flax.models.matmul import flat_dot_general
 from noisy_flax.noise import Noise
@@ -300,8 +300,7 @@ def check_attention_implementation(name: str) -> str:
 
 
 def _check_images(images, patch_size: int) -> None:
-    if images.ndim != 4:
-        raise ValueError(f"images must be NHWC (batch, height, width, channels), got shape {images.shape}")
+    check_nhwc(images)
     height, width = images.shape[1:3]
     if height % patch_size or width % patch_size:
         raise ValueError(f"image size {height}x{width} is not divisible by the patch size "
