@@ -20,6 +20,9 @@ Every batch is padded to one size that the device count divides; padded rows
 are masked, and the noise functions mix real rows only, so padding never
 leaks. With ``noise.scope='device'`` each device mixes its own shard of the
 batch (as the published code did per GPU); with 'global' the whole batch.
+``--batch_size`` is the global test batch: on D devices with device scope,
+``--batch_size 10`` mixes about 10 / D examples per device, and the
+published setting (10 per GPU) is ``--batch_size`` 10 x D.
 
 A setting whose predictions cannot depend on the batch (noise off, or a
 deterministic per-example noise such as ``within_image``) is run once in
@@ -468,7 +471,9 @@ def main_with_flags(argv, *, entropy_default: bool = False) -> None:
     config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
     workdir = flags.DEFINE_string("workdir", None, "Run directory with checkpoints/.")
     orders = flags.DEFINE_list("orders", list(batch_order.ORDERS), "Batch orders to run.")
-    batch_size = flags.DEFINE_integer("batch_size", 10, "Test batch size (published: 10).")
+    batch_size = flags.DEFINE_integer(
+        "batch_size", 10, "Test batch size over all devices. The published run mixed 10 on its "
+        "one GPU: with noise.scope='device', pass 10 x the device count.")
     seed = flags.DEFINE_integer("seed", 0, "Seed of the shuffled orders and the noise keys.")
     split = flags.DEFINE_string("split", None, "Eval split (default config.eval_split).")
     per_class = flags.DEFINE_integer("per_class", 0, "Keep the first N examples per class.")

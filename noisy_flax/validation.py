@@ -46,6 +46,15 @@ def check_choices(config) -> None:
         raise ValueError(f"config.eval_order='distinct_class' needs eval_batch_size <= "
                          f"num_classes ({config.num_classes}), got {config.eval_batch_size}; "
                          "lower config.eval_batch_size")
+    # An ordered evaluation fills its batches while reading the split in storage
+    # order, so a cap would keep the batches that fill first: a biased subset.
+    # A runlocal smoke run only checks that the path runs.
+    if (config.get("eval_order", "dataset") != "dataset" and config.get("eval_max_examples")
+            and not config.get("runlocal", False)):
+        raise ValueError(f"config.eval_max_examples={config.eval_max_examples} with "
+                         f"eval_order={config.eval_order!r} would score the batches that fill "
+                         "first in storage order, a biased subset; set "
+                         "config.eval_max_examples=0 or eval_order='dataset'")
 
 
 def check_batch_sizes(config, mesh: Mesh) -> None:

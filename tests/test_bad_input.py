@@ -105,6 +105,10 @@ CASES = {
                            r"unknown config.eval_order 'sorted'; use one of dataset, class_sorted"),
     "unknown CPU YNNPACK choice": ({"cpu_ynnpack": "all"},
                                    r"unknown config.cpu_ynnpack 'all'; use one of reductions, default"),
+    "capped evaluation in a batch order": (
+        {"eval_order": "shuffled", "eval_max_examples": 100, "runlocal": False},
+        r"eval_max_examples=100 with eval_order='shuffled' would score the batches that fill "
+        r"first in storage order, a biased subset; set config.eval_max_examples=0"),
     "distinct-class batch larger than the classes": (
         {"eval_order": "distinct_class", "eval_batch_size": 16},
         r"distinct_class' needs eval_batch_size <= num_classes \(10\), got 16"),

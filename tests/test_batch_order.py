@@ -1,4 +1,6 @@
 """Batch orders: each order's property, and every example exactly once."""
+import math
+
 import numpy as np
 import pytest
 
@@ -61,6 +63,21 @@ def test_distinct_class_never_repeats_a_label():
     assert [sorted(labels[b].tolist()) for b in balanced] == [list(range(10))] * 3
 
 
+def test_distinct_class_uses_the_fewest_batches_possible():
+    """A batch holds at most one example per class and at most batch_size
+    examples, so no order can use fewer than max(ceil(n / batch_size),
+    largest class) batches; taking from the fullest classes first reaches it."""
+    for case in range(40):
+        rng = np.random.default_rng(case)
+        num_classes = int(rng.integers(2, 12))
+        counts = rng.integers(1, 15, size=num_classes)
+        batch_size = int(rng.integers(1, num_classes + 1))
+        labels = rng.permutation(np.repeat(np.arange(num_classes), counts))
+        batches = batch_order.batch_indices(labels, "distinct_class", batch_size, seed=case,
+                                            num_classes=num_classes)
+        assert len(batches) == max(math.ceil(counts.sum() / batch_size), counts.max())
+
+
 def test_distinct_class_rejects_batches_larger_than_the_classes():
     with pytest.raises(ValueError, match="batch_size <= num_classes"):
         batch_order.batch_indices(LABELS, "distinct_class", 6, num_classes=5)
@@ -77,6 +94,27 @@ def test_shuffled_is_seeded():
     c = batch_order.batch_indices(LABELS, "shuffled", 4, seed=1)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_shuffled_mixes_classes_as_a_random_draw_does():
+    # 20 classes x 50, batch 10: a random batch holds 20 (1 - (19/20)^10) = 8.03
+    # distinct classes on average; class-sorted batches hold one.
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(20), 50))
+    batches = batch_order.batch_indices(labels, "shuffled", 10, seed=4)
+    distinct = np.mean([len(set(labels[b])) for b in batches])
+    assert abs(distinct - 20 * (1 - (19 / 20) ** 10)) < 0.5
+
+
+@pytest.mark.parametrize("order", ["same_class", "distinct_class"])
+def test_order_inside_a_class_is_seeded(order):
+    labels = np.repeat(np.arange(5), 6)  # split order already sorted by class
+    def flat(seed):
+        return np.concatenate(batch_order.batch_indices(labels, order, 4, seed=seed,
+                                                        num_classes=5))
+    assert np.array_equal(flat(0), flat(0))
+    assert not np.array_equal(flat(0), flat(1))
+    if order == "same_class":  # the members of a class, not in split order
+        assert not np.all(np.diff(flat(0)) > 0)
 
 
 def test_unknown_order_names_the_choices():
