@@ -101,6 +101,24 @@ def test_class_token_untouched_at_noise_site(vit_variables, site):
     np.testing.assert_allclose(after[:, 1:], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["vit_nano_patch4_16", "resnet18_small"])
+def test_within_image_noise_at_the_image_site_mixes_pixel_rows(name):
+    """At the image site the rows (axis 1) are the image's pixel rows: each
+    image is mixed with its own rows only, by (I + Q*) of its height."""
+    model = create_model(name, num_classes=5,
+                         noise={"type": "within_image", "site": "image", "scope": "global"})
+    x = images(3, 16)
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, state = model.apply(variables, x, train=False, mutable=["intermediates", "batch_stats"])
+    leaves = flax.traverse_util.flatten_dict(state["intermediates"])
+    (before,) = [v[0] for k, v in leaves.items() if k[-1] == "noise_input"]
+    (after,) = [v[0] for k, v in leaves.items() if k[-1] == "noise_output"]
+    np.testing.assert_array_equal(before, x)
+    mix = np.eye(16) + (np.ones((16, 16)) - 16 * np.eye(16)) / 17  # the paper's Q*, k = 16
+    np.testing.assert_allclose(after, np.einsum("rs,bswc->brwc", mix, np.asarray(x)),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_noise_at_block_changes_nothing_before_it(vit_variables):
     x = images()
     def block_outputs(noise_cfg):

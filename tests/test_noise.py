@@ -277,6 +277,21 @@ class TestMakeNoise:
             n.fn(jnp.asarray(np.zeros((8, 2), np.float32)))
 
 
+@pytest.mark.parametrize("cfg", [
+    {"type": "optimal_q"}, {"type": "circulant"}, {"type": "within_image"},
+    {"type": "gaussian"}, {"type": "salt_pepper", "prob": 0.3}])
+def test_bfloat16_input_keeps_its_dtype_and_values(cfg):
+    """A bf16 model hands the noise bf16 activations: the result stays bf16
+    and equals the float32 result up to bf16 rounding (8 significant bits)."""
+    n = noise.make_noise({**cfg, "scope": "global"})
+    x = np.random.default_rng(11).normal(size=(6, 4, 4, 3)).astype(np.float32)
+    key = jax.random.key(2)
+    half = n.fn(jnp.asarray(x, jnp.bfloat16), key=key)
+    full = n.fn(jnp.asarray(jnp.asarray(x, jnp.bfloat16), jnp.float32), key=key)
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(half, np.float32), full, rtol=2 ** -7, atol=2 ** -7)
+
+
 class TestScope:
     @pytest.fixture
     def mesh(self):
