@@ -605,7 +605,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         variables = convert(args.src, args.dst, args.model, num_classes=args.num_classes,
                             image_size=args.image_size, dont_load=args.dont_load)
-    except (CheckpointError, ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:  # CheckpointError is a ValueError
         print(f"error: {error}", file=sys.stderr)  # a fit error lists the names after its line
         return EXIT_USER_ERROR
     count = sum(np.size(v) for v in jax.tree.leaves(variables["params"]))
