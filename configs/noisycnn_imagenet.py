@@ -27,7 +27,7 @@ def get_config(arg=None):
     c.input.crop_area = (0.05, 1.0)
     c.input.flip = False
     c.input.normalize = "imagenet"
-    c.init_dont_load = ("^fc/",)  # the released code re-initialises the head
+    c.init_dont_load = ("fc/.*",)  # the released code re-initialises the head
     c.init_required = True  # it fine-tunes torchvision's weights
     c.noise.update(type="circulant", alpha=0.4, stop_gradient=True, site="block_input",
                    stage=4, layer=-1, scope="device", train=True, eval=True,

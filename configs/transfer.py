@@ -36,7 +36,9 @@ def get_config(arg=None):
     c.input.normalize = "imagenet" if is_resnet else "minus_one_to_one"
     c.noise.update(type=a.noise, site="block_input" if is_resnet else "attn_input",
                    train=a.noise_train, eval=a.noise_eval)
-    c.init_dont_load = ("^head/", "^fc/")  # new classes: a fresh head
+    # New classes: a fresh head. Patterns match whole names, and one that
+    # matches nothing is refused as a typo, so only this model's head is named.
+    c.init_dont_load = ("fc/.*",) if is_resnet else ("head/.*",)
     c.init_required = True
     c.batch_size = a.batch
     c.eval_batch_size = 512

@@ -3,12 +3,13 @@ import importlib.util
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
-from noisy_flax import train
+from noisy_flax import pretrained, train
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # Shared pieces, and the study's config (a grid of runs, tested in test_study).
@@ -45,6 +46,28 @@ def test_config_runs_two_steps_on_mock_data(name, tmp_path):
         summary = train.train_and_evaluate(config, str(tmp_path))
     assert summary["steps"] == 2
     assert (tmp_path / "metrics.jsonl").exists()
+
+
+# The fine-tuning recipes, started as their users start them: from weights
+# of the same model with an ImageNet head (1000 classes).
+FINE_TUNING = [("noisyvit_imagenet", "runlocal"), ("noisycnn_imagenet", "runlocal"),
+               ("transfer", "runlocal,model=resnet18"),
+               ("transfer", "runlocal,model=vit_base_patch16_224")]
+
+
+@pytest.mark.parametrize("name,arg", FINE_TUNING)
+def test_fine_tuning_recipe_loads_init_from(name, arg, tmp_path):
+    config = load_config(name, arg)
+    source = ml_collections.ConfigDict(config.to_dict())
+    source.num_classes, source.noise.type = 1000, "none"
+    model = train.build_model(source)
+    variables = model.init(jax.random.key(1), jnp.zeros(train.input_shape(config)), train=False)
+    pretrained.save_variables(variables, str(tmp_path / "pretrained"))
+    config.init_from = str(tmp_path / "pretrained")
+    config.async_checkpoints = False
+    with tfds.testing.mock_data(num_examples=32):
+        summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert summary["steps"] == 2
 
 
 # The published runs' settings as NOISYNN.md lists them (read from the
