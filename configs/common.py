@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Optimisation.
     c.batch_size = 128
     c.eval_batch_size = 256
+    # > 0: the eval batch is this many per device, eval_batch_size is left unset
+    # and set from the device count at start-up (a config must not start JAX:
+    # on a pod, jax.distributed has to start first).
+    c.eval_batch_per_device = 0
     c.optimizer = "adamw"
     c.lr = 1e-3
     c.end_lr = 0.0
@@ -151,7 +155,8 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.runlocal = True
     c.total_steps = 2
     c.batch_size = 16
-    c.eval_batch_size = 16
+    if not c.eval_batch_per_device:
+        c.eval_batch_size = 16
     c.warmup_steps = 1
     c.warmup_epochs = 0.0
     c.log_every = 1

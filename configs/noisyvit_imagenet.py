@@ -15,7 +15,7 @@ recipe=corrected changes what the audit questions: the normalisation augreg
 weights expect (mean = std = 0.5), shuffled evaluation batches, and noise in
 training as well as at evaluation.
 """
-import jax
+import ml_collections
 
 from configs import common
 from configs.imagenet import imagenet_base, runlocal_model
@@ -43,7 +43,8 @@ def get_config(arg=None):
     c.noise.update(type="optimal_q", site="attn_input", layer=11, scope="device",
                    train=not published, eval=True)
     # The released evaluation mixed batches of 10 on one GPU: 10 per device.
-    c.eval_batch_size = 10 * jax.device_count()
+    c.eval_batch_size = ml_collections.config_dict.placeholder(int)
+    c.eval_batch_per_device = 10
     c.eval_order = "class_sorted" if published else "shuffled"
     c.save_best = True
 
@@ -62,5 +63,5 @@ def get_config(arg=None):
     if a.runlocal:
         runlocal_model(c, "vit_nano_patch4_32")
         c.noise.layer = -1
-        c.eval_batch_size = 2 * jax.device_count()
+        c.eval_batch_per_device = 2
     return common.finalize(c, a.runlocal)

@@ -66,6 +66,29 @@ def schedule_lengths(config, num_train_examples: int) -> tuple[int, int, int]:
     return steps_per_epoch, total, min(warmup, total)
 
 
+def resolve_eval_batch_size(config) -> None:
+    """Sets ``config.eval_batch_size`` from ``config.eval_batch_per_device``.
+
+    A config file must not ask JAX for the device count: that starts the
+    backend, after which ``jax.distributed`` can no longer start on a pod (and
+    before it, the count would be this host's alone). So a per-device eval
+    batch is a key, turned into the global batch here, once JAX is up.
+    """
+    per_device = config.get("eval_batch_per_device", 0)
+    if not per_device:
+        if config.eval_batch_size is None:
+            raise ValueError("config.eval_batch_size is unset; set it, or "
+                             "config.eval_batch_per_device for a batch per device")
+        return
+    size = per_device * jax.device_count()
+    if config.eval_batch_size not in (None, size):
+        raise ValueError(
+            f"config.eval_batch_size={config.eval_batch_size} and config.eval_batch_per_device="
+            f"{per_device} ({size} on {jax.device_count()} devices) disagree; set one of them "
+            "(eval_batch_per_device=0 turns it off)")
+    config.eval_batch_size = size
+
+
 def input_shape(config) -> tuple[int, int, int, int]:
     return (1, config.image_size, config.image_size, config.input.channels)
 
@@ -293,6 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # (and noisy_flax.benchmark on an accelerator-only machine) must not need.
     from noisy_flax import input_pipeline, reporting, validation, workdir as workdir_lib
     is_main = jax.process_index() == 0
+    resolve_eval_batch_size(config)
 
     # --- Checks. Everything that can refuse the run does so here, before
     # anything is written: a refused run leaves the workdir as it was.

@@ -94,6 +94,9 @@ CASES = {
     "batch not divisible by devices": ({"batch_size": 12},
                                        r"batch_size=12 is not divisible by the 8 devices; use a multiple of 8"),
     "eval batch not divisible": ({"eval_batch_size": 20}, r"eval_batch_size=20 is not divisible"),
+    "eval batch and eval batch per device disagree": (
+        {"eval_batch_size": 32, "eval_batch_per_device": 2},
+        r"eval_batch_size=32 and config.eval_batch_per_device=2 \(16 on 8 devices\) disagree"),
     "zero batch size": ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),
     "negative batch size": ({"batch_size": -16}, r"batch_size=-16 must be a positive integer"),
     "zero learning rate": ({"lr": 0.0}, r"config.lr=0.0 must be positive"),

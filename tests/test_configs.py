@@ -1,6 +1,10 @@
 """Every config file builds, and runs two steps with runlocal on mock data."""
 import importlib.util
+import os
 import pathlib
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -102,7 +106,8 @@ def test_published_recipe_settings(name):
             value = tuple(value)
         assert value == expected, key
     if name == "noisyvit_imagenet":  # batches of 10 per device, as on the one published GPU
-        assert config.eval_batch_size == 10 * jax.device_count()
+        train.resolve_eval_batch_size(config)
+        assert config.eval_batch_size == 10 * jax.device_count() == 80
 
 
 def test_locked_config_rejects_typos():
@@ -134,3 +139,30 @@ class TestParseArg:
     def test_runlocal_shrinks(self):
         config = load_config("fashion_mnist", "runlocal")
         assert config.total_steps == 2 and config.batch_size <= 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_no_config_starts_jax(tmp_path):
+    """On a pod, jax.distributed must start before anything initialises the
+    backend, and main parses --config first: loading a config must not."""
+    script = tmp_path / "load_all.py"
+    script.write_text(
+        "import importlib.util, sys, jax\n"
+        f"sys.path.insert(0, {str(CONFIG_DIR.parent)!r})\n"
+        f"for name in {EXPERIMENTS!r}:\n"
+        "    for arg in (None, 'runlocal'):\n"
+        f"        spec = importlib.util.spec_from_file_location('c', {str(CONFIG_DIR)!r} + f'/{{name}}.py')\n"
+        "        module = importlib.util.module_from_spec(spec)\n"
+        "        spec.loader.exec_module(module)\n"
+        "        module.get_config(arg)\n"
+        "jax.distributed.initialize(f'localhost:{sys.argv[1]}', num_processes=1, process_id=0)\n"
+        "print('devices', jax.device_count())\n")
+    result = subprocess.run([sys.executable, str(script), str(free_port())], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "devices" in result.stdout
