@@ -73,12 +73,21 @@ class Checkpointer:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, *, force: bool = False,
+             meta: Optional[dict] = None) -> bool:
+        """``meta``: JSON facts saved with the state, in the same atomic save."""
+        meta = {**(meta or {}), "format_version": FORMAT_VERSION, "step": int(step)}
         saved = self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({"format_version": FORMAT_VERSION, "step": int(step)})),
-            force=force)
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
         return bool(saved)
+
+    def latest_meta(self) -> Optional[dict]:
+        """The JSON facts of the newest checkpoint; None when there is none."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
 
     def restore_latest(self, abstract_state: Any) -> tuple[Optional[int], Any]:
         """Restores the newest intact checkpoint; (None, None) when there is none.

@@ -399,7 +399,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress = reporting.Progress(total_steps, config.batch_size, start_step)
     stop = _StopSignal()
     last_saved = restored_step
-    eval_result, best_top1, metrics = None, -1.0, None
+    eval_result, metrics = None, None
+    best_top1 = _best_top1_so_far(workdir) if config.save_best else -1.0
     started = time.perf_counter()
     try:
         for step in range(start_step + 1, total_steps + 1):
@@ -418,7 +419,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 eval_result = run_eval(step)
                 if config.save_best and eval_result["top1"] > best_top1:
                     best_top1 = eval_result["top1"]
-                    _save_best(workdir, step, state)
+                    _save_best(workdir, step, state, best_top1)
             if must_save:
                 ckpt.save(step, state, force=is_last or preempted)
                 last_saved = step
@@ -456,9 +457,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return summary
 
 
-def _save_best(workdir: str, step: int, state: TrainState) -> None:
-    """Keeps the variables of the best evaluation so far (published protocol)."""
-    path = os.path.join(workdir, "best")
-    best = checkpointing.Checkpointer(path, keep=1, save_every=1, async_save=False)
-    best.save(step, {"params": state.params, "batch_stats": state.batch_stats}, force=True)
+def _best_checkpointer(workdir: str) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(os.path.join(workdir, "best"), keep=1, save_every=1,
+                                      async_save=False)
+
+
+def _save_best(workdir: str, step: int, state: TrainState, top1: float) -> None:
+    """Keeps the variables of the best evaluation so far (published protocol),
+    with its score, so that a resumed run only replaces them with better ones."""
+    best = _best_checkpointer(workdir)
+    best.save(step, {"params": state.params, "batch_stats": state.batch_stats}, force=True,
+              meta={"top1": float(top1)})
     best.close()
+
+
+def _best_top1_so_far(workdir: str) -> float:
+    """The score of the kept best checkpoint (-1 when there is none)."""
+    if not checkpointing.has_checkpoints(os.path.join(workdir, "best")):
+        return -1.0
+    best = _best_checkpointer(workdir)
+    try:
+        meta = best.latest_meta()
+    finally:
+        best.close()
+    return float(meta.get("top1", -1.0)) if meta else -1.0

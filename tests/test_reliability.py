@@ -328,3 +328,39 @@ def test_every_key_of_the_config_is_compared(tmp_path):
     new = {"model": "a", "noise": {"type": "x", "alpha": 0.3}, "log_every": 5}
     assert workdir_lib.config_differences(saved, new) == [
         "new_knob: 1 -> (absent)", "noise.alpha: 0.4 -> 0.3"]
+
+
+def test_the_best_checkpoint_is_only_replaced_by_a_better_one_across_a_resume(tmp_path,
+                                                                               monkeypatch):
+    """save_best keeps one checkpoint; after a crash and a resume the first
+    evaluation must be compared with the kept score, not start from scratch."""
+    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
+    (tmp_path / "data").mkdir()
+    scores = {1: 0.9, 2: 0.8, 3: 0.3, 4: 0.95}
+    crash_at = [3]
+    real_evaluate, real_save_best = train.evaluate, train._save_best
+    saved_at = []
+
+    def scripted_evaluate(eval_step, state, *args, **kwargs):
+        step = int(state.step)
+        if step in crash_at:
+            crash_at.clear()
+            raise KeyboardInterrupt(f"a crash at step {step}, after the checkpoint of step 2")
+        return {**real_evaluate(eval_step, state, *args, **kwargs), "top1": scores[step]}
+
+    def recording_save_best(workdir, step, state, top1):
+        saved_at.append(step)
+        real_save_best(workdir, step, state, top1)
+
+    monkeypatch.setattr(train, "evaluate", scripted_evaluate)
+    monkeypatch.setattr(train, "_save_best", recording_save_best)
+    config = lambda: tiny_run.tiny_config(tmp_path / "data", idx_dir, total_steps=4, eval_every=1,
+                                          checkpoint_every=2, save_best=True, log_every=1,
+                                          async_checkpoints=False)
+    workdir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config(), str(workdir))
+    assert saved_at == [1]
+    train.train_and_evaluate(config(), str(workdir))
+    assert saved_at == [1, 4]  # 0.3 at step 3 lost to the kept 0.9; 0.95 at step 4 won
+    assert finished_steps(workdir / "best") == [4]
