@@ -34,7 +34,8 @@ def get_config(arg=None):
     c.dtype = "float32"  # the released run trained in fp32
     c.init_required = True  # lr 1e-6 for 50 epochs only makes sense from the augreg weights
 
-    c.input.randaugment = (2, 9)  # torchvision RandAugment() defaults, before the crop
+    c.input.randaugment = (2, 9)  # torchvision RandAugment() defaults,
+    c.input.randaugment_before_crop = True  # on the whole image, before the crop
     c.input.crop_area = (0.05, 1.0)
     c.input.flip = False
     c.input.eval_resize = "resize"  # Resize((res, res)), no centre crop

@@ -74,6 +74,10 @@ def default_input_config() -> ml_collections.ConfigDict:
       "normalize": "minus_one_to_one",  # | 'imagenet'
       # None or (num_ops, magnitude), e.g. (2, 9) = torchvision's default.
       "randaugment": config_dict.placeholder(tuple),
+      # False: crop, flip, then RandAugment (timm's and big_vision's order).
+      # True: RandAugment on the whole decoded image, then crop and flip (the
+      # published NoisyViT transforms: RandAugment() before RandomResizedCrop).
+      "randaugment_before_crop": False,
       "shuffle_buffer": 10_000,
       "cache": False,  # cache encoded train records / decoded eval examples in memory
       "prefetch": 2,
@@ -295,6 +299,8 @@ def make_train_preprocess(config: ml_collections.ConfigDict, stored_channels: in
     crop_seed, flip_seed, augment_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, 3))
     image = _decode(example, stored_channels)
+    if inp.randaugment and inp.randaugment_before_crop:
+      image = _randaugment(image, augment_seed, inp)
     if inp.train_crop == "random_resized":
       image = preprocess.random_resized_crop(
           image, size, crop_seed, tuple(inp.crop_area), inp.interpolation)
@@ -307,12 +313,16 @@ def make_train_preprocess(config: ml_collections.ConfigDict, stored_channels: in
       raise ValueError(f"unknown input.train_crop={inp.train_crop!r}")
     if inp.flip:
       image = preprocess.random_flip(image, flip_seed)
-    if inp.randaugment:
-      num_ops, magnitude = inp.randaugment
-      image = preprocess.randaugment(image, augment_seed, num_ops, magnitude)
+    if inp.randaugment and not inp.randaugment_before_crop:
+      image = _randaugment(image, augment_seed, inp)
     return _finish(image, example["label"], inp)
 
   return train_preprocess
+
+
+def _randaugment(image: tf.Tensor, seed: tf.Tensor, inp) -> tf.Tensor:
+  num_ops, magnitude = inp.randaugment
+  return preprocess.randaugment(tf.cast(image, tf.float32), seed, num_ops, magnitude)
 
 
 def make_eval_preprocess(config: ml_collections.ConfigDict, stored_channels: int):

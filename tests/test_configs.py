@@ -83,14 +83,17 @@ PUBLISHED_RECIPES = {
         "batch_size": 16, "lr": 1e-6, "end_lr": 1e-7, "warmup_init_lr": 0.0,
         "warmup_epochs": 10.0, "num_epochs": 50.0, "weight_decay": 1e-4,
         "label_smoothing": 0.1, "eval_order": "class_sorted", "input.crop_area": (0.05, 1.0),
-        "init_required": True,
+        "init_required": True, "optimizer": "adamw", "schedule": "cosine",
+        "input.randaugment": (2, 9), "input.randaugment_before_crop": True,
+        "input.normalize": "imagenet", "input.eval_resize": "resize", "save_best": True,
     },
     "noisycnn_imagenet": {
         "noise.type": "circulant", "noise.alpha": 0.4, "noise.stop_gradient": True,
         "noise.site": "block_input", "noise.stage": 4, "noise.layer": -1, "noise.train": True, "noise.eval": True,
         "noise.scope": "device", "noise.strength": 1.0, "noise.prob": 1.0,
         "batch_size": 512, "lr": 1e-3, "end_lr": 1e-9, "num_epochs": 100.0,
-        "input.crop_area": (0.05, 1.0), "init_required": True,
+        "input.crop_area": (0.05, 1.0), "init_required": True, "optimizer": "adamw",
+        "schedule": "cosine", "init_dont_load": ("fc/.*",),
     },
 }
 

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from noisy_flax import input_pipeline
+from noisy_flax import input_pipeline, preprocess
 from noisy_flax.datasets import fashion_mnist_local
 
 TRAIN_SIZE, TEST_SIZE = 13, 11
@@ -283,3 +283,28 @@ def test_default_input_config_is_complete():
   for key in ("channels", "train_crop", "crop_area", "flip", "eval_resize",
               "crop_fraction", "normalize", "shuffle_buffer", "cache", "prefetch"):
     assert key in inp
+
+
+@pytest.mark.parametrize("before_crop", [False, True])
+def test_randaugment_before_or_after_the_crop(before_crop):
+  """The published NoisyViT augments the whole image, then crops; timm and
+  big_vision crop first. Both orders, on an image of unknown size."""
+  image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+  config = make_config(dataset="cifar10", image_size=16, input={
+      "randaugment": (2, 9), "randaugment_before_crop": before_crop, "flip": False,
+      "crop_area": (0.2, 0.5), "normalize": "minus_one_to_one"})
+  train_preprocess = input_pipeline.make_train_preprocess(config, 3)
+  seed = tf.constant([4, 7], tf.int64)
+  got = tf.function(
+      lambda pixels: train_preprocess(seed, {"image": pixels, "label": tf.constant(1)})["image"],
+      input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])(image).numpy()
+
+  crop_seed, _, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  crop = lambda x: preprocess.random_resized_crop(x, 16, crop_seed, (0.2, 0.5))
+  augment = lambda x: preprocess.randaugment(tf.cast(x, tf.float32), augment_seed, 2, 9)
+  augment_then_crop = crop(augment(image)).numpy() / 127.5 - 1
+  crop_then_augment = augment(crop(image)).numpy() / 127.5 - 1
+  expected, other = ((augment_then_crop, crop_then_augment) if before_crop
+                     else (crop_then_augment, augment_then_crop))
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  assert np.abs(got - other).max() > 0.1
