@@ -93,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.schedule = "cosine"
     c.warmup_steps = 0
     c.warmup_epochs = 0.0
+    c.schedule_unit = "step"  # or 'epoch': the rate changes at epoch starts only (timm)
     c.weight_decay = 1e-4
     c.wd_mask = "kernels"  # 'kernels' (no decay on biases, norms, embeddings) or 'all'
     c.b1 = 0.9

@@ -5,8 +5,9 @@
 
 recipe=published (default) reproduces the released code: augreg weights
 fine-tuned with AdamW at lr 1e-6 for 50 epochs, batch 16, cosine to 1e-7
-after 10 warm-up epochs that start at lr 0, label smoothing 0.1,
-RandAugment then random-resized crop (area 0.05-1), ImageNet mean/std,
+after 10 warm-up epochs that start at lr 0 (the rate changes once per
+epoch, so epoch 0 trains at lr 0), label smoothing 0.1, RandAugment on the
+whole image then random-resized crop (area 0.05-1), ImageNet mean/std,
 evaluation by plain resize in class-sorted order with batches of 10 per
 device, noise OFF in training and optimal-Q noise ON at evaluation, at the
 attention input of block 11; the best checkpoint on validation is kept.
@@ -56,6 +57,7 @@ def get_config(arg=None):
     c.warmup_init_lr = 0.0
     c.warmup_epochs = 10.0
     c.schedule = "cosine"
+    c.schedule_unit = "epoch"  # timm's scheduler, stepped per epoch: epoch 0 trains at lr 0
     c.num_epochs = 50.0
     c.weight_decay = 1e-4
     c.wd_mask = "all"  # torch.optim.AdamW decays every parameter

@@ -7,17 +7,33 @@ import optax
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
+# How often the learning rate changes: every step (optax's, big_vision's
+# way) or at epoch starts only (timm's schedulers stepped per epoch, as in
+# the published NoisyViT run: there epoch 0 trains at the warm-up's start).
+SCHEDULE_UNITS = ("step", "epoch")
 WD_MASKS = ("all", "kernels")
 
 
-def learning_rate_schedule(config, total_steps: int, warmup_steps: int) -> optax.Schedule:
+def learning_rate_schedule(config, total_steps: int, warmup_steps: int,
+                           steps_per_epoch: int = 1) -> optax.Schedule:
     """Linear warm-up from ``config.warmup_init_lr`` (0 in the published ViT
-    run, so its first steps train at lr 0), then cosine / linear decay to
-    ``config.end_lr``, or constant."""
+    run), then cosine / linear decay to ``config.end_lr``, or constant. With
+    ``config.schedule_unit='epoch'`` the rate is held through each epoch at
+    its value at the epoch's first step."""
     if config.lr <= 0:
         raise ValueError(f"config.lr={config.lr} must be positive (e.g. 1e-3)")
     if config.schedule not in SCHEDULES:
         raise ValueError(f"unknown config.schedule {config.schedule!r}; use one of {SCHEDULES}")
+    unit = config.get("schedule_unit", "step")
+    if unit not in SCHEDULE_UNITS:
+        raise ValueError(f"unknown config.schedule_unit {unit!r}; use one of {SCHEDULE_UNITS}")
+    schedule = _schedule_per_step(config, total_steps, warmup_steps)
+    if unit == "step" or steps_per_epoch <= 1:
+        return schedule
+    return lambda count: schedule(count // steps_per_epoch * steps_per_epoch)
+
+
+def _schedule_per_step(config, total_steps: int, warmup_steps: int) -> optax.Schedule:
     decay_steps = max(total_steps - warmup_steps, 1)
     if config.schedule == "cosine":
         decay = optax.cosine_decay_schedule(config.lr, decay_steps, alpha=config.end_lr / config.lr)
@@ -40,8 +56,9 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(config, total_steps: int, warmup_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = learning_rate_schedule(config, total_steps, warmup_steps)
+def make_optimizer(config, total_steps: int, warmup_steps: int, steps_per_epoch: int = 1
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = learning_rate_schedule(config, total_steps, warmup_steps, steps_per_epoch)
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown config.optimizer {config.optimizer!r}; use one of {OPTIMIZERS}")
     if config.wd_mask not in WD_MASKS:

@@ -328,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # --- Model, optimizer, state.
     model = build_model(config, mesh)
-    tx, schedule = optim.make_optimizer(config, total_steps, warmup_steps)
+    tx, schedule = optim.make_optimizer(config, total_steps, warmup_steps, steps_per_epoch)
     state, state_shardings = create_train_state(config, model, tx, mesh)
 
     # A fresh run loads init_from now: a file that does not fit fails before

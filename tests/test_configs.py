@@ -83,7 +83,7 @@ PUBLISHED_RECIPES = {
         "batch_size": 16, "lr": 1e-6, "end_lr": 1e-7, "warmup_init_lr": 0.0,
         "warmup_epochs": 10.0, "num_epochs": 50.0, "weight_decay": 1e-4,
         "label_smoothing": 0.1, "eval_order": "class_sorted", "input.crop_area": (0.05, 1.0),
-        "init_required": True, "optimizer": "adamw", "schedule": "cosine",
+        "init_required": True, "optimizer": "adamw", "schedule": "cosine", "schedule_unit": "epoch",
         "input.randaugment": (2, 9), "input.randaugment_before_crop": True,
         "input.normalize": "imagenet", "input.eval_resize": "resize", "save_best": True,
     },

@@ -98,6 +98,27 @@ def test_warmup_from_zero_then_cosine():
     assert float(schedule(110)) == pytest.approx(1e-5, rel=1e-4)
 
 
+def test_schedule_per_epoch_holds_each_epochs_first_value():
+    """The published ViT run: timm's scheduler stepped per epoch, 10 warm-up
+    epochs from 0, so all of epoch 0 trains at lr 0 and epoch e < 10 at e/10."""
+    config = common.base_config()
+    config.lr, config.end_lr, config.warmup_init_lr = 1e-6, 1e-7, 0.0
+    config.schedule_unit = "epoch"
+    spe = 100
+    schedule = optim.learning_rate_schedule(config, total_steps=50 * spe, warmup_steps=10 * spe,
+                                            steps_per_epoch=spe)
+    lr = lambda count: float(schedule(count))
+    assert lr(0) == lr(50) == lr(spe - 1) == 0.0
+    assert lr(spe) == lr(2 * spe - 1) == pytest.approx(1e-7)
+    assert lr(9 * spe + 99) == pytest.approx(9e-7)
+    assert lr(10 * spe) == lr(11 * spe - 1) == pytest.approx(1e-6)
+    # Epoch 30 holds the cosine's value 20 of its 40 epochs in: halfway.
+    assert lr(30 * spe + 42) == pytest.approx(1e-7 + (1e-6 - 1e-7) / 2, rel=1e-5)
+    config.schedule_unit = "steps"
+    with pytest.raises(ValueError, match="unknown config.schedule_unit 'steps'"):
+        optim.learning_rate_schedule(config, total_steps=10, warmup_steps=0)
+
+
 def test_weight_decay_mask_skips_biases_norms_and_embeddings():
     params = {"embedding": {"kernel": np.ones((4, 4, 1, 8)), "bias": np.ones(8)},
               "cls": np.ones((1, 1, 8)),
