@@ -496,13 +496,15 @@ def _resample_posemb_to(converted: Arrays, shapes: Mapping) -> Arrays:
 
 def _names_reset_to_init(converted: Arrays, shapes: Mapping, dont_load: Sequence[str]) -> set[str]:
     """Names whose value comes from the model's init: dont_load matches, and
-    the head when the checkpoint has none or one for another class count."""
+    the head when the checkpoint has one for another class count. A file
+    without a head leaves it missing (an error) unless dont_load resets it:
+    a fresh head would otherwise score at chance without a word."""
     reset = set(_matching(shapes, dont_load))
     for classifier in CLASSIFIERS:
         kernel = f"params/{classifier}/kernel"
-        if kernel not in shapes:
+        if kernel not in shapes or kernel not in converted:
             continue
-        classes = converted[kernel].shape[-1] if kernel in converted else None
+        classes = converted[kernel].shape[-1]
         if classes != shapes[kernel].shape[-1]:
             logging.info("pretrained: new %s for %d classes (the checkpoint's has %s)",
                          classifier, shapes[kernel].shape[-1], classes)

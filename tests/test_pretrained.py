@@ -210,6 +210,19 @@ def test_head_is_new_when_the_class_count_differs(tmp_path, vit_params):
     np.testing.assert_array_equal(params["cls"], vit_params["cls"])
 
 
+def test_a_file_without_a_head_loads_only_with_the_head_reset(tmp_path, vit_params):
+    """A headless file (a feature extractor) must not quietly give a fresh head."""
+    path = _augreg_npz(tmp_path, {k: v for k, v in vit_params.items()
+                                  if not k.startswith("head/")})
+    model = create_model(VIT, num_classes=10)
+    with pytest.raises(pretrained.CheckpointError,
+                       match=r"(?s)2 missing.*params/head/kernel"):
+        pretrained.load_params(path, model)
+    variables = pretrained.load_params(path, model, dont_load=["head/.*"])
+    np.testing.assert_array_equal(variables["params"]["head"]["kernel"], 0)
+    np.testing.assert_array_equal(variables["params"]["cls"], vit_params["cls"])
+
+
 def test_representation_layer_is_dropped_when_the_model_has_none(tmp_path, vit_params):
     flat = dict(vit_params, **{"pre_logits/kernel": np.ones((WIDTH, WIDTH), np.float32),
                                "pre_logits/bias": np.ones(WIDTH, np.float32)})
