@@ -28,6 +28,7 @@ import os
 import re
 import struct
 import sys
+import tempfile
 import zipfile
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import traverse_util
 
 from noisy_flax.cli import EXIT_USER_ERROR
@@ -57,13 +59,34 @@ class CheckpointError(ValueError):
 # Reading files: {name as stored: numpy array}
 # ---------------------------------------------------------------------------
 def read_checkpoint(path: str) -> Arrays:
-    """Reads any supported file (or orbax directory) into flat numpy arrays."""
+    """Reads any supported file (or orbax directory) into flat numpy arrays;
+    ``gs://`` and other remote paths too."""
     path = os.fspath(path)
+    if is_remote(path):
+        return _read_remote(path)
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}")
     readers = {"orbax": _read_orbax, "npz": _read_npz, "safetensors": read_safetensors,
                "torch": _read_torch}
     return readers[_file_kind(path)](path)
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _read_remote(path: str) -> Arrays:
+    """orbax reads a remote directory itself; a file is copied to a local
+    temporary one first, since numpy and zipfile read local files."""
+    remote = epath.Path(path)
+    if not remote.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    if remote.is_dir():
+        return _read_orbax(path)
+    with tempfile.TemporaryDirectory() as local_dir:
+        local = os.path.join(local_dir, remote.name)
+        remote.copy(local)
+        return read_checkpoint(local)
 
 
 def _file_kind(path: str) -> str:
@@ -168,7 +191,7 @@ def _torch_to_numpy(tensor) -> np.ndarray:
 def _read_orbax(path: str) -> Arrays:
     import orbax.checkpoint as ocp
     try:
-        tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
+        tree = ocp.PyTreeCheckpointer().restore(path if is_remote(path) else os.path.abspath(path))
     except Exception as error:
         raise CheckpointError(f"{path} is a directory but not an orbax checkpoint that "
                               f"`python -m noisy_flax.pretrained convert` wrote: {error}") from error

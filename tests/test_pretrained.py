@@ -5,13 +5,16 @@ import os
 import struct
 import subprocess
 import sys
+import types
 import zipfile
 
+import chex
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
 import scipy.ndimage
+from etils import epath
 from flax import traverse_util
 
 from noisy_flax import pretrained
@@ -159,6 +162,20 @@ def test_old_naming_variants_load_the_same(tmp_path, vit_params):
     loaded = _flat(variables["params"])
     for name, value in vit_params.items():
         np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+
+
+def test_a_remote_file_is_read_through_a_local_copy(tmp_path, vit_params, monkeypatch):
+    """gs:// files (the augreg bucket): a stand-in file system that maps the
+    bucket to a local folder, as no test touches the network."""
+    local = _augreg_npz(tmp_path, vit_params)
+    bucket = lambda path: epath.Path(str(path).replace("gs://bucket", str(tmp_path)))
+    monkeypatch.setattr(pretrained, "epath", types.SimpleNamespace(Path=bucket))
+    model = create_model(VIT, num_classes=10)
+    remote = "gs://bucket/" + os.path.basename(local)
+    chex.assert_trees_all_equal(pretrained.load_params(remote, model),
+                                pretrained.load_params(local, model))
+    with pytest.raises(pretrained.CheckpointError, match="no checkpoint at gs://bucket/none.npz"):
+        pretrained.read_checkpoint("gs://bucket/none.npz")
 
 
 def test_pickled_npz_is_refused(tmp_path, vit_params):
