@@ -284,17 +284,27 @@ def summarize_eval(per_batch: list[dict]) -> dict[str, float]:
 # The loop
 # ---------------------------------------------------------------------------
 class _StopSignal:
-    """SIGTERM (what a preemption sends) asks for a checkpoint and a clean exit."""
+    """SIGTERM (what a preemption sends) asks for a checkpoint and a clean exit.
+
+    In one process only. With several, the preemption sync service that
+    jax.distributed starts catches SIGTERM and has every process stop at the
+    same step (CheckpointManager.reached_preemption); a Python handler would
+    replace its notifier, and the signalled process would save and leave
+    alone while the others wait for it in a collective.
+    """
 
     def __init__(self):
         self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = None
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.received = True
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _check_finite(metrics: dict, step: int, last_saved: Optional[int]) -> None:
@@ -424,12 +434,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 ckpt.save(step, state, force=is_last or preempted)
                 last_saved = step
             if preempted and not is_last:
+                ckpt.wait()  # said only once the save is committed
                 reporting.echo(f"Stop requested: checkpoint saved at step {step}; "
                                "rerun the same command to resume")
                 break
     finally:
+        ckpt.close()  # waits for a save in flight while SIGTERM is still caught
         stop.restore()
-        ckpt.close()
         reporter.close()
 
     elapsed = time.perf_counter() - started
@@ -466,9 +477,13 @@ def _save_best(workdir: str, step: int, state: TrainState, top1: float) -> None:
     """Keeps the variables of the best evaluation so far (published protocol),
     with its score, so that a resumed run only replaces them with better ones."""
     best = _best_checkpointer(workdir)
-    best.save(step, {"params": state.params, "batch_stats": state.batch_stats}, force=True,
-              meta={"top1": float(top1)})
-    best.close()
+    try:
+        # A step already kept: this step rerun after a crash, from the same state.
+        if step not in best.all_steps():
+            best.save(step, {"params": state.params, "batch_stats": state.batch_stats},
+                      force=True, meta={"top1": float(top1)})
+    finally:
+        best.close()
 
 
 def _best_top1_so_far(workdir: str) -> float:

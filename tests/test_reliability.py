@@ -330,28 +330,28 @@ def test_every_key_of_the_config_is_compared(tmp_path):
         "new_knob: 1 -> (absent)", "noise.alpha: 0.4 -> 0.3"]
 
 
-def test_the_best_checkpoint_is_only_replaced_by_a_better_one_across_a_resume(tmp_path,
-                                                                               monkeypatch):
-    """save_best keeps one checkpoint; after a crash and a resume the first
-    evaluation must be compared with the kept score, not start from scratch."""
+def run_with_scripted_scores(tmp_path, monkeypatch, first_run: dict, second_run: dict,
+                             crash_at: int) -> list[int]:
+    """Trains 4 steps (a checkpoint every 2, an evaluation every step) with
+    the top-1 of each evaluation scripted, crashing at the evaluation of step
+    ``crash_at``, then resumes; returns the steps _save_best was asked for."""
     idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
     (tmp_path / "data").mkdir()
-    scores = {1: 0.9, 2: 0.8, 3: 0.3, 4: 0.95}
-    crash_at = [3]
+    scores = dict(first_run)
     real_evaluate, real_save_best = train.evaluate, train._save_best
     saved_at = []
 
     def scripted_evaluate(eval_step, state, *args, **kwargs):
         step = int(state.step)
-        if step in crash_at:
-            crash_at.clear()
-            raise KeyboardInterrupt(f"a crash at step {step}, after the checkpoint of step 2")
+        if step == crash_at and scores is first_run_scores:
+            raise KeyboardInterrupt(f"a crash at step {step}")
         return {**real_evaluate(eval_step, state, *args, **kwargs), "top1": scores[step]}
 
     def recording_save_best(workdir, step, state, top1):
         saved_at.append(step)
         real_save_best(workdir, step, state, top1)
 
+    first_run_scores = scores
     monkeypatch.setattr(train, "evaluate", scripted_evaluate)
     monkeypatch.setattr(train, "_save_best", recording_save_best)
     config = lambda: tiny_run.tiny_config(tmp_path / "data", idx_dir, total_steps=4, eval_every=1,
@@ -360,7 +360,26 @@ def test_the_best_checkpoint_is_only_replaced_by_a_better_one_across_a_resume(tm
     workdir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config(), str(workdir))
-    assert saved_at == [1]
+    scores = dict(second_run)
     train.train_and_evaluate(config(), str(workdir))
+    return saved_at
+
+
+def test_the_best_checkpoint_is_only_replaced_by_a_better_one_across_a_resume(tmp_path,
+                                                                               monkeypatch):
+    """save_best keeps one checkpoint; after a crash and a resume the first
+    evaluation must be compared with the kept score, not start from scratch."""
+    scores = {1: 0.9, 2: 0.8, 3: 0.3, 4: 0.95}
+    saved_at = run_with_scripted_scores(tmp_path, monkeypatch, scores, scores, crash_at=3)
     assert saved_at == [1, 4]  # 0.3 at step 3 lost to the kept 0.9; 0.95 at step 4 won
-    assert finished_steps(workdir / "best") == [4]
+    assert finished_steps(tmp_path / "run" / "best") == [4]
+
+
+def test_a_best_step_kept_before_a_crash_is_not_saved_again(tmp_path, monkeypatch):
+    """A crash after step 3's best save and before step 4's checkpoint: the
+    resumed run replays step 3 from checkpoint 2; saving best/3 again would
+    fail in orbax on every restart."""
+    saved_at = run_with_scripted_scores(tmp_path, monkeypatch, {1: 0.5, 2: 0.6, 3: 0.9},
+                                        {3: 0.95, 4: 0.2}, crash_at=4)
+    assert saved_at == [1, 2, 3, 3]
+    assert finished_steps(tmp_path / "run" / "best") == [3]
