@@ -48,11 +48,11 @@ def _schedule_per_step(config, total_steps: int, warmup_steps: int) -> optax.Sch
 
 
 def decay_mask(params):
-    """True for weight matrices and conv kernels; False for biases, norms,
-    the class token and position embeddings."""
+    """True for the kernels of dense and conv layers; False for biases, norms,
+    the class token and position embeddings. By name, not by rank: the
+    attention's query / key / value biases are (heads, head_dim)."""
     def keep(path, leaf):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        return leaf.ndim > 1 and "pos_embedding" not in name and not name.endswith("cls")
+        return str(getattr(path[-1], "key", path[-1])) == "kernel"
     return jax.tree_util.tree_map_with_path(keep, params)
 
 

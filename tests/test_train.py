@@ -6,7 +6,9 @@ import subprocess
 import sys
 import textwrap
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -130,6 +132,29 @@ def test_weight_decay_mask_skips_biases_norms_and_embeddings():
     assert not mask["embedding"]["bias"] and not mask["cls"]
     assert not mask["Transformer"]["posembed_input"]["pos_embedding"]
     assert not mask["Transformer"]["encoder_norm"]["scale"]
+
+
+@pytest.mark.parametrize("model", ["vit_nano_patch7_28", "resnet18_small"])
+def test_weight_decay_mask_on_a_real_model_decays_kernels_only(model):
+    """timm's rule (no decay on any bias or norm): the attention's q/k/v
+    biases are 2-D, (heads, head_dim), and must not be decayed."""
+    from noisy_flax.models import create_model
+    net = create_model(model, num_classes=10)
+    params = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)),
+                                             train=False))["params"]
+    flat = flax.traverse_util.flatten_dict(optim.decay_mask(params), sep="/")
+    decayed = {name for name, on in flat.items() if on}
+    expected = {name for name in flat if name.rsplit("/", 1)[-1] == "kernel"}
+    assert decayed == expected
+    # Known names, from the architectures' layouts.
+    if model.startswith("vit"):
+        attention = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1"
+        assert {f"{attention}/query/kernel", "head/kernel", "embedding/kernel"} <= decayed
+        assert flat[f"{attention}/query/bias"] is False and params["Transformer"][
+            "encoderblock_0"]["MultiHeadDotProductAttention_1"]["query"]["bias"].ndim == 2
+        assert not flat["cls"] and not flat["Transformer/posembed_input/pos_embedding"]
+    else:
+        assert {"conv1/kernel", "fc/kernel"} <= decayed and not flat["bn1/scale"]
 
 
 def test_gradient_accumulation_matches_one_big_batch():
