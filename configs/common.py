@@ -112,7 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_dont_load = ()  # regexes of parameters kept at their init value
     c.init_required = False  # a fine-tuning recipe: refuse to start without init_from
     c.seed = 0
-    c.mesh = [("data", -1), ("fsdp", 1)]
+    c.mesh = (("data", -1), ("fsdp", 1))  # a tuple: ml_collections overrides tuples, not lists
     c.sharding = "replicate"  # or 'fsdp'
     # Evaluation, logging and checkpoints.
     c.eval_every = 0  # steps; 0 = at the end only

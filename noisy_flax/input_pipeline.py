@@ -87,6 +87,39 @@ def default_input_config() -> ml_collections.ConfigDict:
   })
 
 
+TRAIN_CROPS = ("random_resized", "resize", "none")
+EVAL_RESIZES = ("resize", "resize_crop")
+NORMALIZATIONS = ("minus_one_to_one", "imagenet")
+INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5",
+                  "gaussian", "mitchellcubic")  # tf.image.resize's methods
+
+
+def check_input_config(config: ml_collections.ConfigDict) -> None:
+  """config.input's values, checked before training: inside tf.data a bad
+  one fails mid-run, wrapped in TensorFlow's "in user code" traceback."""
+  inp = _input_config(config)
+  for key, choices in (("train_crop", TRAIN_CROPS), ("eval_resize", EVAL_RESIZES),
+                       ("normalize", NORMALIZATIONS), ("interpolation", INTERPOLATIONS),
+                       ("channels", (1, 3))):
+    if inp[key] not in choices:
+      raise ValueError(f"unknown config.input.{key} {inp[key]!r}; use one of {choices}")
+  low, high = inp.crop_area
+  if not 0 < low <= high <= 1:
+    raise ValueError(f"config.input.crop_area={tuple(inp.crop_area)} must be (min, max) with "
+                     "0 < min <= max <= 1, e.g. (0.08, 1.0)")
+  if not 0 < inp.crop_fraction <= 1:
+    raise ValueError(f"config.input.crop_fraction={inp.crop_fraction} must be in (0, 1], "
+                     "e.g. 0.875")
+  if inp.shuffle_buffer < 1:
+    raise ValueError(f"config.input.shuffle_buffer={inp.shuffle_buffer} must be >= 1 "
+                     "(1 = no shuffling)")
+  if inp.randaugment:
+    num_ops, magnitude = inp.randaugment
+    if num_ops < 0 or not 0 <= magnitude < preprocess.RANDAUGMENT_BINS:
+      raise ValueError(f"config.input.randaugment={tuple(inp.randaugment)} must be (num_ops >= 0, "
+                       f"magnitude in 0..{preprocess.RANDAUGMENT_BINS - 1}), e.g. (2, 9)")
+
+
 def _input_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """config.input on top of the defaults, so hand-written configs may omit keys."""
   merged = default_input_config().to_dict()
@@ -345,7 +378,7 @@ def make_eval_preprocess(config: ml_collections.ConfigDict, stored_channels: int
   return eval_preprocess
 
 
-def _check_train_crop(config, builder) -> None:
+def check_train_crop(config, builder) -> None:
   """'none' feeds stored images as they are, so they must have the model's size."""
   if _input_config(config).train_crop != "none":
     return
@@ -380,7 +413,7 @@ def train_dataset(config: ml_collections.ConfigDict, *, process_index: int = 0,
   inp = _input_config(config)
   local_batch = _local_batch_size(config.batch_size, process_count, "batch_size")
   builder = get_builder(config)
-  _check_train_crop(config, builder)
+  check_train_crop(config, builder)
   split = _process_split(config.train_split, process_index, process_count,
                          drop_remainder=True)
   examples_per_epoch = _count(builder, split)

@@ -95,8 +95,12 @@ def _file_kind(path: str) -> str:
     with open(path, "rb") as f:
         head = f.read(9)
     if head.startswith(b"PK\x03\x04"):
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile as error:
+            raise CheckpointError(f"{path} is a damaged zip archive ({error}): an incomplete "
+                                  "download? fetch the file again") from error
         # torch.save writes a zip too, holding <name>/data.pkl.
         return "torch" if any(n.endswith("data.pkl") for n in names) else "npz"
     if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):

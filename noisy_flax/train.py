@@ -425,7 +425,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if step % config.log_every == 0 or is_last:
                     reporter.write(step, "train", host)
                     progress.update(step, host)
-            if (config.eval_every and step % config.eval_every == 0) or is_last:
+            # A preempted run saves first and leaves: the grace period is short,
+            # and the resumed run evaluates at its next eval step.
+            if ((config.eval_every and step % config.eval_every == 0) or is_last) and not (
+                    preempted and not is_last):
                 eval_result = run_eval(step)
                 if config.save_best and eval_result["top1"] > best_top1:
                     best_top1 = eval_result["top1"]

@@ -7,6 +7,7 @@ on the config, instead of restating their rules here.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -26,6 +27,7 @@ def validate_config(config: ml_collections.ConfigDict):
     """Raises ValueError (one line naming the problem and the fix) for a bad
     config; returns the dataset facts it had to read (input_pipeline.DatasetSummary)."""
     check_choices(config)
+    check_numbers(config)
     mesh = sharding.create_mesh(config.mesh)
     check_batch_sizes(config, mesh)
     noise.make_noise(config.noise, mesh=mesh)
@@ -35,6 +37,27 @@ def validate_config(config: ml_collections.ConfigDict):
     info = check_dataset(config)
     check_init_from(config)
     return info
+
+
+# (key, lowest allowed value): counts and rates whose wrong sign or zero
+# would divide by zero, keep no checkpoint or train on nonsense.
+AT_LEAST = (("log_every", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1),
+            ("eval_every", 0), ("eval_max_examples", 0), ("warmup_steps", 0),
+            ("warmup_epochs", 0), ("total_steps", 0), ("weight_decay", 0),
+            ("grad_clip_norm", 0), ("label_smoothing", 0))
+
+
+def check_numbers(config) -> None:
+    for key, lowest in AT_LEAST:
+        value = config.get(key, lowest)
+        if not (math.isfinite(value) and value >= lowest):
+            raise ValueError(f"config.{key}={value} must be >= {lowest}")
+    if not config.label_smoothing < 1:
+        raise ValueError(f"config.label_smoothing={config.label_smoothing} must be below 1, "
+                         "e.g. 0.1")
+    for key in ("lr", "end_lr", "warmup_init_lr"):
+        if not math.isfinite(config.get(key, 0.0)):
+            raise ValueError(f"config.{key}={config[key]} must be a finite number")
 
 
 def check_choices(config) -> None:
@@ -97,7 +120,9 @@ def check_dataset(config):
     has config.num_classes classes and gives a positive step count."""
     from noisy_flax import input_pipeline  # TensorFlow: only when training
 
+    input_pipeline.check_input_config(config)
     info = input_pipeline.dataset_info(config)
+    input_pipeline.check_train_crop(config, input_pipeline.get_builder(config))
     if info.num_classes != config.num_classes:
         raise ValueError(f"{config.dataset} has {info.num_classes} classes but config.num_classes="
                          f"{config.num_classes}; set --config.num_classes={info.num_classes}")

@@ -127,6 +127,26 @@ CASES = {
         r"--config.init_from=.* or --config.init_required=False"),
     "init_from file missing": ({"init_from": "/nonexistent/ViT-B_16.npz"},
                                r"init_from=/nonexistent/ViT-B_16.npz does not exist"),
+    "log_every zero": ({"log_every": 0}, r"config.log_every=0 must be >= 1"),
+    "no checkpoint kept": ({"keep_checkpoints": 0}, r"config.keep_checkpoints=0 must be >= 1"),
+    "negative eval_every": ({"eval_every": -1}, r"config.eval_every=-1 must be >= 0"),
+    "negative warm-up": ({"warmup_steps": -3}, r"config.warmup_steps=-3 must be >= 0"),
+    "label smoothing of one or more": ({"label_smoothing": 1.5},
+                                       r"config.label_smoothing=1.5 must be below 1"),
+    "learning rate not a number": ({"lr": float("nan")}, r"config.lr=nan must be a finite number"),
+    "unknown normalisation": ({"input.normalize": "foo"},
+                              r"unknown config.input.normalize 'foo'; use one of"),
+    "unknown train crop": ({"input.train_crop": "bogus"}, r"unknown config.input.train_crop 'bogus'"),
+    "unknown eval resize": ({"input.eval_resize": "bogus"},
+                            r"unknown config.input.eval_resize 'bogus'"),
+    "two input channels": ({"input.channels": 2}, r"unknown config.input.channels 2"),
+    "crop area outside (0, 1]": ({"input.crop_area": (0.5, 2.0)},
+                                 r"config.input.crop_area=\(0.5, 2.0\) must be"),
+    "empty shuffle buffer": ({"input.shuffle_buffer": 0},
+                             r"config.input.shuffle_buffer=0 must be >= 1"),
+    "stored images of another size without a crop": (
+        {"input.train_crop": "none", "image_size": 56},
+        r"train_crop='none' needs fashion_mnist images of 56x56, but they are \(28, 28\)"),
 }
 
 
@@ -193,6 +213,14 @@ def test_pickled_npz_is_rejected(dirs, workdir, tmp_path, capsys):
     np.savez(pickled, **{"Transformer/posembed_input/pos_embedding": np.array([{"x": 1}], object)})
     config = tiny_run.tiny_config(*dirs, init_from=str(pickled))
     expect_refused(capsys, config, workdir, r"pickled Python object, and pickles are never loaded")
+
+
+def test_truncated_npz_is_named_as_damaged(dirs, workdir, tmp_path, capsys):
+    whole = pathlib.Path(vit_npz(tmp_path / "whole.npz", num_classes=10))
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # a broken download
+    config = tiny_run.tiny_config(*dirs, init_from=str(cut))
+    expect_refused(capsys, config, workdir, r"cut.npz is a damaged zip archive .* fetch the file again")
 
 
 def test_torch_files_are_only_read_with_weights_only():

@@ -169,3 +169,18 @@ def test_no_config_starts_jax(tmp_path):
                             text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "devices" in result.stdout
+
+
+def test_mesh_is_overridden_on_the_command_line(monkeypatch):
+    """`--config.mesh` like every shared key (ml_collections overrides tuples, not lists)."""
+    from absl import flags
+    from ml_collections import config_flags
+    from noisy_flax import sharding
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+    argv = ["main", f"--config={CONFIG_DIR / 'default.py'}:runlocal",
+            "--config.mesh=(('data', 2), ('fsdp', 4))"]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+    values(argv)
+    assert tuple(map(tuple, values.config.mesh)) == (("data", 2), ("fsdp", 4))
+    assert dict(sharding.create_mesh(values.config.mesh).shape) == {"data": 2, "fsdp": 4}
