@@ -49,6 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from noisy_flax import batch_order, entropy, features, input_pipeline, sharding
+from noisy_flax import workdir as workdir_lib
 
 MAX_IN_MEMORY_BYTES = 4 * 2 ** 30
 ORDER_INDEPENDENT_NOISES = ("none", "within_image")  # per-example and deterministic
@@ -450,9 +451,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, orders: Sequence[str
                   devices=mesh.size)
     table = markdown_table(result)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"{name}.json"), "w") as f:
+        with workdir_lib.open_file(os.path.join(workdir, f"{name}.json"), "w") as f:
             json.dump(result, f, indent=2)
-        with open(os.path.join(workdir, f"{name}.md"), "w") as f:
+        with workdir_lib.open_file(os.path.join(workdir, f"{name}.md"), "w") as f:
             f.write(f"# {config.model}, checkpoint step {step}: {config.noise.type} noise at "
                     f"{config.noise.site}, scope {config.noise.scope}\n\n{table}\n")
         print(table, flush=True)

@@ -1,6 +1,7 @@
 """Train / eval curves as a PNG, read back from ``metrics.jsonl``."""
 from __future__ import annotations
 
+import io
 import json
 from collections import defaultdict
 
@@ -9,11 +10,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
+from noisy_flax import workdir as workdir_lib  # noqa: E402
+
 
 def read_metrics(jsonl_path: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """{split: {metric: [(step, value), ...]}}"""
     series: dict = defaultdict(lambda: defaultdict(list))
-    with open(jsonl_path) as f:
+    with workdir_lib.open_file(jsonl_path) as f:
         for line in f:
             record = json.loads(line)
             step, split = record.pop("step"), record.pop("split")
@@ -37,8 +40,11 @@ def plot_curves(jsonl_path: str, png_path: str, title: str = "") -> None:
             ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
+    image = io.BytesIO()  # matplotlib writes local files only; the workdir may be gs://
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
+    with workdir_lib.open_file(png_path, "wb") as f:
+        f.write(image.getvalue())
 
 
 def _line(ax, points, label, marker=None):

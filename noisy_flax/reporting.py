@@ -14,21 +14,39 @@ from typing import Any, Mapping
 import jax
 from clu import metric_writers, parameter_overview
 
+from noisy_flax import workdir as workdir_lib
+
 
 class MetricsReporter:
-    """Writes scalars to TensorBoard event files and to ``metrics.jsonl``."""
+    """Writes scalars to TensorBoard event files and to ``metrics.jsonl``.
 
-    def __init__(self, workdir: str):
+    ``start_step``: the step training resumes from. Records after it were
+    written by a run that crashed before its next checkpoint; those steps
+    run again, so their old records are dropped rather than repeated.
+    """
+
+    def __init__(self, workdir: str, start_step: int = 0):
         self.is_writer = jax.process_index() == 0
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
         self.writer = metric_writers.create_default_writer(
             workdir, just_logging=not self.is_writer, asynchronous=True)
+        if self.is_writer:
+            self._drop_records_after(start_step)
+
+    def _drop_records_after(self, step: int) -> None:
+        if not workdir_lib.file_exists(self.jsonl_path):
+            return
+        with workdir_lib.open_file(self.jsonl_path) as f:
+            lines = f.read().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            workdir_lib.replace_file(self.jsonl_path, "".join(kept))
 
     def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
         scalars = {k: float(v) for k, v in scalars.items()}
         self.writer.write_scalars(step, {f"{split}/{k}": v for k, v in scalars.items()})
         if self.is_writer:
-            with open(self.jsonl_path, "a") as f:
+            with workdir_lib.open_file(self.jsonl_path, "a") as f:
                 f.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
 
     def close(self) -> None:
@@ -73,7 +91,7 @@ def write_parameter_overview(workdir: str, params) -> str:
     with FSDP, no process can read all the values."""
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     path = os.path.join(workdir, "parameters.txt")
-    with open(path, "w") as f:
+    with workdir_lib.open_file(path, "w") as f:
         f.write(parameter_overview.get_parameter_overview(shapes, include_stats=False) + "\n")
     return path
 

@@ -388,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return result
 
     # --- Reporting.
-    reporter = reporting.MetricsReporter(workdir)
+    reporter = reporting.MetricsReporter(workdir, start_step)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     if is_main:
         workdir_lib.write_config(workdir, config)
@@ -449,8 +449,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     elapsed = time.perf_counter() - started
     steps_run = int(jax.device_get(state.step)) - start_step
     summary_path = os.path.join(workdir, "summary.json")
-    if steps_run == 0 and os.path.exists(summary_path):  # rerun of a finished run: keep its record
-        with open(summary_path) as f:
+    if steps_run == 0 and workdir_lib.file_exists(summary_path):  # a finished run's rerun: keep it
+        with workdir_lib.open_file(summary_path) as f:
             summary = json.load(f)
         reporting.echo(f"Already trained to step {start_step}; summary kept in {summary_path}")
         return summary
@@ -463,9 +463,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         summary.update({f"eval_{k}": v for k, v in eval_result.items()})
     if is_main:
         reporting.echo(reporting.summary_table(summary))
-        with open(summary_path, "w") as f:
-            json.dump(summary, f, indent=2)
-        if config.plot and os.path.exists(reporter.jsonl_path):
+        workdir_lib.replace_file(summary_path, json.dumps(summary, indent=2))
+        if config.plot and workdir_lib.file_exists(reporter.jsonl_path):
             plotting.plot_curves(reporter.jsonl_path, os.path.join(workdir, "curves.png"),
                                  title=f"{config.model} on {config.dataset}")
     return summary

@@ -31,6 +31,26 @@ def is_remote(workdir: str) -> bool:
     return "://" in workdir
 
 
+def open_file(path: str, mode: str = "r"):
+    """A workdir file, local or remote: tf.io.gfile reads and writes both."""
+    import tensorflow as tf  # already loaded by the input pipeline and clu
+    return tf.io.gfile.GFile(path, mode)
+
+
+def file_exists(path: str) -> bool:
+    import tensorflow as tf
+    return tf.io.gfile.exists(path)
+
+
+def replace_file(path: str, text: str) -> None:
+    """Writes a whole new file next to ``path``, then renames it over ``path``:
+    a crash leaves the old file or the new one, never half of one."""
+    import tensorflow as tf
+    with open_file(path + ".tmp", "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
 def check_workdir(workdir: str) -> None:
     """Refuses a workdir that is a file or that cannot be written; creates nothing."""
     if is_remote(workdir):
@@ -59,7 +79,9 @@ def _nearest_existing(path: str) -> str:
 
 def prepare_workdir(workdir: str) -> None:
     """Creates the workdir; call only after every check has passed."""
-    if is_remote(workdir):
+    if is_remote(workdir):  # object stores have no directories to refuse
+        import tensorflow as tf
+        tf.io.gfile.makedirs(workdir)
         return
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -77,19 +99,19 @@ def config_as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    replace_file(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
 def read_saved_config(workdir: str) -> dict[str, Any] | None:
     """The config.json of an earlier run, or None when there is none."""
+    import tensorflow as tf
     path = os.path.join(workdir, CONFIG_FILE)
-    if is_remote(workdir) or not os.path.isfile(path):
+    if not file_exists(path):
         return None
     try:
-        with open(path) as f:
+        with open_file(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, tf.errors.OpError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} cannot be read ({error}); restore it, or pass "
                          "--config.allow_config_change=True to replace it") from None
 

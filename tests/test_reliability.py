@@ -373,6 +373,11 @@ def test_the_best_checkpoint_is_only_replaced_by_a_better_one_across_a_resume(tm
     saved_at = run_with_scripted_scores(tmp_path, monkeypatch, scores, scores, crash_at=3)
     assert saved_at == [1, 4]  # 0.3 at step 3 lost to the kept 0.9; 0.95 at step 4 won
     assert finished_steps(tmp_path / "run" / "best") == [4]
+    # Step 3 ran twice (before the crash and after the resume from step 2):
+    # metrics.jsonl keeps one record of it.
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    for split in ("train", "eval"):
+        assert [r["step"] for r in records if r["split"] == split] == [1, 2, 3, 4]
 
 
 def test_a_best_step_kept_before_a_crash_is_not_saved_again(tmp_path, monkeypatch):
@@ -383,3 +388,35 @@ def test_a_best_step_kept_before_a_crash_is_not_saved_again(tmp_path, monkeypatc
                                         {3: 0.95, 4: 0.2}, crash_at=4)
     assert saved_at == [1, 2, 3, 3]
     assert finished_steps(tmp_path / "run" / "best") == [3]
+
+
+def test_workdir_files_go_through_a_remote_file_system(monkeypatch):
+    """gs:// workdirs (what launch/tpu/run.sh asks for): config.json,
+    metrics.jsonl, parameters.txt and curves.png through tf.io.gfile, here on
+    TensorFlow's in-memory file system, which no built-in open() can reach.
+    (clu's TensorBoard writer reaches gs:// through etils, which has no
+    in-memory system: it logs instead here.)"""
+    from clu import metric_writers
+    from noisy_flax import plotting, reporting
+    monkeypatch.setattr(reporting.metric_writers, "create_default_writer",
+                        lambda *args, **kwargs: metric_writers.LoggingWriter())
+    workdir = "ram://bucket/run"
+    config = tiny_run.tiny_config("/data", "/idx")
+    workdir_lib.prepare_workdir(workdir)
+    workdir_lib.write_config(workdir, config)
+    assert workdir_lib.read_saved_config(workdir)["model"] == config.model
+    changed = tiny_run.tiny_config("/data", "/idx", lr=0.5)
+    with pytest.raises(ValueError, match=r"holds a run with another config \(lr: 0.001 -> 0.5\)"):
+        workdir_lib.check_config_unchanged(workdir, changed)
+    reporter = reporting.MetricsReporter(workdir)
+    for step in (1, 2, 3):
+        reporter.write(step, "train", {"loss": 1.0 / step, "accuracy": 0.1 * step})
+    reporter.close()
+    reporting.MetricsReporter(workdir, start_step=2).close()  # a resume from step 2
+    assert [s for s, _ in plotting.read_metrics(f"{workdir}/metrics.jsonl")["train"]["loss"]] == [1, 2]
+    plotting.plot_curves(f"{workdir}/metrics.jsonl", f"{workdir}/curves.png")
+    reporting.write_parameter_overview(workdir, {"w": jnp.zeros((2, 3))})
+    with workdir_lib.open_file(f"{workdir}/curves.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with workdir_lib.open_file(f"{workdir}/parameters.txt") as f:
+        assert "(2, 3)" in f.read()
