@@ -308,3 +308,20 @@ def test_randaugment_before_or_after_the_crop(before_crop):
                      else (crop_then_augment, augment_then_crop))
   np.testing.assert_allclose(got, expected, atol=1e-5)
   assert np.abs(got - other).max() > 0.1
+
+
+def test_preparing_alongside_another_process_uses_its_copy(fake_idx_dir, tmp_path, monkeypatch):
+  """Two processes prepare an empty data dir at once: the one that renames
+  its copy second must take the first one's, not fail."""
+  builder_class = fashion_mnist_local.FashionMnistLocal
+  generate = builder_class._download_and_prepare
+
+  def other_process_finishes_first(self, *args, **kwargs):
+    monkeypatch.setattr(builder_class, "_download_and_prepare", generate)
+    fashion_mnist_local.prepare(tmp_path, fake_idx_dir)  # the other process, start to end
+    return generate(self, *args, **kwargs)
+
+  monkeypatch.setattr(builder_class, "_download_and_prepare", other_process_finishes_first)
+  builder = fashion_mnist_local.prepare(tmp_path, fake_idx_dir)
+  assert builder.is_prepared()
+  assert builder.info.splits["train"].num_examples == TRAIN_SIZE

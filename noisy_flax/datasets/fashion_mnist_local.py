@@ -161,5 +161,12 @@ def prepare(data_dir: str | os.PathLike,
   if not builder.is_prepared():
     config = tfds.download.DownloadConfig(
         manual_dir=os.fspath(default_local_dir(local_dir)))
-    builder.download_and_prepare(download_config=config)
+    try:
+      builder.download_and_prepare(download_config=config)
+    except FileExistsError:
+      # Another process (a second host on shared storage, a parallel run)
+      # prepared the same data meanwhile and won the final rename: use its copy.
+      builder = FashionMnistLocal(data_dir=os.fspath(data_dir))
+      if not builder.is_prepared():
+        raise
   return builder
