@@ -60,6 +60,12 @@ def test_eval_counts_every_example_once_with_uneven_last_batch(tmp_path):
     model = train.build_model(config, mesh)
     tx, _ = optim.make_optimizer(config, 10, 0)
     state, _ = train.create_train_state(config, model, tx, mesh)
+    # A random head: the initial zero head predicts class 0 everywhere, which
+    # would make the top-1 check below a count of label 0.
+    params = jax.tree.map(lambda x: x, state.params)
+    params["head"]["kernel"] = jnp.asarray(
+        np.random.default_rng(0).normal(size=params["head"]["kernel"].shape), jnp.float32)
+    state = state.replace(params=params)
     eval_step = jax.jit(train.make_eval_step(model, config))
     from noisy_flax import input_pipeline
     with tfds.testing.mock_data(num_examples=37):
@@ -73,10 +79,19 @@ def test_eval_counts_every_example_once_with_uneven_last_batch(tmp_path):
     variables = {"params": state.params}
     plain = model.clone(noise=None)
     images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
-    predictions = np.argmax(np.asarray(plain.apply(variables, images, train=False)), -1)
+    logits = np.asarray(plain.apply(variables, images, train=False), np.float64)
+    predictions = np.argmax(logits, -1)
+    assert len(set(predictions.tolist())) > 1
     clean_result = train.evaluate(jax.jit(train.make_eval_step(plain, config)), state,
                                   iter(batches), mesh)
     assert clean_result["top1"] == pytest.approx(np.mean(predictions == labels), abs=1e-9)
+    top5 = np.argsort(-logits, axis=-1)[:, :5]
+    assert clean_result["top5"] == pytest.approx(np.mean((top5 == labels[:, None]).any(-1)),
+                                                 abs=1e-9)
+    log_softmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
+        -1, keepdims=True)) - logits.max(-1, keepdims=True)
+    loss = -np.mean(log_softmax[np.arange(37), labels])
+    assert clean_result["loss"] == pytest.approx(loss, rel=1e-5)
 
 
 def test_summarize_eval_reports_both_metrics():
