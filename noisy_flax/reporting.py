@@ -65,6 +65,10 @@ class Progress:
         self.images_per_second = float("nan")
         self.enabled = jax.process_index() == 0
 
+    def restart(self, step: int) -> None:
+        """Measures the rate from ``step`` on (after compilation, say)."""
+        self.last_step, self.last_time = step, time.perf_counter()
+
     def update(self, step: int, metrics: Mapping[str, float]) -> str:
         now = time.perf_counter()
         steps = step - self.last_step

@@ -441,6 +441,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 reporting.echo(f"Stop requested: checkpoint saved at step {step}; "
                                "rerun the same command to resume")
                 break
+            if step == start_step + 1:  # compiling is done: time the rate from here
+                jax.block_until_ready(state)
+                progress.restart(step)
     finally:
         ckpt.close()  # waits for a save in flight while SIGTERM is still caught
         stop.restore()
