@@ -7,6 +7,7 @@
 
 PROG=${0##*/}
 DRY_RUN=0
+TMP_PLACEHOLDER=""
 
 die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 2; }
 fail() { printf '%s: %s\n' "$PROG" "$*" >&2; exit 1; }
@@ -28,11 +29,40 @@ quote_args() {
 # run CMD...: run it, or with --dry-run print it as a line bash can paste.
 run() {
   if ((DRY_RUN)); then
-    printf '%s\n' "$(quote_args "$@")"
+    local line shown
+    line=$(quote_args "$@")
+    # The directory of make_tmp_dir is named "$tmp", as the printed lines set it.
+    # shellcheck disable=SC2016  # a literal $tmp, for bash to expand when pasted
+    shown='"$tmp"'
+    if [[ -n $TMP_PLACEHOLDER ]]; then line=${line//"$TMP_PLACEHOLDER"/$shown}; fi
+    printf '%s\n' "$line"
     return 0
   fi
   command -v "$1" >/dev/null 2>&1 || fail "$1 not found on PATH"
   "$@"
+}
+
+# make_tmp_dir: sets TMP_DIR to a new private directory, removed when the
+# script exits. mktemp names it only at run time, so a dry run prints the
+# mktemp (as tmp=...) and shows the directory as "$tmp" in the lines that use
+# it; with drop_tmp_dir at the end, the printed lines paste as one real run.
+make_tmp_dir() {
+  if ((DRY_RUN)); then
+    # Only characters printf %q leaves alone, so run() finds it in its lines.
+    TMP_PLACEHOLDER=/NOISY_FLAX_DRY_RUN_TMP
+    TMP_DIR=$TMP_PLACEHOLDER
+    # shellcheck disable=SC2016  # printed for bash to expand when pasted
+    printf '%s\n' 'tmp=$(mktemp -d)'
+    return 0
+  fi
+  TMP_DIR=$(mktemp -d)
+  trap 'rm -rf "$TMP_DIR"' EXIT
+}
+
+# drop_tmp_dir: what the EXIT trap of make_tmp_dir does, as a printed line.
+drop_tmp_dir() {
+  # shellcheck disable=SC2016  # printed for bash to expand when pasted
+  if ((DRY_RUN)); then printf '%s\n' 'rm -rf "$tmp"'; fi
 }
 
 # split_args ARG...: sets ARGS with every --flag=value split into --flag value,

@@ -1,9 +1,11 @@
 """Entry point: ``python -m noisy_flax.main --config configs/X.py[:args] --workdir DIR``.
 
-Any config value can be overridden with ``--config.key=value``. On Cloud TPU
-pods and under SLURM, JAX's distributed runtime is started automatically;
-on other clusters pass ``--coordinator_address``, ``--num_processes`` and
-``--process_id`` (or the NOISY_FLAX_* environment variables).
+Any config value can be overridden with ``--config.key=value``. JAX's
+distributed runtime is started, and finds its peers itself, inside a SLURM
+srun step of several tasks, on a GKE TPU slice of several workers, and
+wherever NOISY_FLAX_DISTRIBUTED=1 (launch/tpu/run.sh sets it on Cloud TPU
+VMs); on other clusters pass ``--coordinator_address``, ``--num_processes``
+and ``--process_id`` (or the NOISY_FLAX_* environment variables).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from noisy_flax.cli import EXIT_USER_ERROR, config_value, first_line, flags_parser, start
+from noisy_flax.cli import EXIT_USER_ERROR, config_value, fail, first_line, flags_parser, start
 
 # The repository root holds configs/; make `from configs import common` work
 # however the module is started.
@@ -34,27 +36,84 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _env_int(name: str):
-    value = os.environ.get(name)
-    return int(value) if value else None
+    """An integer environment variable; anything else is a one-line user error."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        fail(f"{name}={value!r} must be a whole number")
 
 
 def initialize_distributed() -> None:
-    """Starts JAX's distributed runtime when this is one of several processes."""
-    import jax
+    """Starts JAX's distributed runtime when this is one of several processes.
 
+    Checked before JAX is called: a bad value is one line and exit status 2,
+    not a traceback from inside jax.distributed.
+    """
     # The environment is read here, like the other two, not only at import.
     coordinator = _COORDINATOR.value or os.environ.get("NOISY_FLAX_COORDINATOR")
-    num_processes = _NUM_PROCESSES.value or _env_int("NOISY_FLAX_NUM_PROCESSES")
+    num_processes = _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else \
+        _env_int("NOISY_FLAX_NUM_PROCESSES")
     process_id = _PROCESS_ID.value if _PROCESS_ID.value is not None else \
         _env_int("NOISY_FLAX_PROCESS_ID")
     if coordinator:
+        _check_explicit_cluster(coordinator, num_processes, process_id)
+    elif num_processes is not None or process_id is not None:
+        # Without a coordinator they would be ignored without a word.
+        fail("--num_processes and --process_id need --coordinator_address HOST:PORT "
+             "(or NOISY_FLAX_COORDINATOR) of process 0")
+    auto = not coordinator and (_asked_for_auto_detection() or _in_multitask_slurm_step()
+                                or _is_multiworker_gke_tpu())
+
+    import jax
+    if coordinator:
         jax.distributed.initialize(coordinator_address=coordinator,
                                    num_processes=num_processes, process_id=process_id)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or _is_multiworker_tpu():
-        jax.distributed.initialize()  # detects SLURM and Cloud TPU pods itself
+    elif auto:
+        try:
+            jax.distributed.initialize()  # JAX detects SLURM, GKE and Cloud TPU VMs itself
+        except ValueError as error:  # it found no cluster in this environment
+            fail(f"JAX's distributed runtime could not find the other processes "
+                 f"({first_line(error)}); on a cluster JAX does not detect, pass "
+                 "--coordinator_address, --num_processes and --process_id")
 
 
-def _is_multiworker_tpu() -> bool:
+def _check_explicit_cluster(coordinator: str, num_processes, process_id) -> None:
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        fail(f"--coordinator_address {coordinator!r} must be HOST:PORT of process 0, "
+             "e.g. 10.0.0.1:1234")
+    if num_processes is None or process_id is None:
+        fail("--coordinator_address needs --num_processes N and --process_id I as well "
+             "(or NOISY_FLAX_NUM_PROCESSES and NOISY_FLAX_PROCESS_ID)")
+    if num_processes < 1:
+        fail(f"--num_processes {num_processes} must be at least 1")
+    if not 0 <= process_id < num_processes:
+        fail(f"--process_id {process_id} must be from 0 to {num_processes - 1} "
+             f"(--num_processes {num_processes})")
+
+
+def _asked_for_auto_detection() -> bool:
+    """NOISY_FLAX_DISTRIBUTED=1, which launch/tpu/run.sh sets: on a Cloud TPU
+    VM the workers are known only to the metadata server, which JAX reads."""
+    value = os.environ.get("NOISY_FLAX_DISTRIBUTED", "").strip()
+    if value not in ("", "0", "1"):
+        fail(f"NOISY_FLAX_DISTRIBUTED={value!r} must be 1 (start JAX's distributed runtime "
+             "and let it find the other workers) or 0")
+    return value == "1"
+
+
+def _in_multitask_slurm_step() -> bool:
+    """Inside an srun step of several tasks. SLURM_NTASKS alone is also set in
+    an salloc shell and in the batch script itself, where this is the only
+    process and would wait for peers that never come."""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    return tasks.isdigit() and int(tasks) > 1
+
+
+def _is_multiworker_gke_tpu() -> bool:
     hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return len([h for h in hostnames.split(",") if h]) > 1
 

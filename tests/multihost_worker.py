@@ -1,15 +1,19 @@
 """One process of the two-process test in tests/test_multihost.py, and the
 pieces that the test's one-process reference run shares with it.
 
-    python tests/multihost_worker.py SETUP_JSON PROCESS_ID
+    python tests/multihost_worker.py SETUP_JSON PROCESS_ID [preempted]
 
 SETUP_JSON names the coordinator port, the tiny dataset and the shared
 workdir. The worker trains the tiny config for 3 steps with
 ``train.train_and_evaluate`` (so the real loop, eval, reporting and
-checkpoints run multi-process), records the global batches it trained on
-and the final parameters, checks batch-mixing noise on a cross-process
-array, restores the checkpoint on both processes, and (process 0) saves
-everything to ``out_dir`` for the test to compare.
+checkpoints run multi-process), records the global batches it trained and
+evaluated on, the files it wrote and the final parameters, checks
+batch-mixing noise on a cross-process array, restores the checkpoint on both
+processes, and (process 0) saves everything to ``out_dir`` for the test to
+compare.
+
+With ``preempted`` it only trains, for many steps, until the test sends
+SIGTERM to one of the processes, and records the summary it returns.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ if REPO not in sys.path:
 TRAIN_EXAMPLES, TEST_EXAMPLES = 64, 11  # 11: odd, so eval pads unevenly
 TOTAL_STEPS = 3
 NOISE_ROWS_PER_PROCESS = 8
+# The preempted run: far more steps than it gets to before the test's SIGTERM.
+PREEMPTED_TOTAL_STEPS = 400
 
 
 # ---------------------------------------------------------------------------
@@ -103,20 +109,88 @@ def patched(owner, name: str, replacement):
 
 
 @contextlib.contextmanager
-def recording_train_batches(records: list):
-    """Appends every global *train* batch (gathered to numpy) to ``records``."""
+def recording_batches(train_records: list, eval_records: list):
+    """Appends every global train and eval batch, gathered to numpy."""
     from noisy_flax import sharding
 
     original = sharding.global_batch
 
     def global_batch(local, mesh):
         batch = original(local, mesh)
-        if "mask" not in batch:  # eval batches carry a mask
-            records.append(gathered(batch))
+        # Eval batches carry a mask. Gathering is collective: every process
+        # makes the same global batches in the same order, so all take part.
+        (eval_records if "mask" in batch else train_records).append(gathered(batch))
         return batch
 
     with patched(sharding, "global_batch", global_batch):
-        yield records
+        yield
+
+
+_WRITES = {"workdir": None, "paths": set()}
+
+
+def _in_workdir(path):
+    """``path`` relative to the recorded workdir; None when outside it."""
+    if _WRITES["workdir"] is None or not isinstance(path, (str, bytes, os.PathLike)):
+        return None
+    relative = os.path.relpath(os.path.abspath(os.fsdecode(path)), _WRITES["workdir"])
+    return None if relative.startswith("..") else relative
+
+
+def _record_write(path) -> None:
+    relative = _in_workdir(path)
+    if relative is not None:
+        _WRITES["paths"].add(relative)
+
+
+def _record_rename(source, target) -> None:
+    """A file written under a temporary name and moved into place counts as
+    the file it became."""
+    if _in_workdir(source) in _WRITES["paths"]:
+        _WRITES["paths"].discard(_in_workdir(source))
+        _record_write(target)
+
+
+def _audit(event: str, args) -> None:
+    if _WRITES["workdir"] is None:
+        return
+    if event == "open":
+        path, mode, flags = args
+        if any(c in mode for c in "wax+") if isinstance(mode, str) else \
+                flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            _record_write(path)
+    elif event in ("os.rename", "os.replace"):
+        _record_rename(args[0], args[1])
+
+
+@contextlib.contextmanager
+def recording_writes(workdir: str):
+    """Yields the set of files under ``workdir`` this process writes: through
+    Python's open (an audit hook sees builtins.open, os.open, pathlib and
+    os.rename) or TensorFlow's gfile (a C++ file system, so wrapped by hand)."""
+    import tensorflow as tf
+    from tensorflow.python.lib.io import file_io
+
+    if not getattr(_audit, "installed", False):
+        sys.addaudithook(_audit)  # cannot be removed; off outside this block
+        _audit.installed = True
+    original_init, original_rename = file_io.FileIO.__init__, tf.io.gfile.rename
+
+    def init(self, name, mode, *args, **kwargs):
+        if any(c in mode for c in "wa+"):
+            _record_write(name)
+        original_init(self, name, mode, *args, **kwargs)
+
+    def rename(source, target, *args, **kwargs):
+        original_rename(source, target, *args, **kwargs)
+        _record_rename(source, target)
+
+    _WRITES.update(workdir=os.path.abspath(workdir), paths=set())
+    try:
+        with patched(file_io.FileIO, "__init__", init), patched(tf.io.gfile, "rename", rename):
+            yield _WRITES["paths"]
+    finally:
+        _WRITES["workdir"] = None
 
 
 @contextlib.contextmanager
@@ -226,7 +300,7 @@ def param_placement(params) -> dict[str, int]:
             "local_param_bytes": sum(leaf.addressable_shards[0].data.nbytes for leaf in leaves)}
 
 
-def run_worker(setup: dict, process_id: int) -> None:
+def start_runtime(setup: dict, process_id: int) -> None:
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -235,11 +309,23 @@ def run_worker(setup: dict, process_id: int) -> None:
                                num_processes=setup["num_processes"], process_id=process_id,
                                initialization_timeout=60, heartbeat_timeout_seconds=20)
     log("distributed runtime up")
+
+
+def write_facts(out_dir: str, process_id: int, facts: dict) -> None:
+    with open(os.path.join(out_dir, f"facts_{process_id}.json"), "w") as f:
+        json.dump(facts, f)
+
+
+def run_worker(setup: dict, process_id: int) -> None:
+    import jax
+
+    start_runtime(setup, process_id)
     from noisy_flax import sharding, train
 
     config = tiny_config(setup["data_dir"], setup["idx_dir"])
-    batches, saved = [], {}
-    with recording_train_batches(batches), capturing_saved_states(saved):
+    batches, eval_batches, saved = [], [], {}
+    with recording_batches(batches, eval_batches), capturing_saved_states(saved), \
+            recording_writes(setup["workdir"]) as written:
         summary = train.train_and_evaluate(config, setup["workdir"])
     log("trained")
     final_params = gathered(saved[TOTAL_STEPS].params)
@@ -250,28 +336,59 @@ def run_worker(setup: dict, process_id: int) -> None:
     log("restored")
 
     out_dir = setup["out_dir"]
-    facts = {"process_index": jax.process_index(), "process_count": jax.process_count(),
-             "local_devices": jax.local_device_count(), "devices": jax.device_count(),
-             "restored_step": restored_step, "summary": summary,
-             **param_placement(saved[TOTAL_STEPS].params)}
-    with open(os.path.join(out_dir, f"facts_{process_id}.json"), "w") as f:
-        json.dump(facts, f)
+    write_facts(out_dir, process_id, {
+        "process_index": jax.process_index(), "process_count": jax.process_count(),
+        "local_devices": jax.local_device_count(), "devices": jax.device_count(),
+        "restored_step": restored_step, "summary": summary,
+        "written": sorted(written), **param_placement(saved[TOTAL_STEPS].params)})
     if jax.process_index() == 0:
         np.savez(os.path.join(out_dir, "batches.npz"),
                  **{f"{k}_{i}": v for i, b in enumerate(batches) for k, v in b.items()})
+        np.savez(os.path.join(out_dir, "eval_batches.npz"),
+                 **{f"{k}_{i}": v for i, b in enumerate(eval_batches) for k, v in b.items()})
         np.savez(os.path.join(out_dir, "params.npz"), **flat(final_params))
         np.savez(os.path.join(out_dir, "restored_params.npz"), **flat(restored_params))
         np.savez(os.path.join(out_dir, "noise.npz"), **noise_out)
     jax.distributed.shutdown()
 
 
+def preempted_config(data_dir: str, idx_dir: str):
+    """The tiny config, long enough to be stopped midway, with no scheduled
+    checkpoint or eval: whatever is saved is the preemption's save."""
+    config = tiny_config(data_dir, idx_dir)
+    config.total_steps = PREEMPTED_TOTAL_STEPS
+    config.checkpoint_every = PREEMPTED_TOTAL_STEPS
+    return config
+
+
+def run_preempted_worker(setup: dict, process_id: int) -> None:
+    """Trains until the test's SIGTERM (to one process) stops every process.
+
+    No Python SIGTERM handler here: in a multi-process run the signal must
+    reach JAX's preemption notifier, which jax.distributed.initialize set up.
+    """
+    import jax
+
+    start_runtime(setup, process_id)
+    from noisy_flax import train
+
+    summary = train.train_and_evaluate(preempted_config(setup["data_dir"], setup["idx_dir"]),
+                                       setup["workdir"])
+    log(f"stopped after step {summary['steps']}")
+    write_facts(setup["out_dir"], process_id, {"summary": summary})
+    jax.distributed.shutdown()
+
+
 def load_batches(path: str) -> list[dict[str, np.ndarray]]:
-    """Inverse of the worker's batches.npz."""
+    """Inverse of the worker's batches.npz and eval_batches.npz."""
     data = np.load(path)
-    return [{"image": data[f"image_{i}"], "label": data[f"label_{i}"]}
-            for i in range(len(data.files) // 2)]
+    keys = sorted({name.rsplit("_", 1)[0] for name in data.files})
+    return [{key: data[f"{key}_{i}"] for key in keys}
+            for i in range(len(data.files) // len(keys))]
 
 
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
-        run_worker(json.load(f), int(sys.argv[2]))
+        worker_setup = json.load(f)
+    mode = sys.argv[3] if len(sys.argv) > 3 else "train"
+    (run_preempted_worker if mode == "preempted" else run_worker)(worker_setup, int(sys.argv[2]))

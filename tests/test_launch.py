@@ -39,7 +39,8 @@ import json, os, shutil, sys
 exe, argv = sys.argv[0], sys.argv[1:]
 name = os.path.basename(exe)
 rec = dict(prog=name, exe=exe, argv=argv, cwd=os.getcwd(),
-           env={{k: os.environ.get(k) for k in ("TFDS_DATA_DIR", "XLA_FLAGS")}})
+           env={{k: os.environ.get(k) for k in
+                ("TFDS_DATA_DIR", "XLA_FLAGS", "NOISY_FLAX_DISTRIBUTED")}})
 with open(os.environ["FAKE_RECORD"], "a") as f:
     f.write(json.dumps(rec) + "\n")
 if name == "gcloud" and "describe" in argv:
@@ -296,7 +297,10 @@ def test_run_starts_main_on_all_workers_with_literal_arguments(local, remote):
     assert rec["exe"] == ".venv/bin/python"
     assert rec["argv"] == ["-m", "noisy_flax.main", "--config", CONFIG, "--workdir", WORKDIR,
                            *PAYLOADS, *extra[1:]]
-    assert rec["env"] == {"TFDS_DATA_DIR": DATA_DIR, "XLA_FLAGS": "--a=1 --b"}
+    # NOISY_FLAX_DISTRIBUTED: a gcloud TPU VM names its workers only through
+    # the metadata server, so main.py must be told to start JAX's runtime.
+    assert rec["env"] == {"TFDS_DATA_DIR": DATA_DIR, "XLA_FLAGS": "--a=1 --b",
+                          "NOISY_FLAX_DISTRIBUTED": "1"}
     assert not list(remote.home.rglob("pwned*"))
     logs = remote.home / "noisy_flax/logs"
     assert (logs / "latest.log").is_symlink() and (logs / "latest.log").exists()
@@ -308,6 +312,19 @@ def test_run_starts_main_on_all_workers_with_literal_arguments(local, remote):
     proc = run_remotely(remote, command)
     assert proc.returncode == 1 and "still going" in proc.stderr
     assert remote.records() == []
+
+
+def test_run_env_can_turn_distributed_start_off(local, remote):
+    proc = launch(local, "run.sh", *TARGET, "--config", CONFIG, "--workdir", WORKDIR,
+                  "--data-dir", DATA_DIR, "--env", "NOISY_FLAX_DISTRIBUTED=0")
+    assert proc.returncode == 0, proc.stderr
+    (ssh,) = gcloud_calls(local)
+    (remote.home / "noisy_flax/.venv/bin").mkdir(parents=True)
+    remote.add(remote.home / "noisy_flax/.venv/bin/python")
+    proc = run_remotely(remote, remote_command(ssh), wait_for=1)
+    assert proc.returncode == 0, proc.stderr
+    (rec,) = remote.records()
+    assert rec["env"]["NOISY_FLAX_DISTRIBUTED"] == "0"
 
 
 def test_run_follow_streams_worker_0(local):
@@ -359,6 +376,7 @@ def test_kill_frees_the_tpu_on_all_workers(local, remote):
 # -- dry runs --------------------------------------------------------------
 
 REPLAYABLE = [
+    ("setup.sh", [*TARGET, "--worker", "0,1", "--python", "python3.10"]),
     ("create.sh", [*TARGET, "--accelerator-type", "v4-32", "--project", "my-project-1"]),
     ("create.sh", [*TARGET, "--accelerator-type", "v5litepod-16", "--queued", "--spot", "--wait"]),
     ("run.sh", [*TARGET, "--config", CONFIG, "--workdir", WORKDIR, "--data-dir", DATA_DIR,
@@ -377,27 +395,55 @@ def test_dry_run_prints_exactly_the_commands_it_would_run(local, tmp_path, scrip
     assert proc.returncode == 0, proc.stderr
     assert local.records() == []
     lines = [line for line in proc.stdout.splitlines() if not line.startswith("#")]
-    assert lines and all(line.startswith("gcloud ") for line in lines), proc.stdout
+    assert lines and all(line.startswith(("gcloud ", *LOCAL_STEPS.get(script, ())))
+                         for line in lines), proc.stdout
     # Pasting the printed lines into bash runs the same argv as the real thing.
     printed = tmp_path / "printed.sh"
     printed.write_text(proc.stdout)
-    subprocess.run(["bash", str(printed)], env=local.env(), check=True, timeout=30)
-    replayed = gcloud_calls(local)
+    subprocess.run(["bash", "-e", str(printed)], env=local.env(), check=True, timeout=30)
+    replayed = same_tmp_dir(gcloud_calls(local), local)
     local.clear()
     proc = launch(local, script, *args)
     assert proc.returncode == 0, proc.stderr
-    assert gcloud_calls(local) == replayed
+    assert same_tmp_dir(gcloud_calls(local), local) == replayed
+
+
+# Lines besides gcloud that a dry run prints: setup.sh packs the code locally,
+# in a directory that mktemp names only when it runs.
+LOCAL_STEPS = {"setup.sh": ("tmp=$(mktemp -d)", "git -C ", 'rm -rf "$tmp"')}
+ARCHIVE = "noisy_flax-src.tar.gz"
+
+
+def same_tmp_dir(calls, fakes):
+    """The calls with the mktemp directory of an uploaded archive as <tmp>,
+    after checking that it was a fresh one under TMPDIR, that the archive was
+    there to upload, and that the directory is gone."""
+    out = []
+    for argv in calls:
+        for i, arg in enumerate(argv):
+            if arg.endswith("/" + ARCHIVE):
+                tmp = Path(arg).parent
+                assert tmp.parent == fakes.bin.parent and tmp.name.startswith("tmp."), arg
+                assert not tmp.exists(), arg
+                assert (fakes.copies / ARCHIVE).is_file()  # it existed when scp ran
+                (fakes.copies / ARCHIVE).unlink()
+                argv = [*argv[:i], f"<tmp>/{ARCHIVE}", *argv[i + 1:]]
+        out.append(argv)
+    return out
 
 
 def test_setup_dry_run_creates_and_records_nothing(local, tmp_path):
+    before = sorted(p.name for p in (tmp_path / "local").iterdir())  # TMPDIR
     proc = launch(local, "setup.sh", *TARGET, "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert local.records() == []
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("git -C ") and " archive " in lines[0]
-    assert lines[1].startswith("gcloud compute tpus tpu-vm scp ")
-    assert lines[2].startswith("gcloud compute tpus tpu-vm ssh my-tpu ")
-    assert not (tmp_path / "local" / "noisy_flax-setup").exists()
+    assert lines[0] == "tmp=$(mktemp -d)"
+    assert lines[1] == f'git -C {ROOT} archive --format=tar.gz -o "$tmp"/{ARCHIVE} HEAD'
+    assert lines[2].startswith(f'gcloud compute tpus tpu-vm scp "$tmp"/{ARCHIVE} my-tpu:')
+    assert lines[3].startswith("gcloud compute tpus tpu-vm ssh my-tpu ")
+    assert lines[4:] == ['rm -rf "$tmp"']
+    assert sorted(p.name for p in (tmp_path / "local").iterdir()) == before
 
 
 # -- bad arguments ---------------------------------------------------------

@@ -4,8 +4,10 @@ collectives) against 1 process x 8 devices fed the same global batches.
 The two workers (tests/multihost_worker.py) train for 3 steps through
 ``train.train_and_evaluate`` with a shared workdir and FSDP parameters;
 meanwhile this process trains on the global batches the two processes'
-slices make up and must land on the same losses and parameters. Children run
-under a hard deadline and are killed at once when either fails.
+slices make up and must land on the same losses and parameters. A second
+pair trains until one of them alone gets SIGTERM, as a preemption sends it,
+and both must save the same step and exit. Children run under a hard
+deadline and are killed at once when either fails.
 """
 import json
 import os
@@ -19,9 +21,10 @@ import time
 import jax
 import numpy as np
 import pytest
+from etils import epath
 
 import multihost_worker as worker
-from noisy_flax import input_pipeline, sharding, train
+from noisy_flax import checkpointing, input_pipeline, sharding, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 4
@@ -50,32 +53,43 @@ def child_env() -> dict:
 class Workers:
     """The two worker processes, each in its own session so it can be killed whole."""
 
-    def __init__(self, setup_path: str, log_dir: str):
+    def __init__(self, setup_path: str, log_dir: str, mode: str = "train"):
         self.logs = [os.path.join(log_dir, f"worker_{i}.log") for i in range(NUM_PROCESSES)]
         script = os.path.join(REPO, "tests", "multihost_worker.py")
         self.procs = []
         for i, log in enumerate(self.logs):
             with open(log, "w") as out:
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, script, setup_path, str(i)], cwd=REPO, env=child_env(),
-                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+                    [sys.executable, script, setup_path, str(i), mode], cwd=REPO,
+                    env=child_env(), stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True))
+
+    def failed(self) -> bool:
+        return any(p.poll() not in (None, 0) for p in self.procs)
 
     def wait(self, deadline: float) -> None:
         """Returns when all succeeded; fails (killing all) once one fails or time is up."""
         try:
             while any(p.poll() is None for p in self.procs):
-                if any(p.poll() not in (None, 0) for p in self.procs):
-                    break
-                if time.monotonic() > deadline:
+                if self.failed() or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
         finally:
             self.kill()
         codes = [p.returncode for p in self.procs]
         if codes != [0] * NUM_PROCESSES:
-            tails = "\n".join(f"--- worker {i} (exit {code}) ---\n{_tail(log)}"
-                              for i, (code, log) in enumerate(zip(codes, self.logs)))
-            pytest.fail(f"multi-process workers failed or ran past the deadline:\n{tails}")
+            self.fail(f"multi-process workers failed or ran past the deadline "
+                      f"(exit codes {codes})")
+
+    def fail(self, message: str) -> None:
+        self.kill()
+        tails = "\n".join(f"--- worker {i} (exit {p.returncode}) ---\n{_tail(log)}"
+                          for i, (p, log) in enumerate(zip(self.procs, self.logs)))
+        pytest.fail(f"{message}:\n{tails}")
+
+    def output(self, index: int) -> str:
+        with open(self.logs[index]) as f:
+            return f.read()
 
     def kill(self) -> None:
         for p in self.procs:
@@ -113,21 +127,42 @@ def train_reference(config, batches, workdir: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Both runs, finished: the two workers, and meanwhile the 1-process reference."""
-    root = tmp_path_factory.mktemp("multihost")
-    setup = {"port": free_port(), "num_processes": NUM_PROCESSES,
-             "idx_dir": str(root / "idx"), "data_dir": str(root / "tfds"),
+def dataset(tmp_path_factory):
+    """The tiny Fashion-MNIST, prepared once here, so no two workers race to build it."""
+    root = tmp_path_factory.mktemp("dataset")
+    dirs = {"idx_dir": str(root / "idx"), "data_dir": str(root / "tfds")}
+    os.makedirs(dirs["data_dir"])
+    worker.write_fake_fashion_mnist(dirs["idx_dir"])
+    input_pipeline.get_builder(worker.tiny_config(dirs["data_dir"], dirs["idx_dir"]))
+    return dirs
+
+
+def write_setup(root, dataset) -> tuple[dict, str]:
+    """The workers' setup.json: a fresh port, workdir and out_dir under ``root``."""
+    setup = {"port": free_port(), "num_processes": NUM_PROCESSES, **dataset,
              "workdir": str(root / "workdir"), "out_dir": str(root / "out")}
-    for key in ("data_dir", "workdir", "out_dir"):
+    for key in ("workdir", "out_dir"):
         os.makedirs(setup[key])
-    worker.write_fake_fashion_mnist(setup["idx_dir"])
-    config = worker.tiny_config(setup["data_dir"], setup["idx_dir"])
-    # Prepare the tfds copy once here, so the workers do not race to build it.
-    input_pipeline.get_builder(config)
     setup_path = str(root / "setup.json")
     with open(setup_path, "w") as f:
         json.dump(setup, f)
+    return setup, setup_path
+
+
+def read_facts(setup: dict) -> list[dict]:
+    facts = []
+    for i in range(NUM_PROCESSES):
+        with open(os.path.join(setup["out_dir"], f"facts_{i}.json")) as f:
+            facts.append(json.load(f))
+    return facts
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, dataset):
+    """Both runs, finished: the two workers, and meanwhile the 1-process reference."""
+    root = tmp_path_factory.mktemp("multihost")
+    setup, setup_path = write_setup(root, dataset)
+    config = worker.tiny_config(setup["data_dir"], setup["idx_dir"])
 
     deadline = time.monotonic() + DEADLINE_S
     workers = Workers(setup_path, str(root))
@@ -138,11 +173,8 @@ def runs(tmp_path_factory):
         workers.kill()
         raise
     workers.wait(deadline)
-    facts = []
-    for i in range(NUM_PROCESSES):
-        with open(os.path.join(setup["out_dir"], f"facts_{i}.json")) as f:
-            facts.append(json.load(f))
-    return {"setup": setup, "facts": facts, "out": setup["out_dir"], "reference": reference}
+    return {"setup": setup, "facts": read_facts(setup), "out": setup["out_dir"],
+            "reference": reference}
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +213,25 @@ def test_global_batches_are_the_processes_slices_in_order(run, reference):
         assert len({row.tobytes() for row in got["image"]}) == 16
 
 
-def test_eval_counts_every_example_exactly_once(run):
+def example_rows(batches) -> list[tuple[bytes, int]]:
+    """(image bytes, label) of every real (mask 1) row of eval batches."""
+    return [(image.tobytes(), int(label)) for batch in batches
+            for image, label, mask in zip(batch["image"], batch["label"], batch["mask"])
+            if mask == 1]
+
+
+def test_eval_counts_every_example_exactly_once(run, reference):
     for facts in run["facts"]:
         assert facts["summary"]["eval_count"] == worker.TEST_EXAMPLES
+    # Which examples: the real rows of the global batches the two processes
+    # evaluated are the test split, each once (a count alone would pass one
+    # example twice and another never). The split as one process reads it:
+    split = example_rows(input_pipeline.eval_batches(reference["config"]))
+    index = {row: i for i, row in enumerate(split)}
+    assert len(index) == worker.TEST_EXAMPLES  # the fake images all differ
+    evaluated = example_rows(worker.load_batches(os.path.join(run["out"], "eval_batches.npz")))
+    # -1: a row that is no example of the split
+    assert sorted(index.get(row, -1) for row in evaluated) == list(range(worker.TEST_EXAMPLES))
 
 
 def test_only_process_zero_writes_logs(run):
@@ -194,6 +242,13 @@ def test_only_process_zero_writes_logs(run):
         [("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
     events = [name for name in os.listdir(workdir) if name.startswith("events.out.tfevents")]
     assert len(events) == 1
+    # The files each process wrote in the workdir, by any means (checkpoints
+    # are written by all, through orbax): the run's record by process 0 alone.
+    written = [[path for path in facts["written"] if not path.startswith("checkpoints")]
+               for facts in run["facts"]]
+    assert written == [["config.json", "metrics.jsonl", "parameters.txt", "summary.json"], []]
+    for name in written[0]:
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
 
 
 def test_fsdp_split_the_parameters_across_the_processes(run):
@@ -247,6 +302,65 @@ def test_two_process_checkpoint_restores_in_one_process(run, reference):
 
 
 # ---------------------------------------------------------------------------
+# SIGTERM to one process only, as a preemption notice may arrive
+# ---------------------------------------------------------------------------
+# A hang guard: the run takes ~25 s here; a process that stopped alone leaves
+# the other waiting in a collective until this kills both.
+PREEMPTED_DEADLINE_S = 150
+SIGNAL_AFTER_STEP = 3
+
+
+def wait_for_train_step(workers: Workers, metrics_path: str, step: int, deadline: float) -> int:
+    """Waits until process 0 has logged train step >= ``step``; returns that step."""
+    while time.monotonic() < deadline and not workers.failed():
+        if os.path.exists(metrics_path):
+            steps = [r["step"] for r in read_jsonl_lines(metrics_path) if r["split"] == "train"]
+            if steps and steps[-1] >= step:
+                return steps[-1]
+        time.sleep(0.1)
+    workers.fail(f"the workers never reached train step {step}")
+
+
+def read_jsonl_lines(path: str) -> list[dict]:
+    """Like read_jsonl, but skips a last line that is still being written."""
+    with open(path) as f:
+        lines = f.read().split("\n")[:-1]
+    return [json.loads(line) for line in lines]
+
+
+def test_sigterm_to_one_process_saves_one_step_on_both_and_exits(tmp_path, dataset):
+    setup, setup_path = write_setup(tmp_path, dataset)
+    deadline = time.monotonic() + PREEMPTED_DEADLINE_S
+    workers = Workers(setup_path, str(tmp_path), mode="preempted")
+    try:
+        metrics = os.path.join(setup["workdir"], "metrics.jsonl")
+        signalled_at = wait_for_train_step(workers, metrics, SIGNAL_AFTER_STEP, deadline)
+        os.kill(workers.procs[1].pid, signal.SIGTERM)  # process 1 only
+    except BaseException:
+        workers.kill()
+        raise
+    workers.wait(deadline)  # both exit 0 (fails on a hang, after the deadline)
+
+    summaries = [facts["summary"] for facts in read_facts(setup)]
+    stopped = summaries[0]["steps"]
+    assert [s["steps"] for s in summaries] == [stopped] * NUM_PROCESSES
+    assert signalled_at <= stopped < worker.PREEMPTED_TOTAL_STEPS
+    # Process 0, which got no signal, says where the run stopped (only
+    # process 0 prints), once the save is committed.
+    assert f"Stop requested: checkpoint saved at step {stopped}; rerun the same command " \
+        "to resume" in workers.output(0)
+    for i in range(NUM_PROCESSES):
+        assert "Traceback" not in workers.output(i), workers.output(i)
+    # One finished checkpoint, of that step, and nothing half-written.
+    checkpoints = os.path.join(setup["workdir"], "checkpoints")
+    assert os.listdir(checkpoints) == [str(stopped)]
+    assert checkpointing.missing_commit_markers(epath.Path(checkpoints) / str(stopped)) == []
+    config = worker.preempted_config(setup["data_dir"], setup["idx_dir"])
+    step, state = worker.restore_final_state(config, setup["workdir"])
+    assert step == int(state.step) == stopped
+
+
+# ---------------------------------------------------------------------------
 # Batch-mixing noise across processes, against numpy on the gathered batch
 # ---------------------------------------------------------------------------
 def numpy_optimal_q(x):
@@ -290,8 +404,9 @@ def test_global_scope_mixes_across_processes(mixed, kind, reference_fn):
 # ---------------------------------------------------------------------------
 # When main.py starts the distributed runtime
 # ---------------------------------------------------------------------------
-DISTRIBUTED_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "NOISY_FLAX_COORDINATOR",
-                   "NOISY_FLAX_NUM_PROCESSES", "NOISY_FLAX_PROCESS_ID")
+DISTRIBUTED_ENV = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_STEP_ID",
+                   "SLURM_STEP_NUM_TASKS", "TPU_WORKER_HOSTNAMES", "NOISY_FLAX_DISTRIBUTED",
+                   "NOISY_FLAX_COORDINATOR", "NOISY_FLAX_NUM_PROCESSES", "NOISY_FLAX_PROCESS_ID")
 
 
 @pytest.fixture
@@ -317,15 +432,39 @@ def test_plain_single_host_run_never_initializes_distributed(initialize_calls, m
     main.initialize_distributed()
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "only-worker")
+    monkeypatch.setenv("NOISY_FLAX_DISTRIBUTED", "0")
     main.initialize_distributed()
     assert calls == []
 
 
-@pytest.mark.parametrize("name,value", [("SLURM_NTASKS", "4"),
-                                        ("TPU_WORKER_HOSTNAMES", "w-0,w-1,w-2,w-3")])
-def test_slurm_and_tpu_pods_let_jax_detect_the_cluster(initialize_calls, monkeypatch, name, value):
+@pytest.mark.parametrize("env", [
+    # salloc -n4 shell, or python straight from an sbatch script of 4 tasks:
+    # one process; JAX would wait for 3 peers that never come.
+    {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"},
+    # srun -n1 inside such an allocation
+    {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0",
+     "SLURM_STEP_NUM_TASKS": "1"},
+], ids=["allocation without srun", "one-task srun step"])
+def test_slurm_allocation_outside_a_multitask_step_is_one_process(
+        initialize_calls, monkeypatch, env):
     main, calls = initialize_calls
-    monkeypatch.setenv(name, value)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    main.initialize_distributed()
+    assert calls == []
+
+
+@pytest.mark.parametrize("env", [
+    # what srun sets in each task of the step launch/gpu/submit.sh runs
+    {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_PROCID": "3", "SLURM_STEP_ID": "0",
+     "SLURM_STEP_NUM_TASKS": "16"},
+    {"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3"},  # GKE
+    {"NOISY_FLAX_DISTRIBUTED": "1"},  # launch/tpu/run.sh, on a Cloud TPU VM
+], ids=["srun step", "GKE TPU slice", "NOISY_FLAX_DISTRIBUTED"])
+def test_clusters_jax_detects_itself(initialize_calls, monkeypatch, env):
+    main, calls = initialize_calls
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     main.initialize_distributed()
     assert calls == [{}]
 
@@ -348,3 +487,83 @@ def test_explicit_coordinator_from_environment(initialize_calls, monkeypatch):
     monkeypatch.setenv("NOISY_FLAX_PROCESS_ID", "0")
     main.initialize_distributed()
     assert calls == [{"coordinator_address": "head:9999", "num_processes": 3, "process_id": 0}]
+
+
+BAD_CLUSTER = {
+    "coordinator without process count": (
+        {"coordinator_address": "10.0.0.1:1234"}, {},
+        r"--coordinator_address needs --num_processes N and --process_id I"),
+    "coordinator without process id": (
+        {"coordinator_address": "10.0.0.1:1234", "num_processes": 2}, {},
+        r"--coordinator_address needs --num_processes N and --process_id I"),
+    "coordinator without port": (
+        {"coordinator_address": "10.0.0.1", "num_processes": 2, "process_id": 0}, {},
+        r"--coordinator_address '10.0.0.1' must be HOST:PORT"),
+    "process id out of range": (
+        {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 2}, {},
+        r"--process_id 2 must be from 0 to 1"),
+    "process count without coordinator": (
+        {"num_processes": 2, "process_id": 0}, {},
+        r"--num_processes and --process_id need --coordinator_address"),
+    "process count not a number": (
+        {}, {"NOISY_FLAX_COORDINATOR": "head:9999", "NOISY_FLAX_NUM_PROCESSES": "abc",
+             "NOISY_FLAX_PROCESS_ID": "0"},
+        r"NOISY_FLAX_NUM_PROCESSES='abc' must be a whole number"),
+    "process id not a number": (
+        {}, {"NOISY_FLAX_COORDINATOR": "head:9999", "NOISY_FLAX_NUM_PROCESSES": "2",
+             "NOISY_FLAX_PROCESS_ID": "one"},
+        r"NOISY_FLAX_PROCESS_ID='one' must be a whole number"),
+    "unknown NOISY_FLAX_DISTRIBUTED": (
+        {}, {"NOISY_FLAX_DISTRIBUTED": "yes"}, r"NOISY_FLAX_DISTRIBUTED='yes' must be 1"),
+}
+
+
+@pytest.mark.parametrize("flag_values, env, pattern", BAD_CLUSTER.values(), ids=BAD_CLUSTER)
+def test_bad_cluster_settings_are_one_line_before_jax_is_called(
+        initialize_calls, monkeypatch, capsys, flag_values, env, pattern):
+    main, calls = initialize_calls
+    from absl import flags
+    for name, value in flag_values.items():
+        setattr(flags.FLAGS, name, value)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        main.initialize_distributed()
+    assert exited.value.code == main.EXIT_USER_ERROR
+    (line,) = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"error: .*", line) and re.search(pattern, line), line
+    assert calls == []
+
+
+def test_no_cluster_found_by_jax_is_one_line(initialize_calls, monkeypatch, capsys):
+    main, _ = initialize_calls
+
+    def initialize(**kwargs):  # what JAX says when it detects no cluster
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+    monkeypatch.setenv("NOISY_FLAX_DISTRIBUTED", "1")
+    with pytest.raises(SystemExit) as exited:
+        main.initialize_distributed()
+    assert exited.value.code == main.EXIT_USER_ERROR
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: JAX's distributed runtime could not find the other processes")
+
+
+@pytest.mark.parametrize("args, env, pattern", [
+    (["--coordinator_address=127.0.0.1:12345"], {}, r"needs --num_processes N"),
+    ([], {"NOISY_FLAX_COORDINATOR": "127.0.0.1:12345", "NOISY_FLAX_NUM_PROCESSES": "abc",
+          "NOISY_FLAX_PROCESS_ID": "0"}, r"NOISY_FLAX_NUM_PROCESSES='abc' must be"),
+], ids=["coordinator alone", "process count not a number"])
+def test_bad_cluster_settings_on_the_command_line(tmp_path, args, env, pattern):
+    """The real entry point: one error line, exit 2, no traceback, no workdir."""
+    workdir = tmp_path / "wd"
+    result = subprocess.run(
+        [sys.executable, "-m", "noisy_flax.main", "--config", "configs/fashion_mnist.py:runlocal",
+         "--workdir", str(workdir), *args],
+        cwd=REPO, env={**child_env(), **env}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not workdir.exists()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Start noisy_flax.main on every TPU worker at once (JAX finds its peers on a
-# TPU VM by itself), detached, with one log file per worker.
+# Start noisy_flax.main on every TPU worker at once, detached, with one log
+# file per worker; JAX's distributed runtime finds the peers by itself.
 set -euo pipefail
 HERE=$(dirname "${BASH_SOURCE[0]}")
 # shellcheck source=launch/lib.sh
@@ -14,9 +14,11 @@ Usage: launch/tpu/run.sh --name NAME --zone ZONE --config FILE[:ARGS] \
 
 Runs, on every worker, under nohup:
   python -m noisy_flax.main --config FILE[:ARGS] --workdir gs://... [overrides]
-with TFDS_DATA_DIR set, logging to <remote-dir>/logs/run-<time>.log on each
-worker (logs/latest.log points at it). Refuses to start while the previous run
-on a worker is still alive (stop it with kill.sh).
+with TFDS_DATA_DIR set and NOISY_FLAX_DISTRIBUTED=1 (start JAX's distributed
+runtime, which finds the other workers), logging to
+<remote-dir>/logs/run-<time>.log on each worker (logs/latest.log points at
+it). Refuses to start while the previous run on a worker is still alive (stop
+it with kill.sh).
 
   --name NAME           TPU name
   --zone ZONE           TPU zone
@@ -77,8 +79,12 @@ check "$workdir" '^gs://[a-z0-9][a-z0-9._-]{1,221}(/.*)?$' \
 [[ -n $data_dir ]] || die "--data-dir is required: where the tfds datasets are, e.g. gs://BUCKET/tensorflow_datasets"
 check "$data_dir" '^(gs://[a-z0-9][a-z0-9._-]{1,221}(/.*)?|/.*)$' \
   "--data-dir $(q "$data_dir") must be gs://bucket/path (a lowercase bucket name) or an absolute path on the workers"
-# Unbuffered, so the log file shows progress as it happens.
-exports=("export PYTHONUNBUFFERED=1" "export TFDS_DATA_DIR=$(q "$data_dir")")
+# Unbuffered, so the log file shows progress as it happens. A TPU VM made by
+# gcloud sets no variable that names its workers (only the metadata server
+# knows them): NOISY_FLAX_DISTRIBUTED=1 has noisy_flax.main start JAX's
+# distributed runtime, which asks that server. Before --env, which may override it.
+exports=("export PYTHONUNBUFFERED=1" "export TFDS_DATA_DIR=$(q "$data_dir")"
+  "export NOISY_FLAX_DISTRIBUTED=$(q 1)")
 for kv in "${envs[@]}"; do
   check "$kv" '^[A-Za-z_][A-Za-z0-9_]*=' "--env $(q "$kv") must look like KEY=VALUE"
   exports+=("export ${kv%%=*}=$(q "${kv#*=}")")

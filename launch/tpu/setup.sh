@@ -96,13 +96,8 @@ git -C "$ROOT" rev-parse --verify --quiet "$ref^{commit}" >/dev/null ||
 if [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no) ]]; then
   note "warning: uncommitted changes in $ROOT are not copied (copying $ref)"
 fi
-if ((DRY_RUN)); then
-  tmp=${TMPDIR:-/tmp}/noisy_flax-setup  # shown only: a dry run creates nothing
-else
-  tmp=$(mktemp -d)
-  trap 'rm -rf "$tmp"' EXIT
-fi
-archive=$tmp/noisy_flax-src.tar.gz
+make_tmp_dir  # a dry run prints the mktemp instead of making it
+archive=$TMP_DIR/noisy_flax-src.tar.gz
 remote_archive=noisy_flax-src.tar.gz  # in the remote home
 run git -C "$ROOT" archive --format=tar.gz -o "$archive" "$ref"
 run gcloud compute tpus tpu-vm scp "$archive" "$NAME:$remote_archive" "${TPU_FLAGS[@]}" "--worker=$worker"
@@ -113,3 +108,4 @@ unpack=(
   "rm -f $remote_archive"
 )
 ssh_tpu "$worker" "$(printf '%s\n' "${unpack[@]}" "${install[@]}")"
+drop_tmp_dir
