@@ -191,9 +191,12 @@ def _not_prepared_error(builder: tfds.core.DatasetBuilder, data_dir: str,
 
 def _fashion_mnist_builder(config, data_dir: str) -> tfds.core.DatasetBuilder:
   """tfds's fashion_mnist if prepared, else the local idx builder (prepared once)."""
-  own = tfds.builder("fashion_mnist", data_dir=data_dir)
-  if own.is_prepared():
-    return own
+  # tfds warns about a missing version folder when asked for a builder of a
+  # dataset it has never prepared here: look for tfds's own copy only if it is there.
+  if tf.io.gfile.isdir(os.path.join(data_dir, "fashion_mnist")):
+    own = tfds.builder("fashion_mnist", data_dir=data_dir)
+    if own.is_prepared():
+      return own
   local = fashion_mnist_local.FashionMnistLocal(data_dir=data_dir)
   if local.is_prepared():
     return local
@@ -205,6 +208,7 @@ def _fashion_mnist_builder(config, data_dir: str) -> tfds.core.DatasetBuilder:
       return fashion_mnist_local.prepare(data_dir, idx_dir)
     except fashion_mnist_local.IdxFormatError as e:
       raise DataError(f"Fashion-MNIST idx files in {idx_dir} are unusable: {e}") from e
+  own = tfds.builder("fashion_mnist", data_dir=data_dir)
   if config.get("download", False):
     own.download_and_prepare()
     return own
