@@ -25,7 +25,7 @@ MODEL=${MODEL:-vit_base_patch16_224}
 BATCHES=${BATCHES:-"256 512"}
 STEPS=${STEPS:-30}
 WARMUP=${WARMUP:-5}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 DEADLINE_S=${DEADLINE_S:-0}          # 0: no deadline
 STAGES=${STAGES:-"checks sweep vs_torch compile noise"}
 BEST=${BEST:-}                       # set: skip the sweep, use this batch
@@ -59,8 +59,34 @@ stage() {
   return "$rc"
 }
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true; } | tee "$OUT/gpu.txt"
-"$PYTHON" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/gpu.txt"
+# Appended, with the date: a resumed run (STAGES=..., BEST=...) may run on
+# another machine, and the record of the first one must stay.
+{ echo "== $(date -u +%FT%TZ) STAGES=$STAGES"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true; } \
+  | tee -a "$OUT/gpu.txt"
+# Every package a stage imports, before any stage runs: a missing one would
+# otherwise fail every stage in turn and leave nothing measured.
+needs=(jax flax optax ml_collections)
+case " $STAGES " in *" vs_torch "* | *" compile "*) needs+=(torch timm torchvision) ;; esac
+if ! "$PYTHON" - "${needs[@]}" <<'PY' 2>&1 | tee -a "$OUT/gpu.txt"; then
+import importlib, sys
+missing = []
+for name in sys.argv[1:]:
+    try:
+        module = importlib.import_module(name)
+        print(name, getattr(module, "__version__", "?"))
+    except ImportError:
+        missing.append(name)
+if missing:
+    print(f"missing Python packages: {' '.join(missing)}; install them (offline: pip install "
+          f"--no-index --target DIR <wheels> and PYTHONPATH=DIR) and run again")
+    sys.exit(1)
+import jax
+print(jax.devices())
+PY
+  say "stopped before measuring: a package is missing (see $OUT/gpu.txt)"
+  exit 1
+fi
 
 stage checks 45 "$OUT/checks.jsonl" "$PYTHON" benchmarks/gpu_checks.py --model "$MODEL"
 
@@ -68,7 +94,7 @@ for b in $([ -z "$BEST" ] && echo "$BATCHES"); do
   # One process per batch: JAX takes most of the GPU's memory for itself.
   stage sweep 60 "$OUT/sweep.jsonl" "$PYTHON" -m noisy_flax.benchmark --model "$MODEL" \
       --dtype bfloat16 --batch "$b" --steps "$STEPS" --warmup "$WARMUP" --json \
-    || say "batch $b gave no result (out of memory, or the deadline)"
+    || say "batch $b gave no result (see the lines above in this log: out of memory, the deadline, or an error)"
 done
 [ -n "$BEST" ] || BEST=$(touch "$OUT/sweep.jsonl"; "$PYTHON" - "$OUT/sweep.jsonl" 2>>"$LOG" <<'PY'
 import json, sys

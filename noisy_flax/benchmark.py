@@ -38,6 +38,7 @@ import numpy as np
 
 from noisy_flax import noise as noise_lib
 from noisy_flax import cpu_tuning, optim, sharding, train
+from noisy_flax.models import VisionTransformer
 from noisy_flax.models.common import apply_noise, apply_noise_to_patch_tokens
 
 # Dense peak per chip in FLOP/s, without sparsity: (bf16, fp32). GPU "fp32" is
@@ -53,8 +54,10 @@ PEAK_FLOPS = {
     "TPU v6e": (918e12, None),
     "A100": (312e12, 156e12),
     "H100 PCIe": (756e12, 378e12),
+    "H100 NVL": (835e12, 418e12),
     "H100": (989e12, 495e12),        # SXM
-    "H200": (989e12, 495e12),
+    "H200 NVL": (835e12, 418e12),
+    "H200": (989e12, 495e12),        # SXM
 }
 NOISE_CHOICES = tuple(t for t in noise_lib.NOISE_TYPES)
 
@@ -152,6 +155,26 @@ def cost_flops(compiled) -> Optional[float]:
     return float(flops) if flops and flops > 0 else None
 
 
+FUSED_ATTENTION_TARGET = "cudnn$fmha"  # cuDNN's fused attention custom calls
+
+
+def fused_attention_flops(hlo_text: str, model, batch: int, resolution: int) -> float:
+    """FLOPs of cuDNN's fused attention calls, which XLA's cost analysis does
+    not count (a custom call it cannot see into): for each forward call
+    4 B N^2 D (Q.K^T and P.V over all heads of width D = heads x head_dim, N
+    tokens), for each backward call twice that. Only the ViT's self-attention
+    goes to cuDNN, so N is every token (patches + class token)."""
+    if not isinstance(model, VisionTransformer):
+        return 0.0
+    calls = [line for line in hlo_text.splitlines()
+             if "custom_call_target=" in line and FUSED_ATTENTION_TARGET in line]
+    backward = sum("Backward" in line for line in calls)
+    forward = len(calls) - backward
+    tokens = (resolution // model.patch_size) ** 2 + 1
+    per_forward = 4.0 * batch * tokens ** 2 * model.hidden_size
+    return per_forward * (forward + 2 * backward)
+
+
 def cost_bytes(compiled) -> Optional[float]:
     """Bytes accessed per call by XLA's cost model: a load-independent proxy
     for the memory traffic that noise adds."""
@@ -190,11 +213,18 @@ def train_case(config, mesh, name: str) -> Case:
         holder["state"], _ = compiled(holder["state"], batch_)
         jax.block_until_ready(holder["state"])
 
-    info = {"compile_s": seconds, "flops": cost_flops(compiled),
-            "bytes_accessed": cost_bytes(compiled),
+    flops, attention = cost_flops(compiled), _uncounted_attention(compiled, model, config)
+    info = {"compile_s": seconds, "flops": flops + attention if flops else flops,
+            "fused_attention_flops": attention, "bytes_accessed": cost_bytes(compiled),
             "xla_memory_bytes": compiled_memory_bytes(compiled),
             "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))}
     return Case(name, lambda: step(batch), info, step=step)
+
+
+def _uncounted_attention(compiled, model, config) -> float:
+    if jax.default_backend() != "gpu":  # cuDNN's fused attention runs only there
+        return 0.0
+    return fused_attention_flops(compiled.as_text(), model, config.batch_size, config.image_size)
 
 
 def eval_case(config, mesh, name: str) -> Case:
@@ -210,7 +240,10 @@ def eval_case(config, mesh, name: str) -> Case:
     def run():
         jax.block_until_ready(compiled(state.params, state.batch_stats, batch, key))
 
-    return Case(name, run, {"compile_s": seconds, "flops": cost_flops(compiled),
+    flops, attention = cost_flops(compiled), _uncounted_attention(compiled, model, config)
+    return Case(name, run, {"compile_s": seconds,
+                            "flops": flops + attention if flops else flops,
+                            "fused_attention_flops": attention,
                             "xla_memory_bytes": compiled_memory_bytes(compiled)})
 
 
@@ -292,9 +325,8 @@ def published_peak(device, dtype: str) -> Optional[float]:
 
 def matmul_case(n: int = 1024, dtype: str = "float32",
                 cpu_ynnpack: str = cpu_tuning.DEFAULT_CPU_YNNPACK) -> Case:
-    """A dense n x n matmul compiled as the steps are: what the CPU's FLOP/s
-    can reach in this run. (On the 2-core Xeon, Eigen's matmul, which
-    'reductions' selects, was 1.5-2x YNNPACK's: the higher peak.)"""
+    """A dense n x n matmul compiled as the steps are: one candidate for what
+    the CPU's FLOP/s can reach in this run (the peak is the fastest candidate)."""
     jdtype = train.DTYPES[dtype]
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jdtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jdtype)
@@ -483,29 +515,42 @@ def run_steps(args) -> list[dict[str, Any]]:
         config = config_for(cpu_ynnpack=args.cpu_ynnpack)
         cases.append(eval_case(config, mesh, "jax eval noise=none"))
     device = jax.devices()[0]
+    cpu = jax.default_backend() == "cpu"
     peak = published_peak(device, args.dtype)
     peak_source = "published"
-    if jax.default_backend() == "cpu" or peak is None:
-        # Measured in the same rounds as the steps: it sees the same load.
-        cases.append(matmul_case(args.matmul_size, args.dtype, args.cpu_ynnpack))
-        peak_source = "measured matmul"
+    peak_cases = []
+    if cpu:
+        # Measured in the same rounds as the steps, so it sees the same load;
+        # the fastest of several sizes (and libraries), so it is a peak.
+        peak_cases = [matmul_case(n, args.dtype, args.cpu_ynnpack) for n in args.matmul_sizes]
     torch_cases = []
     if args.vs_torch:
         from noisy_flax import benchmark_torch
         torch_cases = [benchmark_torch.train_case(args.model, args.batch, args.resolution)]
         if args.torch_compile:
-            torch_cases.append(benchmark_torch.train_case(args.model, args.batch,
-                                                          args.resolution, compile=True))
+            compiled = benchmark_torch.compiled_train_case(args.model, args.batch, args.resolution)
+            torch_cases += [compiled] if compiled is not None else []
         if args.eval:
             torch_cases.append(benchmark_torch.eval_case(args.model, args.batch, args.resolution))
-    interleave(cases + torch_cases, args.steps, args.warmup, args.chunk)
-    if peak_source == "measured matmul":
-        matmul = cases.pop()
-        peak = matmul.info["flops"] / statistics.median(matmul.times)
+        if cpu and args.dtype == "float32":
+            peak_cases.append(benchmark_torch.matmul_case(max(args.matmul_sizes)))
+    interleave(cases + torch_cases + peak_cases, args.steps, args.warmup, args.chunk)
+    matmul_rates = {c.name: c.info["flops"] / statistics.median(c.times) for c in peak_cases}
+    if matmul_rates:
+        fastest = max(matmul_rates, key=matmul_rates.get)
+        peak, peak_source = matmul_rates[fastest], f"measured: fastest matmul ({fastest})"
+    # Off the CPU a chip without a published peak gets no utilisation: a
+    # matmul there is no peak either.
     rows = [summarize(c, args.batch, peak) for c in cases + torch_cases]
     reference = rows[0]["step_ms_median"]
+    jax_eval_case = next((c for c in cases if c.name.startswith("jax eval")), None)
     for row, case in zip(rows, cases + torch_cases):
-        row["ratio_paired"] = paired_ratio(case, cases[0])  # step time / reference, per round
+        # Step time / the reference's, per round: the eval steps against JAX's
+        # eval step, everything else against JAX's noiseless train step.
+        is_eval = case.name in ("torch eval", "jax eval noise=none")
+        paired_with = jax_eval_case if is_eval else cases[0]
+        if paired_with is not None:
+            row["ratio_paired"] = paired_ratio(case, paired_with)
         if row["name"].startswith("jax train"):
             row["ratio"] = row["step_ms_median"] / reference  # noise overhead: step time ratio
             row["overhead_pct"] = 100 * (row["ratio"] - 1)
@@ -516,7 +561,9 @@ def run_steps(args) -> list[dict[str, Any]]:
             row["ratio"] = row["step_ms_median"] / reference
             row["overhead_pct"] = 100 * row["ratio"]
     for row in rows:
-        row.update(peak_flops_per_s=peak, peak_source=peak_source)
+        row.update(peak_flops_per_s=peak, peak_source=peak_source if peak else "unknown")
+        if matmul_rates:
+            row["matmul_flops_per_s"] = matmul_rates
     mem = peak_memory_bytes(device)
     if mem is not None:
         for row in rows:
@@ -662,7 +709,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--steps", type=int, default=20, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per case first")
     p.add_argument("--chunk", type=int, default=5, help="timed steps per case per round")
-    p.add_argument("--matmul-size", type=int, default=1024)
+    p.add_argument("--matmul-sizes", type=lambda text: [int(n) for n in text.split(",")],
+                   default=[1024, 2048],
+                   help="CPU: square matmuls timed beside the steps; the fastest is the peak")
     p.add_argument("--input", choices=("fashion_mnist", "mock_imagenet"),
                    help="measure the tf.data pipeline instead of the steps")
     p.add_argument("--input-batches", type=int, default=30, help="tf.data batches to time")
@@ -691,6 +740,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
               f"{env['device_count']}x {env['device_kind']} ({env['cpu_model']}, "
               f"{env['cpu_count']} CPUs), jax {env['jax']}")
         print_table(rows)
+        if rows and rows[0].get("peak_flops_per_s"):
+            print(f"util % against {rows[0]['peak_flops_per_s'] / 1e9:,.0f} GFLOP/s "
+                  f"({rows[0]['peak_source']})")
         emit_json(rows, common)
     return rows
 

@@ -12,7 +12,7 @@ from noisy_flax import benchmark
 
 TINY = ["--model", "vit_nano_patch4_28", "--model-kwarg", "num_layers=1", "--batch", "8",
         "--resolution", "28",
-        "--steps", "2", "--warmup", "1", "--chunk", "1", "--matmul-size", "64"]
+        "--steps", "2", "--warmup", "1", "--chunk", "1", "--matmul-sizes", "64,96"]
 
 
 def _json_lines(text):
@@ -58,7 +58,13 @@ def test_runs_a_tiny_model_and_prints_a_table_and_json_lines(capsys, fast_compil
     assert rows[0]["ratio"] == 1.0 and rows[0]["overhead_pct"] == 0.0
     assert rows[1]["ratio"] > 0 and rows[1]["ratio_paired"] > 0 and rows[1]["bytes_ratio"] > 0
     assert len(rows[1]["step_ms"]) == 2
-    assert rows[0]["peak_source"] == "measured matmul"
+    # The peak is the fastest of the matmuls timed beside the steps.
+    rates = rows[0]["matmul_flops_per_s"]
+    assert set(rates) == {"matmul_64", "matmul_96"}
+    assert rows[0]["peak_flops_per_s"] == max(rates.values())
+    assert rows[0]["peak_source"] == f"measured: fastest matmul ({max(rates, key=rates.get)})"
+    # The eval step is paired with itself, not with the train step.
+    assert rows[-1]["name"] == "jax eval noise=none" and rows[-1]["ratio_paired"] == 1.0
     # Training costs more than inference: roughly 3x the forward pass.
     assert rows[0]["flops"] > 2 * rows[2]["flops"]
 
@@ -141,6 +147,8 @@ def test_vs_torch_compares_train_with_train_and_eval_with_eval(monkeypatch, fast
         return lambda *args, **kwargs: benchmark.Case(name, lambda: time.sleep(seconds), {})
     monkeypatch.setattr(benchmark_torch, "train_case", fake("torch train", 0.05))
     monkeypatch.setattr(benchmark_torch, "eval_case", fake("torch eval", 0.02))
+    monkeypatch.setattr(benchmark_torch, "matmul_case", lambda n: benchmark.Case(
+        f"torch.mm {n}", lambda: time.sleep(0.001), {"flops": 1.0}))
     rows = benchmark.run_steps(benchmark.parse_args(TINY + ["--vs-torch", "--eval"]))
     by_name = {row["name"]: row for row in rows}
     jax_train, jax_eval = by_name["jax train noise=none"], by_name["jax eval noise=none"]
@@ -152,6 +160,21 @@ def test_vs_torch_compares_train_with_train_and_eval_with_eval(monkeypatch, fast
     assert jax_train["jax_over_torch_train"] == torch_train["ratio"]
     assert jax_eval["jax_over_torch_eval"] == torch_eval["ratio"]
     assert "jax_over_torch_eval" not in jax_train
+    # Paired per round with the same step as the ratio: eval with eval.
+    assert torch_eval["ratio_paired"] == pytest.approx(torch_eval["ratio"], rel=0.5)
+    assert torch_train["ratio_paired"] == pytest.approx(torch_train["ratio"], rel=0.5)
+    assert set(jax_train["matmul_flops_per_s"]) == {"matmul_64", "matmul_96", "torch.mm 96"}
+
+
+def test_a_torch_compile_failure_leaves_the_other_cases(monkeypatch, capsys):
+    from noisy_flax import benchmark_torch
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("InductorError: no C++ compiler\nmore detail")
+    monkeypatch.setattr(benchmark_torch, "train_case", fails)
+    assert benchmark_torch.compiled_train_case("resnet18", 2, 32) is None
+    assert "torch.compile failed, its case is left out: RuntimeError: InductorError: no C++ " \
+           "compiler" in capsys.readouterr().err
 
 
 def test_torch_reference_step_runs():
@@ -172,3 +195,18 @@ def test_resolution_defaults_to_the_models_own(model, side):
     # The side named in the ViT's registry name; torchvision's ResNets at 224.
     assert benchmark.parse_args(["--model", model]).resolution == side
     assert benchmark.parse_args(["--model", model, "--resolution", "64"]).resolution == 64
+
+
+def test_fused_attention_flops_are_added_in_closed_form():
+    """XLA's cost analysis counts cuDNN's fused attention as nothing. ViT-B/16
+    at 224 px, batch 4, HLO with 11 forward and 11 backward calls (the last
+    block's single class-token query stays with XLA): 197 tokens, width 768."""
+    from noisy_flax.models import create_model
+    model = create_model("vit_base_patch16_224", num_classes=10)
+    call = '%c = custom-call(...), custom_call_target="__cudnn$fmhaSoftmax{}"'
+    hlo = "\n".join([call.format("")] * 11 + [call.format("Backward")] * 11 + ["%d = dot(...)"])
+    per_forward = 4 * 4 * 197 ** 2 * 768  # Q.K^T and P.V: 2 N^2 d each, over 12 heads of 64
+    assert benchmark.fused_attention_flops(hlo, model, 4, 224) == 11 * 3 * per_forward
+    assert benchmark.fused_attention_flops("%d = dot(...)", model, 4, 224) == 0
+    resnet = create_model("resnet18", num_classes=10)
+    assert benchmark.fused_attention_flops(hlo, resnet, 4, 224) == 0

@@ -58,6 +58,10 @@ def test_gpu_checks_fails_an_implementation_that_computes_something_else(
 # train row per batch (MFU peaking at 256), batch 512 runs out of memory;
 # other stages print their arguments; the script's own helper runs for real.
 FAKE_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = "-" ] && [ "$2" = "jax" ]; then  # the package check: $FAKE_MISSING fails it
+  [ -n "$FAKE_MISSING" ] && {{ echo "missing Python packages: $FAKE_MISSING"; exit 1; }}
+  echo "packages: ${{*:2}}"; exit 0
+fi
 if [ "$1" = "-" ]; then exec {python} "$@"; fi
 if [ "$1" = "-c" ]; then echo "jax fake"; exit 0; fi
 echo "$@" >> "$FAKE_CALLS"
@@ -126,3 +130,23 @@ def test_gpu_script_finishes_a_cut_off_run_without_touching_its_results(tmp_path
     assert result.returncode == 0, result.stderr
     assert len(calls) == 2 and all("--batch 128" in c for c in calls)
     assert (out / "vs_torch.txt").read_text() == "earlier result\n"
+
+
+@needs_timeout
+def test_gpu_script_checks_every_package_before_measuring(tmp_path, fake_python):
+    """A package the stages import but the machine lacks (ml_collections on a
+    bare GPU image) stops the run at once, with its name, and keeps the
+    record of an earlier run's machine."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gpu.txt").write_text("earlier machine\n")
+    result, calls = _run_script(tmp_path, fake_python, out, FAKE_MISSING="ml_collections")
+    assert result.returncode == 1 and calls == []
+    assert "stopped before measuring: a package is missing" in result.stderr
+    record = (out / "gpu.txt").read_text()
+    assert record.startswith("earlier machine\n") and "missing Python packages: ml_collections" in record
+    result, _ = _run_script(tmp_path, fake_python, tmp_path / "out2")
+    assert "packages: jax flax optax ml_collections torch timm torchvision" in \
+        (tmp_path / "out2" / "gpu.txt").read_text()
+    result, _ = _run_script(tmp_path, fake_python, tmp_path / "out3", STAGES="noise", BEST="64")
+    assert "packages: jax flax optax ml_collections\n" in (tmp_path / "out3" / "gpu.txt").read_text()
