@@ -12,8 +12,8 @@ run() { local name=$1; shift; echo "== $name: $*" >&2; "$@" > "$LOGS/$name.txt" 
 # vs_torch SUFFIX [PREFIX...]: ViT-Ti and ResNet-18 against PyTorch, each command run under PREFIX.
 vs_torch() {
   local suffix=$1; shift
-  run "vit_tiny_vs_torch$suffix" "$@" "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --compare-model-kwarg last_block_all_tokens=true --steps 16 --warmup 2 --chunk 2
-  run "resnet18_vs_torch$suffix" "$@" "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --compare-model-kwarg conv_algorithm=direct --steps 12 --warmup 2 --chunk 2
+  run "vit_tiny_vs_torch$suffix" "$@" "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --compare-model-kwarg last_block_all_tokens=true --steps 20 --warmup 2 --chunk 2
+  run "resnet18_vs_torch$suffix" "$@" "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --compare-model-kwarg conv_algorithm=direct --steps 20 --warmup 2 --chunk 2
 }
 case "${1:-all}" in
   vs_torch|all)
@@ -26,10 +26,10 @@ case "${1:-all}" in
     vs_torch _glibc_malloc env NOISY_FLAX_NO_TCMALLOC=1 ;;&
   huge_pages|all)
     # The same ViT step without the re-exec: glibc's malloc with 4 KiB pages.
-    run vit_tiny_small_pages env NOISY_FLAX_NO_REEXEC=1 "$PY" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --steps 12 --warmup 2 --chunk 2 ;;&
+    run vit_tiny_small_pages env NOISY_FLAX_NO_REEXEC=1 "$PY" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --steps 20 --warmup 2 --chunk 2 ;;&
   noise|all)
-    run vit_tiny_noise_all "$PY" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --noise all --steps 12 --warmup 1 --chunk 2 ;;&
+    run vit_tiny_noise_all "$PY" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --noise all --steps 20 --warmup 1 --chunk 2 ;;&
   input|all)
-    run input_mock_imagenet "$PY" -m noisy_flax.benchmark --input mock_imagenet --model vit_tiny_patch16_224 --batch 32 --resolution 224 --steps 10 --warmup 2 --input-batches 20
+    run input_mock_imagenet "$PY" -m noisy_flax.benchmark --input mock_imagenet --model vit_tiny_patch16_224 --batch 32 --resolution 224 --steps 20 --warmup 2 --input-batches 20
     run input_fashion_mnist "$PY" -m noisy_flax.benchmark --input fashion_mnist --model vit_nano_patch4_28 --batch 128 --resolution 28 --steps 20 --warmup 3 --input-batches 50 ;;
 esac
