@@ -213,18 +213,21 @@ def train_case(config, mesh, name: str) -> Case:
         holder["state"], _ = compiled(holder["state"], batch_)
         jax.block_until_ready(holder["state"])
 
-    flops, attention = cost_flops(compiled), _uncounted_attention(compiled, model, config)
-    info = {"compile_s": seconds, "flops": flops + attention if flops else flops,
-            "fused_attention_flops": attention, "bytes_accessed": cost_bytes(compiled),
+    info = {"compile_s": seconds, **step_flops(compiled, model, config),
+            "bytes_accessed": cost_bytes(compiled),
             "xla_memory_bytes": compiled_memory_bytes(compiled),
             "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))}
     return Case(name, lambda: step(batch), info, step=step)
 
 
-def _uncounted_attention(compiled, model, config) -> float:
-    if jax.default_backend() != "gpu":  # cuDNN's fused attention runs only there
-        return 0.0
-    return fused_attention_flops(compiled.as_text(), model, config.batch_size, config.image_size)
+def step_flops(compiled, model, config) -> dict[str, Any]:
+    """XLA's FLOP count of a compiled step, plus what it leaves out: cuDNN's
+    fused attention, which runs only on a GPU."""
+    flops, attention = cost_flops(compiled), 0.0
+    if flops and jax.default_backend() == "gpu":
+        attention = fused_attention_flops(compiled.as_text(), model, config.batch_size,
+                                          config.image_size)
+    return {"flops": flops + attention if flops else flops, "fused_attention_flops": attention}
 
 
 def eval_case(config, mesh, name: str) -> Case:
@@ -240,10 +243,7 @@ def eval_case(config, mesh, name: str) -> Case:
     def run():
         jax.block_until_ready(compiled(state.params, state.batch_stats, batch, key))
 
-    flops, attention = cost_flops(compiled), _uncounted_attention(compiled, model, config)
-    return Case(name, run, {"compile_s": seconds,
-                            "flops": flops + attention if flops else flops,
-                            "fused_attention_flops": attention,
+    return Case(name, run, {"compile_s": seconds, **step_flops(compiled, model, config),
                             "xla_memory_bytes": compiled_memory_bytes(compiled)})
 
 

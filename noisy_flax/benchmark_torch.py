@@ -15,6 +15,7 @@ import sys
 from typing import Any, Optional
 
 from noisy_flax.benchmark import Case
+from noisy_flax.cli import first_line
 
 _RESNET = re.compile(r"resnet(\d+)$")
 
@@ -118,9 +119,8 @@ def compiled_train_case(model_name: str, batch: int, resolution: int) -> Optiona
     try:
         return train_case(model_name, batch, resolution, compile=True)
     except Exception as error:  # inductor raises many types (no compiler, unsupported op)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         print(f"warning: torch.compile failed, its case is left out: "
-              f"{type(error).__name__}: {first[:200]}", file=sys.stderr, flush=True)
+              f"{type(error).__name__}: {first_line(error)[:200]}", file=sys.stderr, flush=True)
         return None
 
 

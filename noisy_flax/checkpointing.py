@@ -84,8 +84,10 @@ class Checkpointer:
     def latest_meta(self) -> Optional[dict]:
         """The JSON facts of the newest checkpoint; None when there is none."""
         step = self.manager.latest_step()
-        if step is None:
-            return None
+        return None if step is None else self.meta(step)
+
+    def meta(self, step: int) -> dict:
+        """The JSON facts saved with ``step`` (format version, step, ...)."""
         return self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
 
@@ -126,8 +128,7 @@ class Checkpointer:
         self.manager.reload()
 
     def restore(self, step: int, abstract_state: Any) -> Any:
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        version = meta["format_version"]
+        version = self.meta(step)["format_version"]
         if version > FORMAT_VERSION:
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} has format version {version}, this "

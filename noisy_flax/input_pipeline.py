@@ -295,9 +295,11 @@ class DatasetSummary(NamedTuple):
   image_shape: tuple[int, int, int]  # what the model sees: (size, size, channels)
 
 
-def dataset_info(config: ml_collections.ConfigDict) -> DatasetSummary:
-  """Small facts the trainer needs (classes, steps per epoch, input shape)."""
-  builder = get_builder(config)
+def dataset_info(config: ml_collections.ConfigDict,
+                 builder: tfds.core.DatasetBuilder | None = None) -> DatasetSummary:
+  """Small facts the trainer needs (classes, steps per epoch, input shape);
+  ``builder``: config's, when the caller already has it."""
+  builder = builder or get_builder(config)
   size, channels = config.image_size, _input_config(config).channels
   return DatasetSummary(
       num_classes=int(builder.info.features["label"].num_classes),

@@ -121,8 +121,9 @@ def check_dataset(config):
     from noisy_flax import input_pipeline  # TensorFlow: only when training
 
     input_pipeline.check_input_config(config)
-    info = input_pipeline.dataset_info(config)
-    input_pipeline.check_train_crop(config, input_pipeline.get_builder(config))
+    builder = input_pipeline.get_builder(config)
+    info = input_pipeline.dataset_info(config, builder)
+    input_pipeline.check_train_crop(config, builder)
     if info.num_classes != config.num_classes:
         raise ValueError(f"{config.dataset} has {info.num_classes} classes but config.num_classes="
                          f"{config.num_classes}; set --config.num_classes={info.num_classes}")
