@@ -564,10 +564,12 @@ def run_steps(args) -> list[dict[str, Any]]:
         row.update(peak_flops_per_s=peak, peak_source=peak_source if peak else "unknown")
         if matmul_rates:
             row["matmul_flops_per_s"] = matmul_rates
+    # The allocator's peak since the process started: the largest case's, not
+    # each row's own (that is xla_memory_bytes); hence the key's name.
     mem = peak_memory_bytes(device)
     if mem is not None:
         for row in rows:
-            row["peak_device_memory_bytes"] = mem
+            row["process_peak_device_memory_bytes"] = mem
     jax_eval = next((row for row in rows[:len(cases)] if row["name"].startswith("jax eval")), None)
     for torch_row in rows[len(cases):]:
         # For PyTorch rows the ratio is images/s JAX (no noise) / PyTorch: the

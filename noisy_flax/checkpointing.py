@@ -13,6 +13,14 @@ What orbax 0.12 does on its own, and what is added here:
   makes orbax's restore raise; here the step is reported, moved aside and the
   next older one is tried. Moving it aside (to ``<dir>.damaged/``) keeps it
   for inspection and lets training save that step again.
+* orbax keeps no checksum of the values: a flipped bit in an array file
+  restores silently as a wrong weight. Here each save records a checksum of
+  every array (``noisy_flax.checksum``) with the state, and a restore that
+  does not reproduce them is damage like the above.
+* With several processes, each reads only its own shards, so one process can
+  find a step damaged that another reads fine. Here they agree before going
+  on: a step any process cannot read is skipped by all, so every process
+  resumes from the same step.
 * A healthy checkpoint of another model, optimizer or input (the state's
   names or shapes differ) makes orbax's restore raise too; here that is told
   apart from damage by the saved metadata, and refused with the differences,
@@ -26,8 +34,12 @@ import time
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
+
+from noisy_flax import checksum
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +51,15 @@ ITEMS = ("state", "meta")
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint, or one written by an incompatible version."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files cannot be read or whose values differ from
+    their saved checksums."""
+
+    def __init__(self, path: epath.Path, problem: str):
+        super().__init__(f"checkpoint {path} is damaged: {problem}")
+        self.problem = problem
 
 
 class Checkpointer:
@@ -76,7 +97,8 @@ class Checkpointer:
     def save(self, step: int, state: Any, *, force: bool = False,
              meta: Optional[dict] = None) -> bool:
         """``meta``: JSON facts saved with the state, in the same atomic save."""
-        meta = {**(meta or {}), "format_version": FORMAT_VERSION, "step": int(step)}
+        meta = {**(meta or {}), "format_version": FORMAT_VERSION, "step": int(step),
+                "checksums": checksum.checksums(state)}
         saved = self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
         return bool(saved)
@@ -97,26 +119,36 @@ class Checkpointer:
         An unfinished or damaged checkpoint is reported by name, moved aside
         (never deleted, so that it can be inspected) and the next older one
         is tried. A checkpoint from a newer noisy_flax raises CheckpointError.
+        With several processes, all skip the same steps and restore the same one.
         """
-        self._set_aside_unfinished_saves()
-        for step in reversed(self.all_steps()):
+        # Everything is listed before anything moves, so that every process
+        # sees the same checkpoints whatever the timing.
+        unfinished = sorted(self.directory.glob(f"*{TMP_SUFFIX}*"))
+        steps = list(reversed(self.all_steps()))
+        missing = {step: missing_commit_markers(self.directory / str(step)) for step in steps}
+        _sync_processes("noisy_flax checkpoints listed")
+        set_aside_any = False
+        for path in unfinished:
+            self._set_aside(path, "it is an interrupted save that was never completed")
+            set_aside_any = True
+        found = None, None
+        for step in steps:
             path = self.directory / str(step)
-            missing = missing_commit_markers(path)
-            if missing:
-                self._set_aside(path, f"it lacks its commit marker {missing[0]} (an unfinished save)")
+            if missing[step]:
+                self._set_aside(path, f"it lacks its commit marker {missing[step][0]} "
+                                      "(an unfinished save)")
+                set_aside_any = True
                 continue
             try:
-                return step, self.restore(step, abstract_state)
-            except CheckpointError:
-                raise
-            except Exception as error:  # orbax raises many types for damaged files
-                reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-                self._set_aside(path, f"it cannot be restored ({reason})")
-        return None, None
-
-    def _set_aside_unfinished_saves(self) -> None:
-        for path in sorted(self.directory.glob(f"*{TMP_SUFFIX}*")):
-            self._set_aside(path, "it is an interrupted save that was never completed")
+                found = step, self.restore(step, abstract_state)
+                break
+            except DamagedCheckpointError as error:
+                self._set_aside(path, f"it cannot be restored ({error.problem})")
+                set_aside_any = True
+        if set_aside_any:  # every process lists what process 0 left in place
+            _sync_processes("noisy_flax checkpoints set aside")
+            self.manager.reload()
+        return found
 
     def _set_aside(self, path: epath.Path, reason: str) -> None:
         if jax.process_index() != 0:  # one process moves it; the others only skip it
@@ -125,25 +157,55 @@ class Checkpointer:
         target = set_aside(path)
         log.warning("checkpoint %s is skipped because %s; moved to %s (inspect or delete it); "
                     "resuming from the newest intact checkpoint", path, reason, target)
-        self.manager.reload()
 
     def restore(self, step: int, abstract_state: Any) -> Any:
-        version = self.meta(step)["format_version"]
-        if version > FORMAT_VERSION:
+        """The state saved at ``step``, checked against its saved checksums.
+
+        Raises DamagedCheckpointError, on every process alike, when any
+        process cannot read its part or the values differ from the checksums;
+        CheckpointError when the checkpoint belongs to a newer noisy_flax or
+        to another model.
+        """
+        path = self.directory / str(step)
+        try:
+            meta = self.meta(step)
+            saved = self.manager.item_metadata(step)["state"]
+        except Exception as error:  # every process reads these same files: all fail alike
+            raise DamagedCheckpointError(path, _describe(error)) from error
+        if meta["format_version"] > FORMAT_VERSION:
             raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} has format version {version}, this "
+                f"checkpoint {path} has format version {meta['format_version']}, this "
                 f"noisy_flax reads up to {FORMAT_VERSION}; upgrade noisy_flax or use another workdir")
-        saved = self.manager.item_metadata(step)["state"]
         differences = state_differences(saved.tree, abstract_state) if saved is not None else []
         if differences:
             raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} holds the training state of another "
+                f"checkpoint {path} holds the training state of another "
                 f"model, optimizer or input ({len(differences)} names or shapes differ, e.g. "
                 f"{'; '.join(differences[:3])}); run with the config that wrote it, or use "
                 "another --workdir")
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-        return restored["state"]
+        # Each process reads only its own shards. orbax's manager ends a read
+        # with a barrier that a process whose read failed never reaches; the
+        # handler reads without one, and the processes agree on the outcome
+        # before the checksums' collective runs.
+        restored, problem = None, None
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            restored = handler.restore(path / "state",
+                                       args=ocp.args.StandardRestore(abstract_state))
+        except Exception as error:  # orbax raises many types for damaged files
+            problem = _describe(error)
+        finally:
+            handler.close()
+        problem = _agreed_problem(problem)
+        if problem is None and "checksums" in meta:  # older checkpoints have none
+            different = checksum.mismatches(meta["checksums"], restored)
+            if different:
+                more = f" and {len(different) - 3} more arrays" if len(different) > 3 else ""
+                problem = (f"the values of {', '.join(different[:3])}{more} differ from "
+                           "the checksums saved with them")
+        if problem is not None:
+            raise DamagedCheckpointError(path, problem)
+        return restored
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -164,13 +226,29 @@ def state_differences(saved_tree: Any, abstract_state: Any) -> list[str]:
 
 
 def _shapes_by_name(tree: Any) -> dict[str, tuple]:
-    def name(key) -> str:
-        for attribute in ("key", "name", "idx"):  # dict, dataclass field, tuple position
-            if hasattr(key, attribute):
-                return str(getattr(key, attribute))
-        return str(key)
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+    return {checksum.path_name(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _agreed_problem(problem: Optional[str]) -> Optional[str]:
+    """This process's problem with a step, or, when another process had one,
+    a problem here too: every process must skip the same steps."""
+    if jax.process_count() == 1:
+        return problem
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(problem is not None)))
+    if problem is None and failed.any():
+        others = [int(i) for i in np.flatnonzero(failed)]
+        problem = f"process {others[0]} could not read its part of it"
+    return problem
 
 
 def missing_commit_markers(step_dir: epath.Path) -> list[str]:

@@ -14,6 +14,10 @@ compare.
 
 With ``preempted`` it only trains, for many steps, until the test sends
 SIGTERM to one of the processes, and records the summary it returns.
+
+With ``damaged`` it trains nothing: both processes save three steps of a
+state split between them, the test's hook damages what process 1 saved, and
+both restore.
 """
 from __future__ import annotations
 
@@ -379,6 +383,56 @@ def run_preempted_worker(setup: dict, process_id: int) -> None:
     jax.distributed.shutdown()
 
 
+DAMAGED_SHAPE = (8, 512)  # rows split over the 8 devices, so over both processes
+
+
+def damaged_state(step: int, mesh) -> dict:
+    """A state whose rows are split between the processes; values from ``step``."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    values = {"rows": np.arange(np.prod(DAMAGED_SHAPE), dtype=np.float32).reshape(DAMAGED_SHAPE)
+              * step, "whole": np.full((3,), step, np.float32)}
+    shardings = {"rows": NamedSharding(mesh, PartitionSpec("data")),
+                 "whole": NamedSharding(mesh, PartitionSpec())}
+    return {name: jax.make_array_from_callback(values[name].shape, shardings[name],
+                                               lambda index, name=name: values[name][index])
+            for name in values}
+
+
+def run_damaged_checkpoint_worker(setup: dict, process_id: int) -> None:
+    """Saves steps 1-3, waits while the test damages process 1's part of
+    them (``damage_ready`` / ``damaged`` files in ``out_dir``), restores."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    start_runtime(setup, process_id)
+    from noisy_flax import checkpointing
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    directory = os.path.join(setup["workdir"], "checkpoints")
+    saver = checkpointing.Checkpointer(directory, keep=5, save_every=1)
+    for step in (1, 2, 3):
+        saver.save(step, damaged_state(step, mesh))
+    saver.close()
+    multihost_utils.sync_global_devices("saved")
+    if process_id == 0:
+        open(os.path.join(setup["out_dir"], "damage_ready"), "w").close()
+    while not os.path.exists(os.path.join(setup["out_dir"], "damaged")):
+        time.sleep(0.1)
+    multihost_utils.sync_global_devices("damaged")
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                            damaged_state(1, mesh))
+    restorer = checkpointing.Checkpointer(directory, keep=5, save_every=1)
+    step, state = restorer.restore_latest(abstract)
+    restorer.close()
+    log(f"restored step {step}")
+    values = gathered(state)
+    write_facts(setup["out_dir"], process_id, {
+        "restored_step": step, **{name: values[name].tolist() for name in values}})
+    jax.distributed.shutdown()
+
+
 def load_batches(path: str) -> list[dict[str, np.ndarray]]:
     """Inverse of the worker's batches.npz and eval_batches.npz."""
     data = np.load(path)
@@ -391,4 +445,5 @@ if __name__ == "__main__":
     with open(sys.argv[1]) as f:
         worker_setup = json.load(f)
     mode = sys.argv[3] if len(sys.argv) > 3 else "train"
-    (run_preempted_worker if mode == "preempted" else run_worker)(worker_setup, int(sys.argv[2]))
+    {"train": run_worker, "preempted": run_preempted_worker,
+     "damaged": run_damaged_checkpoint_worker}[mode](worker_setup, int(sys.argv[2]))

@@ -360,6 +360,55 @@ def test_sigterm_to_one_process_saves_one_step_on_both_and_exits(tmp_path, datas
     assert step == int(state.step) == stopped
 
 
+def _largest_file(directory: str) -> str:
+    files = [os.path.join(directory, name) for name in os.listdir(directory)]
+    return max(files, key=os.path.getsize)
+
+
+def test_a_checkpoint_one_process_cannot_read_is_skipped_by_both(tmp_path, dataset):
+    """Each process reads only its own shards, so damage to process 1's part
+    fails process 1 alone: both must still skip the same steps. Step 3's part
+    is truncated (process 1's read fails), step 2's has a flipped byte (it
+    reads, to other values, which only the checksums see): both processes
+    must resume from step 1."""
+    setup, setup_path = write_setup(tmp_path, dataset)
+    deadline = time.monotonic() + DEADLINE_S
+    checkpoints = os.path.join(setup["workdir"], "checkpoints")
+    workers = Workers(setup_path, str(tmp_path), mode="damaged")
+    try:
+        while not os.path.exists(os.path.join(setup["out_dir"], "damage_ready")):
+            if workers.failed() or time.monotonic() > deadline:
+                workers.fail("the workers did not save their checkpoints")
+            time.sleep(0.2)
+        truncated = _largest_file(os.path.join(checkpoints, "3", "state", "ocdbt.process_1", "d"))
+        with open(truncated, "r+b") as f:
+            f.truncate(os.path.getsize(truncated) // 2)
+        flipped = _largest_file(os.path.join(checkpoints, "2", "state", "ocdbt.process_1", "d"))
+        with open(flipped, "r+b") as f:
+            f.seek(os.path.getsize(flipped) // 2)
+            byte = f.read(1)[0]
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte ^ 0x10]))
+        open(os.path.join(setup["out_dir"], "damaged"), "w").close()
+    except BaseException:
+        workers.kill()
+        raise
+    workers.wait(deadline)
+
+    expected_rows = np.arange(np.prod(worker.DAMAGED_SHAPE)).reshape(worker.DAMAGED_SHAPE)
+    for facts in read_facts(setup):
+        assert facts["restored_step"] == 1
+        assert np.array_equal(facts["rows"], expected_rows) and facts["whole"] == [1.0] * 3
+    # Process 0 read its own part of step 3 and skipped it on process 1's word.
+    assert "checkpoints/3 is skipped because it cannot be restored (process 1 could not " \
+        "read its part of it)" in workers.output(0)
+    assert "checkpoints/2 is skipped because it cannot be restored (the values of rows " \
+        "differ from the checksums saved with them)" in workers.output(0)
+    assert os.listdir(checkpoints) == ["1"]
+    assert sorted(name.split("-")[0] for name in os.listdir(checkpoints + ".damaged")) == \
+        ["2", "3"]
+
+
 # ---------------------------------------------------------------------------
 # Batch-mixing noise across processes, against numpy on the gathered batch
 # ---------------------------------------------------------------------------

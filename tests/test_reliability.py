@@ -241,12 +241,20 @@ def truncate_manifest(step_dir):
         manifest.write_bytes(manifest.read_bytes()[:10])
 
 
+def flip_one_byte(step_dir):
+    """Bit rot: the file keeps its size and still decompresses, to other values."""
+    victim = max(_files(step_dir, "/d/"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    victim.write_bytes(bytes(data))
+
+
 def interrupted_write(step_dir):
     """What a kill mid-save leaves: the step only under its temporary name."""
     step_dir.rename(step_dir.parent / f"{step_dir.name}{checkpointing.TMP_SUFFIX}")
 
 
-@pytest.mark.parametrize("damage", [truncate_array_file, delete_array_file,
+@pytest.mark.parametrize("damage", [truncate_array_file, delete_array_file, flip_one_byte,
                                     delete_commit_marker, truncate_manifest, interrupted_write])
 def test_damaged_latest_checkpoint_is_named_set_aside_and_skipped(tmp_path, caplog, damage):
     directory = tmp_path / "checkpoints"
@@ -271,6 +279,38 @@ def test_damaged_latest_checkpoint_is_named_set_aside_and_skipped(tmp_path, capl
     again = checkpointing.Checkpointer(str(directory), keep=5, save_every=1)
     assert again.restore_latest(ABSTRACT)[0] == 3
     again.close()
+
+
+def test_a_flipped_byte_is_named_by_the_array_it_changed(tmp_path):
+    directory = tmp_path / "checkpoints"
+    write_three_steps(directory)
+    flip_one_byte(directory / "3")
+    checkpointer = checkpointing.Checkpointer(str(directory), keep=5, save_every=1)
+    try:
+        with pytest.raises(checkpointing.DamagedCheckpointError,
+                           match=r"checkpoints/3 is damaged: the values of a differ from the "
+                                 r"checksums saved with them"):
+            checkpointer.restore(3, ABSTRACT)
+        assert float(checkpointer.restore(2, ABSTRACT)["a"][7]) == 14.0
+    finally:
+        checkpointer.close()
+
+
+def test_a_checkpoint_saved_without_checksums_still_restores(tmp_path):
+    """Checkpoints written before checksums were recorded carry none."""
+    directory = tmp_path / "checkpoints"
+    write_three_steps(directory)
+    meta_file = directory / "3" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert set(meta["checksums"]) == {"a", "b"}
+    del meta["checksums"]
+    meta_file.write_text(json.dumps(meta))
+    checkpointer = checkpointing.Checkpointer(str(directory), keep=5, save_every=1)
+    try:
+        step, state = checkpointer.restore_latest(ABSTRACT)
+    finally:
+        checkpointer.close()
+    assert step == 3 and np.array_equal(state["a"], np.arange(1000.0) * 3)
 
 
 def test_a_checkpoint_from_a_newer_format_is_refused_not_skipped(tmp_path):
