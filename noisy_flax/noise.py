@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -66,8 +67,11 @@ def check_circulant(k: int, alpha: float, *, padded: bool = False) -> None:
     even k. alpha = 1 is invertible (I+Q is the shift itself) but keeps none
     of the sample, so it is not noise on the sample any more. ``padded``: the
     k rows may hold any number of real samples (a masked evaluation batch),
-    so alpha = 0.5 is singular whenever that number is even.
+    so alpha = 0.5 is singular whenever that number is even. A traced alpha
+    (under ``jit``) cannot be checked here.
     """
+    if isinstance(alpha, jax.core.Tracer):
+        return
     if not 0.0 <= alpha < 1.0:
         raise ValueError(
             f"circulant alpha={alpha} is outside [0, 1): alpha=1 replaces every sample by its "
@@ -82,6 +86,14 @@ def check_circulant(k: int, alpha: float, *, padded: bool = False) -> None:
             "(det = 0.5^k - 0.5^k = 0); use another alpha or an odd batch size")
 
 
+def _require_float(x: Array, name: str) -> None:
+    """Mixing and adding noise need real numbers: integer images would be
+    truncated (Q* has entries below 1) or change type."""
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(f"{name} noise needs a floating-point input, got {jnp.result_type(x)}; "
+                         "convert it first, e.g. x.astype(jnp.float32) / 255")
+
+
 def _check_size(k: int) -> None:
     if int(k) != k or k < 1:
         raise ValueError(f"the mixing size k must be a positive integer, got {k!r}")
@@ -93,6 +105,7 @@ def _check_size(k: int) -> None:
 def linear_transform_noise(x: Array, q: Array, *, axis: int = 0, key=None, mask=None) -> Array:
     """(I + Q) x along ``axis`` for any k x k matrix Q (k = x.shape[axis])."""
     del key
+    _require_float(x, "linear-transform")
     if mask is not None:
         raise ValueError("a general Q cannot skip padded rows; evaluate with full batches "
                          "or use optimal_q / circulant noise, which honour the mask")
@@ -113,14 +126,16 @@ def optimal_q_noise(x: Array, *, key=None, mask=None) -> Array:
     instead of a k x k matrix product.
     """
     del key
+    _require_float(x, "optimal_q")
     if mask is None:
         k = x.shape[0]
         total = jnp.sum(x, axis=0, keepdims=True)
         return (x + total) / (k + 1)
     real = _batch_mask(mask, x)
-    k = jnp.sum(mask.astype(x.dtype))
+    # Counted in float32: bfloat16 holds integers exactly only up to 256.
+    k = jnp.sum(mask.astype(jnp.float32))
     total = jnp.sum(jnp.where(real, x, 0), axis=0, keepdims=True)
-    return jnp.where(real, (x + total) / (k + 1), x)
+    return jnp.where(real, (x + total) / (k + 1).astype(x.dtype), x)
 
 
 def circulant_noise(x: Array, *, alpha: float, stop_gradient: bool = False,
@@ -131,6 +146,7 @@ def circulant_noise(x: Array, *, alpha: float, stop_gradient: bool = False,
     published CNN code. Masked rows neither give nor receive.
     """
     del key
+    _require_float(x, "circulant")
     check_circulant(x.shape[0], alpha, padded=mask is not None)
     neighbour = jnp.take(x, _next_real_index(x.shape[0], mask), axis=0)
     added = alpha * (neighbour - x)
@@ -163,7 +179,15 @@ def within_image_noise(x: Array, *, q: str = "optimal", alpha: float = 0.4,
     del key, mask
     if x.ndim < 3:
         raise ValueError(f"within_image noise needs (batch, rows, cols, ...) input, got shape {x.shape}")
+    if q not in ("optimal", "circulant"):
+        raise ValueError(f"within_image q={q!r} is unknown; use 'optimal' or 'circulant'")
     rows = x.shape[1]
+    if q == "circulant" and not isinstance(alpha, jax.core.Tracer) and alpha == 0.5 \
+            and rows % 2 == 0:
+        raise ValueError(
+            f"within_image circulant alpha=0.5 with an even number of rows ({rows}, the grid or "
+            "feature-map height at the noise site) makes I+Q singular; use another alpha or "
+            "q='optimal'")
     matrix = optimal_q(rows) if q == "optimal" else circulant_q(rows, alpha)
     return linear_transform_noise(x, matrix, axis=1)
 
@@ -176,6 +200,7 @@ def gaussian_noise(x: Array, *, key, strength: float = 0.1, mean: float = 0.0,
     """x + strength * N(mean, std^2); std is a standard deviation."""
     del mask
     _require_key(key, "gaussian")
+    _require_float(x, "gaussian")
     draw = mean + std * jax.random.normal(key, x.shape, jnp.float32)
     return x + (strength * draw).astype(x.dtype)
 
@@ -187,7 +212,7 @@ def salt_pepper_noise(x: Array, *, key, prob: float, mask=None) -> Array:
     carry no gradient; replaced elements carry none either.
     """
     _require_key(key, "salt_pepper")
-    if isinstance(prob, (int, float)) and not 0.0 <= prob <= 1.0:
+    if not isinstance(prob, jax.core.Tracer) and not 0.0 <= float(prob) <= 1.0:
         raise ValueError(f"salt_pepper prob={prob} is not a probability; use a value in [0, 1]")
     if mask is None:
         high, low = jnp.max(x), jnp.min(x)
@@ -239,7 +264,14 @@ def per_device(fn: NoiseFn, mesh: Mesh, batch_axes: Sequence[str] | None = None)
             key = jax.random.fold_in(key, _flat_axis_index(axes, mesh))
         return fn(x, key=key, mask=mask)
 
+    shards = math.prod(mesh.shape[name] for name in axes)
+
     def wrapped(x, *, key=None, mask=None):
+        if x.shape[0] % shards:
+            raise ValueError(
+                f"noise scope='device' splits the batch over {shards} devices, but the batch "
+                f"has {x.shape[0]} examples; use a batch divisible by {shards}, or "
+                "noise.scope='global'")
         in_specs = (spec, PartitionSpec(), spec if mask is not None else None)
         mapped = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=spec,
                                check_vma=False)
@@ -366,6 +398,9 @@ def _validate(cfg) -> None:
     _check_choice("noise.site", cfg.site, SITES)
     _check_choice("noise.scope", cfg.scope, SCOPES)
     _check_choice("noise.q", cfg.q, ("optimal", "circulant"))
+    for name in ("strength", "mean", "std", "alpha", "prob"):
+        if not math.isfinite(cfg[name]):
+            raise ValueError(f"noise.{name}={cfg[name]} is not a finite number; give a finite value")
     if cfg.type == "circulant" or (cfg.type == "within_image" and cfg.q == "circulant"):
         check_circulant(1, cfg.alpha)
     if not 0.0 <= cfg.prob <= 1.0:

@@ -105,14 +105,18 @@ def check_circulant_batches(config, mesh: Mesh) -> None:
 
 
 def check_model_traces(config, mesh: Mesh) -> None:
-    """Builds the model and traces one noisy training forward pass (shapes
-    only, no compute): the model's own checks (noise site and layer, image
-    size against the patch size, ...) run here rather than mid-set-up."""
+    """Builds the model and traces a noisy training forward pass, and an
+    evaluation one when noise is on in evaluation (shapes only, no compute):
+    the model's own checks (noise site and layer, image size against the
+    patch size, noise settings the site's shape rules out, ...) run here
+    rather than mid-run."""
     model = build_model(config, mesh)
     images = jax.ShapeDtypeStruct((mesh.size,) + input_shape(config)[1:], jnp.float32)
     key = jax.random.PRNGKey(0)
     rngs = {"params": key, "dropout": key, "noise": key}
-    jax.eval_shape(lambda x: model.init(rngs, x, train=True), images)
+    modes = [True] + ([False] if config.noise.type != "none" and config.noise.eval else [])
+    for train in modes:
+        jax.eval_shape(lambda x, train=train: model.init(rngs, x, train=train), images)
 
 
 def check_dataset(config):

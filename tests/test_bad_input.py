@@ -91,6 +91,12 @@ CASES = {
         r"alpha=0.5 with padded batches of k=3 rows makes I\+Q singular"),
     "circulant alpha outside [0, 1)": ({"noise.type": "circulant", "noise.alpha": 1.5},
                                        r"alpha=1.5 is outside \[0, 1\)"),
+    "within-image circulant alpha=0.5 on an even grid, on in evaluation only": (
+        {"noise.type": "within_image", "noise.q": "circulant", "noise.alpha": 0.5,
+         "noise.train": False, "image_size": 32, "input.train_crop": "resize"},
+        r"within_image circulant alpha=0.5 with an even number of rows \(8, the grid"),
+    "noise strength not a number": ({"noise.type": "gaussian", "noise.strength": float("nan")},
+                                    r"noise.strength=nan is not a finite number"),
     "batch not divisible by devices": ({"batch_size": 12},
                                        r"batch_size=12 is not divisible by the 8 devices; use a multiple of 8"),
     "eval batch not divisible": ({"eval_batch_size": 20}, r"eval_batch_size=20 is not divisible"),

@@ -182,9 +182,10 @@ class TestRandomNoise:
         bound = 6 * np.sqrt((p / 2) * (1 - p / 2) / n)
         assert abs(salt - p / 2) < bound + 1 / n
         assert abs(pepper - p / 2) < bound + 1 / n
-        changed = out != xs
-        np.testing.assert_array_equal(out[~changed], xs[~changed])
-        assert set(np.unique(out[changed])) <= {high, low}
+        # Element by element against the documented rule, from the same draw:
+        # u < p/2 -> maximum, p/2 <= u < p -> minimum, else unchanged.
+        u = np.asarray(jax.random.uniform(jax.random.key(0), x.shape))
+        np.testing.assert_array_equal(out, np.where(u < p / 2, high, np.where(u < p, low, xs)))
 
     @pytest.mark.parametrize("prob", [-0.1, 1.5])
     def test_salt_pepper_prob_outside_0_1_raises(self, prob):
@@ -369,3 +370,66 @@ def test_salt_pepper_leaves_an_all_padding_batch_finite():
     x = jnp.ones((4, 3))
     out = noise.salt_pepper_noise(x, key=jax.random.key(0), prob=1.0, mask=jnp.zeros(4, bool))
     np.testing.assert_array_equal(out, x)
+
+
+class TestSettingsThatCannotWork:
+    def test_within_image_rejects_an_unknown_q(self):
+        with pytest.raises(ValueError, match="within_image q='optimum' is unknown"):
+            noise.within_image_noise(jnp.ones((2, 4, 3, 2)), q="optimum")
+
+    def test_within_image_circulant_half_on_even_rows_names_the_rows(self):
+        with pytest.raises(ValueError, match=r"even number of rows \(4, the grid"):
+            noise.within_image_noise(jnp.ones((2, 4, 3, 2)), q="circulant", alpha=0.5)
+        # Odd rows are invertible (det = 0.5^5 + 0.5^5): accepted, against numpy.
+        x = np.random.default_rng(0).normal(size=(2, 5, 3, 2)).astype(np.float32)
+        out = noise.within_image_noise(jnp.asarray(x), q="circulant", alpha=0.5)
+        np.testing.assert_allclose(out, np.swapaxes(numpy_circulant(np.swapaxes(x, 0, 1), 0.5), 0, 1),
+                                   rtol=1e-6, atol=1e-6)
+
+    @pytest.mark.parametrize("field", ["strength", "mean", "std", "alpha"])
+    @pytest.mark.parametrize("value", [float("nan"), float("inf")])
+    def test_non_finite_settings_are_refused(self, field, value):
+        with pytest.raises(ValueError, match=f"noise.{field}={value} is not a finite number"):
+            noise.make_noise({"type": "gaussian", field: value})
+
+    @pytest.mark.parametrize("prob", [np.float32(1.5), jnp.float32(-0.5)])
+    def test_salt_pepper_checks_array_scalars_too(self, prob):
+        with pytest.raises(ValueError, match="is not a probability"):
+            noise.salt_pepper_noise(jnp.ones((2, 3)), key=jax.random.key(0), prob=prob)
+
+    @pytest.mark.parametrize("fn", [noise.optimal_q_noise,
+                                    lambda x: noise.circulant_noise(x, alpha=0.3),
+                                    lambda x: noise.within_image_noise(x),
+                                    lambda x: noise.gaussian_noise(x, key=jax.random.key(0))])
+    def test_integer_input_is_refused(self, fn):
+        with pytest.raises(ValueError, match="needs a floating-point input, got uint8"):
+            fn(jnp.ones((2, 4, 4, 3), jnp.uint8))
+
+    def test_device_scope_with_an_indivisible_batch_is_one_line(self):
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        fn = noise.make_noise({"type": "optimal_q", "scope": "device"}, mesh=mesh).fn
+        with pytest.raises(ValueError, match=r"over 8 devices, but the batch has 12 examples; use "
+                                             r"a batch divisible by 8, or noise.scope='global'"):
+            fn(jnp.ones((12, 3)))
+
+    def test_circulant_under_jit_with_a_traced_alpha(self, batch):
+        out = jax.jit(noise.circulant_noise)(jnp.asarray(batch), alpha=0.4)
+        np.testing.assert_allclose(out, numpy_circulant(batch, 0.4), rtol=1e-6, atol=1e-6)
+
+
+def test_masked_optimal_q_counts_real_rows_exactly_in_bfloat16():
+    """bfloat16 holds integers exactly only up to 256: 301 real rows must
+    divide by 302, not by bfloat16(301) + 1 = 301. Inputs of -1, 0 and 1 keep
+    every sum exact in bfloat16, so the one rounding left is the division's,
+    which is unbiased; a wrong count shifts every row by +0.33%."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(-1, 2, size=(320, 8)).astype(np.float32)
+    mask = np.arange(320) < 301
+    exact = published_optimal_q(x[:301].astype(np.float64))
+    out = np.asarray(noise.optimal_q_noise(jnp.asarray(x, jnp.bfloat16), mask=jnp.asarray(mask)),
+                     np.float64)
+    nonzero = exact != 0
+    relative = (out[:301][nonzero] - exact[nonzero]) / exact[nonzero]
+    assert np.abs(relative).max() <= 2.0**-8  # one bfloat16 rounding
+    assert abs(relative.mean()) < 5e-4
+    np.testing.assert_array_equal(out[301:], x[301:])  # padding untouched
