@@ -14,7 +14,11 @@ arrays that together hold every example exactly once:
 * ``distinct_class``: no two examples of a batch share a label; needs
   ``batch_size <= num_classes``. Each batch takes one example from each of
   the ``batch_size`` classes with the most examples left, so classes run out
-  together and only the tail can hold smaller batches.
+  together and only the tail can hold smaller batches. Ties between classes
+  are broken at random and each batch is shuffled (seeded): otherwise, on
+  balanced data, every batch would hold the same classes in the same
+  positions, so circulant noise would always mix class c into class c + 1
+  and a batch's make-up alone would tell its labels apart.
 """
 from __future__ import annotations
 
@@ -78,9 +82,10 @@ def _distinct_class(labels, batch_size, rng, num_classes) -> list[np.ndarray]:
     queues = {int(c): list(m) for c, m in zip(np.unique(labels), _members_by_class(labels, rng))}
     batches = []
     while queues:
-        # The classes with most examples left (ties: lower class id) give one each.
-        classes = sorted(queues, key=lambda c: (-len(queues[c]), c))[:batch_size]
-        batches.append(np.array([queues[c].pop() for c in classes], np.int64))
+        # The classes with most examples left give one each; ties at random.
+        shuffled = [int(c) for c in rng.permutation(sorted(queues))]
+        classes = sorted(shuffled, key=lambda c: -len(queues[c]))[:batch_size]
+        batches.append(rng.permutation(np.array([queues[c].pop() for c in classes], np.int64)))
         for c in classes:
             if not queues[c]:
                 del queues[c]

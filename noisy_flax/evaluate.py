@@ -182,6 +182,7 @@ def run_batches(forward, variables: dict, data: EvalData, batches: Sequence[np.n
     local = size // processes
     base_key = jax.random.PRNGKey(seed)
     outputs: dict[str, np.ndarray] = {}
+    seen = np.zeros(len(data.labels), np.int64)
     pending = []
     for i, index in enumerate(batches):
         rows = np.full(size, -1, np.int64)
@@ -195,8 +196,9 @@ def run_batches(forward, variables: dict, data: EvalData, batches: Sequence[np.n
                       batch["mask"], jax.random.fold_in(base_key, i))
         pending.append((rows, out))
         if len(pending) >= 64:  # bound the device memory held by results
-            _collect(pending, outputs, len(data.labels))
-    _collect(pending, outputs, len(data.labels))
+            _collect(pending, outputs, seen)
+    _collect(pending, outputs, seen)
+    _require_each_once(seen)
     return outputs
 
 
@@ -205,6 +207,7 @@ def _run_grouped(grouped, variables, data, batches, seed, group_examples):
     group = max(1, group_examples // size)
     base_key = jax.random.PRNGKey(seed)
     outputs: dict[str, np.ndarray] = {}
+    seen = np.zeros(len(data.labels), np.int64)
     pending = []
     for start in range(0, len(batches), group):
         # Always `group` batches per call (fully masked fillers) so that one
@@ -218,19 +221,30 @@ def _run_grouped(grouped, variables, data, batches, seed, group_examples):
                       data.images[np.maximum(rows, 0)], rows >= 0, keys)
         flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
         pending.append((rows.reshape(-1), flat))
-    _collect(pending, outputs, len(data.labels))
+    _collect(pending, outputs, seen)
+    _require_each_once(seen)
     return outputs
 
 
-def _collect(pending: list, outputs: dict, n: int) -> None:
+def _collect(pending: list, outputs: dict, seen: np.ndarray) -> None:
+    """Puts the pending results in split order; ``seen`` counts each row."""
     for rows, out in pending:
         host = _to_host(out)
         real = rows >= 0
+        np.add.at(seen, rows[real], 1)
         for name, value in host.items():
             if name not in outputs:
-                outputs[name] = np.zeros((n,) + value.shape[1:], value.dtype)
+                outputs[name] = np.zeros((len(seen),) + value.shape[1:], value.dtype)
             outputs[name][rows[real]] = value[real]
     pending.clear()
+
+
+def _require_each_once(seen: np.ndarray) -> None:
+    """An example never run would be scored on zero logits (class 0)."""
+    missing, repeated = int(np.sum(seen == 0)), int(np.sum(seen > 1))
+    if missing or repeated:
+        raise ValueError(f"the batches must hold every example exactly once: {missing} "
+                         f"never evaluated, {repeated} evaluated more than once")
 
 
 def _to_host(tree):
@@ -321,10 +335,19 @@ def noise_config_key(noise_config) -> str:
 # ---------------------------------------------------------------------------
 # Entropy estimates on the features of one setting
 # ---------------------------------------------------------------------------
+_SPLIT_STREAM = 0x5EED_5917  # any constant: keeps the split's draws apart from the orders'
+
+
 def stratified_halves(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(fit, held-out) index arrays: each class split in two, seeded; an odd
-    member goes to the fit half, so every held-out class was seen in fitting."""
-    rng = np.random.default_rng(seed)
+    member goes to the fit half, so every held-out class was seen in fitting.
+
+    The split draws from a stream of its own: with ``default_rng(seed)``, the
+    stream batch_order uses for the same seed, the halves would be the first
+    and the last batches of each class in the same-class and distinct-class
+    orders, and the probe would be scored on batches it never saw mixed.
+    """
+    rng = np.random.default_rng([seed, _SPLIT_STREAM])
     fit, held = [], []
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))

@@ -120,3 +120,16 @@ def test_order_inside_a_class_is_seeded(order):
 def test_unknown_order_names_the_choices():
     with pytest.raises(ValueError, match="did you mean 'shuffled'"):
         batch_order.batch_indices(LABELS, "shuffle", 4)
+
+
+def test_distinct_class_batches_vary_in_make_up_and_position():
+    """Balanced classes: a fixed (class 0, ..., class 9) layout would let
+    circulant noise mix class c into c + 1 only (10 of the 90 ordered pairs),
+    and at batch 5 split the classes into {0-4} and {5-9} every time."""
+    labels = np.repeat(np.arange(10), 50)
+    batches = batch_order.batch_indices(labels, "distinct_class", 10, seed=0, num_classes=10)
+    neighbours = {(labels[b][i], labels[b][(i + 1) % len(b)]) for b in batches for i in range(len(b))}
+    assert len(neighbours) > 60  # uniform positions: nearly all 90 pairs over 50 batches
+    halves = batch_order.batch_indices(labels, "distinct_class", 5, seed=0, num_classes=10)
+    assert len({frozenset(labels[b].tolist()) for b in halves}) > 20  # of C(10, 5) = 252
+    assert all(len(set(labels[b])) == len(b) == 5 for b in halves)

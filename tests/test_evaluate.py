@@ -263,3 +263,33 @@ def test_training_evaluates_in_the_configured_order(tmp_path):
     with tfds.testing.mock_data(num_examples=24):
         summary = train.train_and_evaluate(c, str(tmp_path))
     assert summary["eval_count"] == 24
+
+
+@pytest.mark.parametrize("order", ["same_class", "distinct_class"])
+def test_entropy_split_is_independent_of_the_batch_order(order):
+    """Both draw from seed 0 by default. A split that reused the order's
+    stream put whole batches of the same-class and distinct-class orders
+    into one half (40 and 50 of 50 here); a 10-example batch drawn
+    independently lies in one half of 25 per class with probability ~1e-4."""
+    labels = np.repeat(np.arange(10), 50)
+    fit, held = evaluate.stratified_halves(labels, seed=0)
+    batches = batch_order.batch_indices(labels, order, 10, seed=0, num_classes=10)
+    in_fit = np.isin(np.arange(len(labels)), fit)
+    one_sided = sum(bool(in_fit[b].all() or (~in_fit[b]).all()) for b in batches)
+    assert one_sided <= 1
+    assert sorted(np.concatenate([fit, held]).tolist()) == list(range(len(labels)))
+
+
+def test_an_example_left_out_of_the_batches_is_an_error_not_class_zero():
+    c = _config(noise_type="optimal_q", scope="global")
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+    model, variables = _model_and_variables(c, mesh)
+    data = _data()
+    forward, grouped = evaluate._forward(model, False, None, None)
+    batches = batch_order.batch_indices(data.labels, "class_sorted", 10)
+    for fast in (None, grouped):
+        with pytest.raises(ValueError, match="exactly once: 10 never evaluated, 0 evaluated"):
+            evaluate.run_batches(forward, variables, data, batches[:-1], mesh, grouped=fast)
+        with pytest.raises(ValueError, match="0 never evaluated, 10 evaluated more than once"):
+            evaluate.run_batches(forward, variables, data, batches + batches[:1], mesh,
+                                 grouped=fast)
