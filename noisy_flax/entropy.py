@@ -443,7 +443,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 10, 16])
     parser.add_argument("--alpha", type=float, nargs="*", default=[0.3, 0.4])
     args = parser.parse_args(argv)
-    print(format_table(closed_form_rows(args.k, args.alpha)))
+    if min(args.k) < 1:
+        parser.exit(2, f"error: --k takes batch sizes of at least 1, got {min(args.k)}\n")
+    try:
+        rows = closed_form_rows(args.k, args.alpha)
+    except ValueError as error:
+        parser.exit(2, f"error: {str(error).splitlines()[0]}\n")
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from noisy_flax import evaluate, optim, reporting, sharding, train
+from noisy_flax import batch_order, evaluate, noise, optim, reporting, sharding, train
+from noisy_flax import workdir as workdir_lib
 from noisy_flax.noise import noise_config as make_noise_config
 
 OFF, ON = "off", "on"
@@ -100,7 +101,8 @@ def run_config(config: ml_collections.ConfigDict, arch: dict, noise_fields: dict
     c.model_kwargs = ml_collections.ConfigDict(dict(arch.get("model_kwargs", {})))
     fields = {k: v for k, v in noise_fields.items() if k != "label"}
     c.noise = make_noise_config(**fields, site=arch["site"], layer=arch["layer"],
-                                stage=arch["stage"], train=True, eval=True)
+                                stage=arch["stage"], train=True, eval=True,
+                                scope=config.noise.scope)
     c.seed = seed
     c.lr = arch["lr"]
     c.batch_size = arch["batch"]
@@ -285,16 +287,18 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     from noisy_flax import study_report
 
     study = config.study
-    os.makedirs(workdir, exist_ok=True)
     mesh = sharding.create_mesh(config.mesh)
     archs = {a["name"]: a for a in study.archs}
     noises = {n["label"]: n for n in study.noises}
     runs = plan(study)
+    check_study(config, mesh)  # before anything is written or trained
+    check_config_unchanged(workdir, config)
+    os.makedirs(workdir, exist_ok=True)
     pending = _pending(runs, workdir)
     progress = StudyProgress(_count_units(pending, workdir))
     reporting.echo(f"study: {len(runs)} runs, {progress.total} units to do "
                    f"({len(runs) - len(pending)} runs complete) on {mesh.size} device(s)")
-    write_json(os.path.join(workdir, "study_config.json"), json.loads(config.to_json()))
+    write_json(os.path.join(workdir, STUDY_CONFIG), json.loads(config.to_json()))
     with open(os.path.join(workdir, "devices.txt"), "w") as f:
         f.write(str(mesh.size))
 
@@ -341,6 +345,49 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     paths = study_report.write_report(config, workdir, compute_seconds=compute_seconds)
     reporting.echo(f"study done: report at {paths['report']}")
     return paths
+
+
+STUDY_CONFIG = "study_config.json"
+
+
+def check_study(config: ml_collections.ConfigDict, mesh) -> None:
+    """Settings that would otherwise fail after hours of training: the batch
+    orders, the test batch against the classes and the devices, each noise."""
+    study = config.study
+    for order in study.orders:
+        if order not in batch_order.ORDERS:
+            raise ValueError(f"unknown study.orders entry {order!r}; use any of "
+                             f"{', '.join(batch_order.ORDERS)}")
+    size = study.eval_batch_size
+    if int(size) != size or size < 1:
+        raise ValueError(f"study.eval_batch_size={size} must be a positive integer")
+    if "distinct_class" in study.orders and size > config.num_classes:
+        raise ValueError(f"study.eval_batch_size={size} is larger than the {config.num_classes} "
+                         "classes, so no distinct_class batch can be built; use a test batch "
+                         f"<= {config.num_classes} or drop distinct_class from study.orders")
+    shards = mesh.size if config.noise.scope == "device" else 1
+    for arch in study.archs:
+        for fields in study.noises:
+            c = run_config(config, arch, fields, seed=0)
+            noise.make_noise(c.noise, mesh=mesh)
+            if c.noise.type == "circulant":  # test batches are padded and masked
+                # Each device holds ceil(batch / devices) rows of a padded batch.
+                noise.check_circulant(-(-size // shards), c.noise.alpha, padded=True)
+
+
+def check_config_unchanged(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Finished runs are reused only under the config that made them."""
+    path = os.path.join(workdir, STUDY_CONFIG)
+    if not os.path.exists(path) or config.get("allow_config_change", False):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    changes = workdir_lib.config_differences(saved, json.loads(config.to_json()))
+    if changes:
+        raise ValueError(
+            f"--workdir {workdir} holds a study with another config ({'; '.join(changes)}); "
+            "its finished runs would be reused as if made with the new one: use a new "
+            "--workdir, or pass --config.allow_config_change=True to continue anyway")
 
 
 def _pretrained(workdir, config, arch, seed, trainer, data, progress) -> dict:

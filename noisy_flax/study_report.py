@@ -342,8 +342,8 @@ def write_report(config, workdir: str, *, compute_seconds: Optional[float] = Non
     n_eval = records[0]["examples"]
     lines += [
         f"- Evaluation: {n_eval} test images ({study.eval_per_class} per class, the first of each "
-        f"class in the test split), test batch {study.eval_batch_size}, noise scope "
-        f"`{config.noise.scope}` on {_devices(workdir)} device(s) (so a batch-mixing noise mixes the whole test batch).",
+        f"class in the test split), test batch {study.eval_batch_size}, "
+        + _scope_text(config.noise.scope, int(_devices(workdir)), study.eval_batch_size) + ".",
         "- Batch orders: `class_sorted` (published: sorted by label, consecutive batches), "
         "`shuffled` (seeded), `single` (batch size 1), `same_class` (each batch one class, seeded "
         "order inside the class), `distinct_class` (no two labels alike in a batch). Every order "
@@ -392,14 +392,26 @@ def write_report(config, workdir: str, *, compute_seconds: Optional[float] = Non
     return {"report": report, **{k: os.path.join(out_dir, v) for k, v in figures.items()}}
 
 
+def _scope_text(scope: str, devices: int, batch: int) -> str:
+    """What a batch-mixing noise mixes, as the runs were placed."""
+    if scope == "global" or devices == 1:
+        return (f"noise scope `{scope}` on {devices} device(s), so a batch-mixing noise mixes "
+                "the whole test batch")
+    return (f"noise scope `device` on {devices} devices, so a batch-mixing noise mixes each "
+            f"device's {-(-batch // devices)} rows of a test batch separately")
+
+
 def _probe_caveat(c: dict, h_y: float) -> str:
     """Says so when the probe does worse than predicting the label prior."""
-    clean = [e["H_probe_pre_logits"] for (arch, protocol, _, _), entries in c.items()
-             if protocol == "none" for e in entries if "H_probe_pre_logits" in e]
-    above = sum(v > h_y for v in clean)
+    # A setting that no order changes (noise off) is one pass shared by every
+    # order: count its features once, not once per order.
+    clean = {(arch, e["file"], e["pass_"] if e["pass_"] == "shared_pass" else order):
+             e["H_probe_pre_logits"] for (arch, protocol, _, order), entries in c.items()
+             if protocol == "none" for e in entries if "H_probe_pre_logits" in e}
+    above = sum(v > h_y for v in clean.values())
     if not above:
         return ""
-    return (f"Caveat, measured: on {above} of {len(clean)} clean (model, order) feature sets "
+    return (f"Caveat, measured: on {above} of {len(clean)} distinct clean feature sets "
             f"the probe's held-out cross-entropy exceeds H(Y) = {h_y:.3f} nats, i.e. the probe "
             "overfits its small fit half and the bound is loose; compare values between "
             "settings and orders (same estimator, same sample sizes), not with H(Y).")
@@ -456,6 +468,15 @@ def main(argv=None) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(arg or None)
+    saved_path = os.path.join(args.workdir, "study_config.json")
+    if os.path.exists(saved_path):  # the report describes the study that ran
+        from noisy_flax import workdir as workdir_lib
+        with open(saved_path) as f:
+            changes = workdir_lib.config_differences(json.load(f), json.loads(config.to_json()))
+        if changes:
+            parser.exit(2, f"error: --config differs from the study that ran in {args.workdir} "
+                           f"({'; '.join(changes[:5])}); pass the config (and :arguments) that "
+                           f"ran it, as recorded in {saved_path}\n")
     paths = write_report(config, args.workdir, out_dir=args.out, command=args.command,
                          notes=tuple(args.note))
     print(paths["report"])

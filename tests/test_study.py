@@ -76,3 +76,72 @@ def test_study_runs_reports_and_resumes_without_retraining(tmp_path, monkeypatch
         study.run_study(c, workdir)
     redone = json.load(open(tmp_path / "runs/vit/seed0/optimal_q/eval/optimal_q_on.json"))
     assert redone["orders"]["class_sorted"]["count"] == record["examples"]
+
+    # Resuming under another config is refused, before anything is written.
+    changed = _tiny_config()
+    changed.unlock()
+    changed.study.eval_per_class = 3
+    with pytest.raises(ValueError, match=r"holds a study with another config "
+                                         r"\(study.eval_per_class: 2 -> 3\); .*new --workdir"):
+        study.run_study(changed, workdir)
+    assert json.load(open(tmp_path / "study_config.json"))["study"]["eval_per_class"] == 2
+    # So is a report built from another config than the one that ran.
+    with pytest.raises(SystemExit) as stopped:
+        study_report.main(["--config", "configs/study_fashion_mnist.py:runlocal",
+                           "--workdir", workdir])
+    assert stopped.value.code == 2
+    assert "--config differs from the study that ran" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"orders": ("class_sorted", "shufled")}, r"unknown study.orders entry 'shufled'"),
+    ({"orders": ("distinct_class",), "eval_batch_size": 12},
+     r"study.eval_batch_size=12 is larger than the 10 classes"),
+    ({"noises": ({"label": "none", "type": "none"},
+                 {"label": "c", "type": "circulant", "alpha": 1.5})}, r"alpha=1.5 is outside"),
+    ({"noises": ({"label": "none", "type": "none"},
+                 {"label": "c", "type": "circulant", "alpha": 0.5})},
+     r"alpha=0.5 with padded batches"),
+])
+def test_impossible_settings_fail_before_anything_is_written(tmp_path, change, pattern):
+    c = _tiny_config()
+    c.unlock()
+    c.study.update(change)
+    workdir = tmp_path / "study"
+    with pytest.raises(ValueError, match=pattern):
+        study.run_study(c, str(workdir))
+    assert not workdir.exists()
+
+
+def test_the_configured_noise_scope_reaches_every_run():
+    c = _tiny_config()
+    c.unlock()
+    c.noise.scope = "global"
+    arch = c.study.archs[0]
+    assert study.run_config(c, arch, {"type": "optimal_q"}, seed=0).noise.scope == "global"
+
+
+@pytest.mark.parametrize("scope, devices, expected", [
+    ("device", 1, "mixes the whole test batch"),
+    ("global", 8, "mixes the whole test batch"),
+    ("device", 8, "mixes each device's 2 rows of a test batch separately"),  # ceil(10 / 8)
+])
+def test_report_says_what_a_batch_mixing_noise_mixes(scope, devices, expected):
+    assert expected in study_report._scope_text(scope, devices, 10)
+
+
+def test_probe_caveat_counts_a_shared_pass_once():
+    """Noise off is one pass shared by every order: five orders, one feature set."""
+    entries = {("vit", "none", "none", order): [{"file": "runs/vit/seed0/none/eval/none_off.json",
+                                                 "pass_": "shared_pass",
+                                                 "H_probe_pre_logits": 2.5}]
+               for order in ("class_sorted", "shuffled", "single", "same_class", "distinct_class")}
+    assert "on 1 of 1 distinct clean feature sets" in study_report._probe_caveat(entries, 2.3)
+
+
+def test_entropy_closed_form_command_refuses_a_batch_of_zero(capsys):
+    from noisy_flax import entropy
+    with pytest.raises(SystemExit) as stopped:
+        entropy.main(["--k", "0"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == "error: --k takes batch sizes of at least 1, got 0\n"
