@@ -258,6 +258,8 @@ def test_setup_copies_head_and_installs_on_all_workers(local, remote):
         (".venv/bin/pip", ["install", "-q", "-e", ".[tpu]"]),
         (".venv/bin/python", ["-c", steps[-1][1][1]]),
     ]
+    # The last step is the smoke check: the installed package imports with jax.
+    assert steps[-1][1][1].startswith("import jax, noisy_flax;")
     assert [r["cwd"] for r in remote.records()] == [str(remote.home)] + [str(code)] * 5
 
 

@@ -97,7 +97,8 @@ def test_class_token_untouched_at_noise_site(vit_variables, site):
     (before,) = [v[0] for k, v in leaves.items() if k[-1] == "noise_input"]
     (after,) = [v[0] for k, v in leaves.items() if k[-1] == "noise_output"]
     np.testing.assert_array_equal(after[:, 0], before[:, 0])
-    expected = np.asarray(noise.optimal_q_noise(before[:, 1:]))
+    patches = np.asarray(before[:, 1:], np.float64)  # (I + Q*) x = (x_b + sum_j x_j) / (k + 1)
+    expected = (patches + patches.sum(0)) / (len(patches) + 1)
     np.testing.assert_allclose(after[:, 1:], expected, rtol=1e-5, atol=1e-5)
 
 
@@ -127,10 +128,10 @@ def test_noise_at_block_changes_nothing_before_it(vit_variables):
         tr = state["intermediates"]["Transformer"]
         return [np.asarray(tr[f"encoderblock_{i}"]["__call__"][0]) for i in range(3)]
     clean = block_outputs(None)
-    noisy = block_outputs({**OPTIMAL, "site": "attn_input", "layer": 2})
-    for i in range(2):
-        np.testing.assert_array_equal(noisy[i], clean[i])
-    assert not np.allclose(noisy[2], clean[2], atol=1e-4)
+    noisy = block_outputs({**OPTIMAL, "site": "attn_input", "layer": 1})  # not the default last
+    np.testing.assert_array_equal(noisy[0], clean[0])
+    for i in (1, 2):
+        assert not np.allclose(noisy[i], clean[i], atol=1e-4)
 
 
 def test_negative_layer_counts_from_end(vit_variables):
@@ -138,6 +139,9 @@ def test_negative_layer_counts_from_end(vit_variables):
     last = tiny_vit({**OPTIMAL, "layer": -1}).apply(vit_variables, x)
     explicit = tiny_vit({**OPTIMAL, "layer": 2}).apply(vit_variables, x)
     np.testing.assert_array_equal(last, explicit)
+    middle = tiny_vit({**OPTIMAL, "layer": -2}).apply(vit_variables, x)
+    np.testing.assert_array_equal(middle, tiny_vit({**OPTIMAL, "layer": 1}).apply(vit_variables, x))
+    assert not np.allclose(middle, last, atol=1e-4)
 
 
 def test_layer_out_of_range_is_clear(vit_variables):
@@ -192,9 +196,11 @@ def test_bf16_compute_keeps_fp32_params(vit_variables):
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
     out16 = model.apply(vit_variables, images())
     out32 = tiny_vit().apply(vit_variables, images())
-    # bf16 keeps 8 bits of mantissa: a few percent of the logit scale.
-    assert np.max(np.abs(out16 - out32)) < 0.03 * np.max(np.abs(out32))
+    # bf16 keeps 8 bits of mantissa: a few percent of the logit scale, not zero.
+    assert 0 < np.max(np.abs(out16 - out32)) < 0.03 * np.max(np.abs(out32))
     assert out16.dtype == jnp.float32
+    computes_in = lambda m: str(jax.make_jaxpr(lambda v: m.apply(v, images()))(vit_variables))
+    assert "bf16[" in computes_in(model) and "bf16[" not in computes_in(tiny_vit())
 
 
 def test_remat_gives_same_gradients(vit_variables):
@@ -204,6 +210,9 @@ def test_remat_gives_same_gradients(vit_variables):
     plain = jax.grad(lambda p: loss(tiny_vit(), p))(vit_variables["params"])
     remat = jax.grad(lambda p: loss(tiny_vit(remat=True), p))(vit_variables["params"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain, remat)
+    # The rematerialised blocks are really there (and absent without remat).
+    jaxpr = lambda m: str(jax.make_jaxpr(jax.grad(lambda p: loss(m, p)))(vit_variables["params"]))
+    assert "remat" in jaxpr(tiny_vit(remat=True)) and "remat" not in jaxpr(tiny_vit())
 
 
 def test_stochastic_depth_and_dropout_only_in_training(vit_variables):
@@ -214,6 +223,22 @@ def test_stochastic_depth_and_dropout_only_in_training(vit_variables):
     a = model.apply(vit_variables, x, train=True, rngs={"dropout": jax.random.key(0)})
     b = model.apply(vit_variables, x, train=True, rngs={"dropout": jax.random.key(1)})
     assert not np.allclose(a, b)
+
+
+def test_stochastic_depth_drops_whole_branches_per_sample():
+    """drop_path_rate=0.5, no dropout: each of a block's two residual
+    branches is dropped per sample with probability 1/2, so a quarter of the
+    samples leave the block exactly as they entered it."""
+    from noisy_flax.models.vit import Encoder1DBlock
+    x = np.random.default_rng(6).standard_normal((64, 5, 8)).astype(np.float32)
+    block = Encoder1DBlock(mlp_dim=16, num_heads=2, grid=(2, 2), drop_path_rate=0.5)
+    params = block.init(jax.random.key(0), x, False)["params"]
+    out = np.asarray(block.apply({"params": params}, x, True, rngs={"dropout": jax.random.key(3)}))
+    untouched = int(np.sum(np.all(out == x, axis=(1, 2))))
+    assert 6 <= untouched <= 28  # Binomial(64, 1/4): mean 16, sd 3.5
+    np.testing.assert_array_equal(block.apply({"params": params}, x, False),
+                                  Encoder1DBlock(mlp_dim=16, num_heads=2, grid=(2, 2)).apply(
+                                      {"params": params}, x, False))
 
 
 def test_image_size_not_divisible_by_patch(vit_variables):

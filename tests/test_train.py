@@ -172,11 +172,13 @@ def test_weight_decay_mask_on_a_real_model_decays_kernels_only(model):
         assert {"conv1/kernel", "fc/kernel"} <= decayed and not flat["bn1/scale"]
 
 
-def test_gradient_accumulation_matches_one_big_batch():
-    """Two micro-batches of 8 give the gradient of one batch of 16 (mean loss)."""
+def test_gradient_accumulation_averages_the_micro_batches():
+    """With BatchNorm, each micro-batch normalises by its own statistics, so
+    accumulating over rows 0::2 and 1::2 equals the average of two separate
+    steps on those rows, and differs from one step on all 16 rows."""
     config = common.base_config()
-    config.model = "vit_nano_patch7_28"
-    config.model_kwargs = {"num_layers": 1}
+    config.model = "resnet18_small"
+    config.model_kwargs = {"width": 4}
     config.input.channels = 1
     mesh = train.sharding.create_mesh(config.mesh)
     model = train.build_model(config, mesh)
@@ -186,8 +188,14 @@ def test_gradient_accumulation_matches_one_big_batch():
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(16, 28, 28, 1)).astype(np.float32),
              "label": rng.integers(0, 10, 16).astype(np.int32)}
-    one = jax.jit(train.make_train_step(model, tx, schedule, config))(state, batch)[0]
+    single = jax.jit(train.make_train_step(model, tx, schedule, config))
+    one = single(state, batch)[0]
+    halves = [single(state, {k: v[j::2] for k, v in batch.items()})[0] for j in (0, 1)]
     config.grad_accum_steps = 2
     two = jax.jit(train.make_train_step(model, tx, schedule, config))(state, batch)[0]
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
-                 one.params, two.params)
+    # SGD(1): p - (g0 + g1) / 2 is the mean of the two separate steps' results.
+    jax.tree.map(lambda a, b, c: np.testing.assert_allclose(a, (b + c) / 2, rtol=2e-4, atol=2e-6),
+                 two.params, halves[0].params, halves[1].params)
+    differences = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                                               one.params, two.params))
+    assert max(differences) > 1e-3  # the big batch's statistics differ
