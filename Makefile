@@ -10,7 +10,7 @@ FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 # System packages come from apt, through sudo when not root.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: run test install data tcmalloc clean
+.PHONY: run test install data tcmalloc shellcheck clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +35,16 @@ tcmalloc:
 	  echo "note: could not install libtcmalloc-minimal4; running on glibc's malloc (slower on the CPU)"; \
 	fi
 
+# The launch scripts' tests lint them with ShellCheck, and fail without it.
+shellcheck:
+	@command -v shellcheck >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq shellcheck; }
+
 run: install data tcmalloc
 	$(PY) -m noisy_flax.main --config $(CONFIG) --workdir $(WORKDIR)
 
-test: install
+# TCMalloc too: a test checks that the CPU entry points preload it.
+test: install tcmalloc shellcheck
 	$(PY) -m pytest -q
 
 clean:

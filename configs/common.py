@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.end_lr = 0.0
     c.warmup_init_lr = 0.0
     c.schedule = "cosine"
-    c.warmup_steps = 0
+    c.warmup_steps = 0  # the warm-up in steps or in epochs (0 = not given, never both)
     c.warmup_epochs = 0.0
     c.schedule_unit = "step"  # or 'epoch': the rate changes at epoch starts only (timm)
     c.weight_decay = 1e-4
@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_clip_norm = 0.0  # 0 = off
     c.label_smoothing = 0.0
     c.grad_accum_steps = 1
-    # Length: total_steps wins when > 0, else num_epochs.
+    # Length in steps or in epochs (0 = not given; never both).
     c.total_steps = 0
     c.num_epochs = 1.0
     # Start and placement.
@@ -155,6 +155,7 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A few steps on tiny batches: the same code path, seconds to run."""
     c.runlocal = True
     c.total_steps = 2
+    c.num_epochs = 0.0
     c.batch_size = 16
     if not c.eval_batch_per_device:
         c.eval_batch_size = 16

@@ -49,6 +49,7 @@ def get_config(arg=None):
     c.schedule = "cosine"
     c.warmup_steps = 500
     c.total_steps = a.steps
+    c.num_epochs = 0.0
     c.grad_clip_norm = 1.0
     c.eval_every = 1000
     c.dtype = "bfloat16"

@@ -7,6 +7,7 @@ import sys
 from typing import Any, Callable
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 EXIT_USER_ERROR = 2
 
@@ -67,11 +68,15 @@ def config_value(config_flag) -> Any:
     try:
         config = config_flag.value
         getattr(config, "keys")  # one that failed to load raises at its first use
-        return config
     except OSError as error:  # ml_collections defers a load failure to there
         reason = str(error).strip().splitlines()[-1].strip()  # the OS's own words come last
         fail(f"--config could not be loaded ({reason}); "
              "give a config file such as configs/default.py, with optional :arguments")
+    if "runlocal" in config_flags.get_override_values(flags.FLAGS[config_flag.name]):
+        # The config file shrinks the run when it loads; the key only records that.
+        fail("--config.runlocal does not shrink a run; give it as the config's argument "
+             "instead, e.g. --config configs/fashion_mnist.py:runlocal")
+    return config
 
 
 def flag_error_message(error: flags.Error) -> str:

@@ -103,6 +103,9 @@ def check_input_config(config: ml_collections.ConfigDict) -> None:
                        ("channels", (1, 3))):
     if inp[key] not in choices:
       raise ValueError(f"unknown config.input.{key} {inp[key]!r}; use one of {choices}")
+  if len(inp.crop_area) != 2:
+    raise ValueError(f"config.input.crop_area={tuple(inp.crop_area)} must be a (min, max) pair, "
+                     "e.g. (0.08, 1.0)")
   low, high = inp.crop_area
   if not 0 < low <= high <= 1:
     raise ValueError(f"config.input.crop_area={tuple(inp.crop_area)} must be (min, max) with "
@@ -113,6 +116,9 @@ def check_input_config(config: ml_collections.ConfigDict) -> None:
   if inp.shuffle_buffer < 1:
     raise ValueError(f"config.input.shuffle_buffer={inp.shuffle_buffer} must be >= 1 "
                      "(1 = no shuffling)")
+  if inp.randaugment and len(inp.randaugment) != 2:
+    raise ValueError(f"config.input.randaugment={tuple(inp.randaugment)} must be a "
+                     "(num_ops, magnitude) pair, e.g. (2, 9)")
   if inp.randaugment:
     num_ops, magnitude = inp.randaugment
     if num_ops < 0 or not 0 <= magnitude < preprocess.RANDAUGMENT_BINS:

@@ -183,8 +183,9 @@ RANDAUGMENT_BINS = 31
 
 
 def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor) -> tf.Tensor:
-  """torchvision _blend: factor*image + (1-factor)*degenerate, clipped."""
-  return tf.clip_by_value(factor * image + (1.0 - factor) * degenerate, 0, 255)
+  """torchvision _blend: factor*image + (1-factor)*degenerate, clipped, then
+  truncated as its cast back to uint8 does (PIL's blend truncates too)."""
+  return tf.floor(tf.clip_by_value(factor * image + (1.0 - factor) * degenerate, 0, 255))
 
 
 def _grayscale3(image: tf.Tensor) -> tf.Tensor:
@@ -272,7 +273,7 @@ def _autocontrast(image):
   flat = hi <= lo
   scale = tf.where(flat, 1.0, 255.0 / tf.where(flat, 1.0, hi - lo))
   lo = tf.where(flat, 0.0, lo)
-  return tf.clip_by_value((image - lo) * scale, 0, 255)
+  return tf.floor(tf.clip_by_value((image - lo) * scale, 0, 255))  # uint8 cast: truncation
 
 
 def _equalize_channel(channel):

@@ -56,7 +56,17 @@ def build_model(config: ml_collections.ConfigDict, mesh: Optional[Mesh] = None):
 
 
 def schedule_lengths(config, num_train_examples: int) -> tuple[int, int, int]:
-    """(steps_per_epoch, total_steps, warmup_steps) from steps or epochs."""
+    """(steps_per_epoch, total_steps, warmup_steps) from steps or epochs.
+
+    Each length is given in steps or in epochs, never both (0 = not given):
+    with both, one of them would be ignored without a word.
+    """
+    for steps, epochs, what in (("total_steps", "num_epochs", "training length"),
+                                ("warmup_steps", "warmup_epochs", "warm-up")):
+        if config[steps] > 0 and config[epochs] > 0:
+            raise ValueError(
+                f"config.{steps}={config[steps]} and config.{epochs}={config[epochs]} both give "
+                f"the {what}; keep one and set the other to 0 (e.g. --config.{epochs}=0)")
     steps_per_epoch = max(num_train_examples // config.batch_size, 1)
     total = config.total_steps if config.total_steps > 0 else \
         math.ceil(config.num_epochs * steps_per_epoch)
@@ -411,8 +421,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_saved = restored_step
     eval_result, metrics = None, None
     best_top1 = _best_top1_so_far(workdir) if config.save_best else -1.0
+    summary_path = os.path.join(workdir, "summary.json")
     started = time.perf_counter()
     try:
+        if start_step >= total_steps and not workdir_lib.file_exists(summary_path):
+            # The last step was saved, but its evaluation never finished.
+            eval_result = run_eval(start_step)
+            if config.save_best and eval_result["top1"] > best_top1:
+                _save_best(workdir, start_step, state, eval_result["top1"])
         for step in range(start_step + 1, total_steps + 1):
             batch = next(train_iter)
             state, metrics = train_step(state, batch)
@@ -425,17 +441,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if step % config.log_every == 0 or is_last:
                     reporter.write(step, "train", host)
                     progress.update(step, host)
-            # A preempted run saves first and leaves: the grace period is short,
-            # and the resumed run evaluates at its next eval step.
+            # The checkpoint first: an evaluation that fails (out of memory,
+            # say) must not cost the steps since the last one.
+            if must_save:
+                ckpt.save(step, state, force=is_last or preempted)
+                last_saved = step
+            # A preempted run saves and leaves: the grace period is short, and
+            # the resumed run evaluates at its next eval step.
             if ((config.eval_every and step % config.eval_every == 0) or is_last) and not (
                     preempted and not is_last):
                 eval_result = run_eval(step)
                 if config.save_best and eval_result["top1"] > best_top1:
                     best_top1 = eval_result["top1"]
                     _save_best(workdir, step, state, best_top1)
-            if must_save:
-                ckpt.save(step, state, force=is_last or preempted)
-                last_saved = step
             if preempted and not is_last:
                 ckpt.wait()  # said only once the save is committed
                 reporting.echo(f"Stop requested: checkpoint saved at step {step}; "
@@ -451,7 +469,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     elapsed = time.perf_counter() - started
     steps_run = int(jax.device_get(state.step)) - start_step
-    summary_path = os.path.join(workdir, "summary.json")
     if steps_run == 0 and workdir_lib.file_exists(summary_path):  # a finished run's rerun: keep it
         with workdir_lib.open_file(summary_path) as f:
             summary = json.load(f)

@@ -44,7 +44,10 @@ def validate_config(config: ml_collections.ConfigDict):
 AT_LEAST = (("log_every", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1),
             ("eval_every", 0), ("eval_max_examples", 0), ("warmup_steps", 0),
             ("warmup_epochs", 0), ("total_steps", 0), ("weight_decay", 0),
-            ("grad_clip_norm", 0), ("label_smoothing", 0))
+            ("grad_clip_norm", 0), ("label_smoothing", 0),
+            # Rates below zero would climb the loss: end_lr is where the
+            # schedule ends, warmup_init_lr where the warm-up starts.
+            ("end_lr", 0), ("warmup_init_lr", 0))
 
 
 def check_numbers(config) -> None:

@@ -150,6 +150,21 @@ CASES = {
                                  r"config.input.crop_area=\(0.5, 2.0\) must be"),
     "empty shuffle buffer": ({"input.shuffle_buffer": 0},
                              r"config.input.shuffle_buffer=0 must be >= 1"),
+    "length in steps and in epochs": (
+        {"num_epochs": 2.0}, r"config.total_steps=2 and config.num_epochs=2.0 both give the "
+                             r"training length; keep one and set the other to 0 "
+                             r"\(e.g. --config.num_epochs=0\)"),
+    "warm-up in steps and in epochs": (
+        {"warmup_epochs": 0.5}, r"config.warmup_steps=1 and config.warmup_epochs=0.5 both give "
+                                r"the warm-up"),
+    "negative final learning rate": ({"end_lr": -0.01}, r"config.end_lr=-0.01 must be >= 0"),
+    "negative warm-up start rate": ({"warmup_init_lr": -1e-4},
+                                    r"config.warmup_init_lr=-0.0001 must be >= 0"),
+    "crop area with one value": ({"input.crop_area": (0.5,)},
+                                 r"config.input.crop_area=\(0.5,\) must be a \(min, max\) pair"),
+    "RandAugment with one value": ({"input.randaugment": (2,)},
+                                   r"config.input.randaugment=\(2,\) must be a \(num_ops, "
+                                   r"magnitude\) pair"),
     "stored images of another size without a crop": (
         {"input.train_crop": "none", "image_size": 56},
         r"train_crop='none' needs fashion_mnist images of 56x56, but they are \(28, 28\)"),
@@ -389,7 +404,11 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(dirs, tmp_path,
     ("runlocal", ["--config.nosie.type=gaussian"],
      "error: unknown config key --config.nosie.type; did you mean --config.noise.type? every "
      "key must exist in the config file (check the spelling)"),
-], ids=["typo", "nested typo", "bad flag value", "key=value argument", "parent typo"])
+    ("epochs=1", ["--config.runlocal=True"],
+     "error: --config.runlocal does not shrink a run; give it as the config's argument instead, "
+     "e.g. --config configs/fashion_mnist.py:runlocal"),
+], ids=["typo", "nested typo", "bad flag value", "key=value argument", "parent typo",
+        "runlocal as a key"])
 def test_command_line_mistakes_print_one_line_and_exit_2(tmp_path, config_arg, extra, expected):
     result = subprocess.run(
         [sys.executable, "-m", "noisy_flax.main", "--config",

@@ -188,7 +188,20 @@ def test_autocontrast_stretches_each_channel_to_full_range():
   image = rng.integers(50, 200, (8, 8, 3)).astype(np.float32)
   got = preprocess._autocontrast(tf.constant(image)).numpy()
   lo, hi = image.min((0, 1)), image.max((0, 1))
-  np.testing.assert_allclose(got, (image - lo) * 255.0 / (hi - lo), atol=1e-3)
+  # torchvision: ((img - min) * scale).clamp(0, 255).to(uint8), which truncates.
+  expected = np.floor(np.clip((image - lo) * (255.0 / (hi - lo)), 0, 255))
+  assert np.mean(got == expected) > 0.99  # float32 against float64 at exact integers
+  np.testing.assert_allclose(got, expected, atol=1.0)
+  np.testing.assert_array_equal(got, np.floor(got))
+
+
+def test_colour_ops_truncate_like_a_uint8_cast():
+  """torchvision's _blend ends with .to(uint8): brightness 1.27 on 3, 101
+  and 200 gives 3, 128 and 254 (3.81 truncates to 3; rounding would give 4)."""
+  pixels = np.array([[[3.0, 101.0, 200.0]]], np.float32)
+  got = preprocess._blend(tf.zeros_like(pixels), tf.constant(pixels), 1.27).numpy()
+  np.testing.assert_array_equal(got, np.floor(np.clip(1.27 * pixels.astype(np.float64), 0, 255)))
+  np.testing.assert_array_equal(got, [[[3.0, 128.0, 254.0]]])
 
 
 def test_equalize_flattens_a_two_level_histogram():

@@ -371,9 +371,10 @@ def test_every_key_of_the_config_is_compared(tmp_path):
 
 
 def run_with_scripted_scores(tmp_path, monkeypatch, first_run: dict, second_run: dict,
-                             crash_at: int) -> list[int]:
-    """Trains 4 steps (a checkpoint every 2, an evaluation every step) with
-    the top-1 of each evaluation scripted, crashing at the evaluation of step
+                             crash_at: int, total_steps: int = 4,
+                             checkpoint_every: int = 2) -> list[int]:
+    """Trains ``total_steps`` (an evaluation every step) with the top-1 of
+    each evaluation scripted, crashing at the evaluation of step
     ``crash_at``, then resumes; returns the steps _save_best was asked for."""
     idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
     (tmp_path / "data").mkdir()
@@ -394,9 +395,9 @@ def run_with_scripted_scores(tmp_path, monkeypatch, first_run: dict, second_run:
     first_run_scores = scores
     monkeypatch.setattr(train, "evaluate", scripted_evaluate)
     monkeypatch.setattr(train, "_save_best", recording_save_best)
-    config = lambda: tiny_run.tiny_config(tmp_path / "data", idx_dir, total_steps=4, eval_every=1,
-                                          checkpoint_every=2, save_best=True, log_every=1,
-                                          async_checkpoints=False)
+    config = lambda: tiny_run.tiny_config(tmp_path / "data", idx_dir, total_steps=total_steps,
+                                          eval_every=1, checkpoint_every=checkpoint_every,
+                                          save_best=True, log_every=1, async_checkpoints=False)
     workdir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config(), str(workdir))
@@ -421,13 +422,29 @@ def test_the_best_checkpoint_is_only_replaced_by_a_better_one_across_a_resume(tm
 
 
 def test_a_best_step_kept_before_a_crash_is_not_saved_again(tmp_path, monkeypatch):
-    """A crash after step 3's best save and before step 4's checkpoint: the
-    resumed run replays step 3 from checkpoint 2; saving best/3 again would
-    fail in orbax on every restart."""
+    """A crash after step 3's best save and before any checkpoint: the
+    resumed run replays step 3; saving best/3 again would fail in orbax on
+    every restart."""
     saved_at = run_with_scripted_scores(tmp_path, monkeypatch, {1: 0.5, 2: 0.6, 3: 0.9},
-                                        {3: 0.95, 4: 0.2}, crash_at=4)
+                                        {1: 0.1, 2: 0.2, 3: 0.95, 4: 0.2, 5: 0.1}, crash_at=4,
+                                        total_steps=5, checkpoint_every=5)
     assert saved_at == [1, 2, 3, 3]
     assert finished_steps(tmp_path / "run" / "best") == [3]
+
+
+def test_a_failed_final_evaluation_keeps_the_last_steps_and_reruns_alone(tmp_path, monkeypatch):
+    """The last step is saved before its evaluation: when that evaluation
+    fails (out of memory, say), rerunning the command evaluates the saved
+    step without training any step again."""
+    saved_at = run_with_scripted_scores(tmp_path, monkeypatch, {1: 0.1, 2: 0.2, 3: 0.3},
+                                        {4: 0.7}, crash_at=4, checkpoint_every=10)
+    run = tmp_path / "run"
+    assert finished_steps(run / "checkpoints") == [4]
+    assert saved_at == [1, 2, 3, 4]  # step 4 evaluated once, on the rerun
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [1, 2, 3, 4]
+    assert json.loads((run / "summary.json").read_text())["eval_top1"] == 0.7
 
 
 def test_workdir_files_go_through_a_remote_file_system(monkeypatch):
