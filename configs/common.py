@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 0  # the warm-up in steps or in epochs (0 = not given, never both)
     c.warmup_epochs = 0.0
     c.schedule_unit = "step"  # or 'epoch': the rate changes at epoch starts only (timm)
+    # True: the decay starts after the warm-up (optax, big_vision). False: it
+    # spans the whole run and the warm-up replaces its start (timm's default).
+    c.warmup_prefix = True
     c.weight_decay = 1e-4
     c.wd_mask = "kernels"  # 'kernels' (no decay on biases, norms, embeddings) or 'all'
     c.b1 = 0.9
@@ -116,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding = "replicate"  # or 'fsdp'
     # Evaluation, logging and checkpoints.
     c.eval_every = 0  # steps; 0 = at the end only
+    c.eval_every_epochs = 0.0  # or in epochs (the published runs: 1.0); never both
     c.eval_max_examples = 0  # 0 = the whole split; else rounded up to whole eval batches
     c.eval_order = "dataset"  # batch order at evaluation; see noisy_flax.batch_order
     c.log_every = 50
@@ -163,6 +167,7 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.warmup_epochs = 0.0
     c.log_every = 1
     c.eval_every = 2
+    c.eval_every_epochs = 0.0
     c.checkpoint_every = 2
     c.input.shuffle_buffer = 64
     c.eval_max_examples = 40

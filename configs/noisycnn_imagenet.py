@@ -7,7 +7,10 @@ torchvision weights with the fc head re-initialised, AdamW lr 1e-3 (PyTorch's
 default weight decay 0.01), cosine over 100 epochs to 1e-9, batch 512,
 RandomResizedCrop(224, area 0.05-1), ImageNet mean/std, circulant Q with
 alpha 0.4 and no gradient through the added term, at the input of the last
-block of stage 4, ON in training and evaluation. Switched to the other noise
+block of stage 4, ON in training and evaluation. Evaluated as dataloader.py
+and Main.py do: after every epoch, Resize((224, 224)) without a crop, test
+batches of 512 in the class-sorted order of ImageFolder's SequentialSampler,
+the best model kept; CosineAnnealingLR stepped once per epoch. Switched to the other noise
 types (``--config.noise.type=gaussian`` or ``salt_pepper``), it uses that
 script's values too: Gaussian strength 1.0, impulse probability 1.0.
 """
@@ -38,8 +41,15 @@ def get_config(arg=None):
     c.end_lr = 1e-9
     c.schedule = "cosine"
     c.num_epochs = 100.0
+    c.schedule_unit = "epoch"  # CosineAnnealingLR, stepped after each epoch
     c.weight_decay = 0.01
     c.wd_mask = "all"
+    c.input.eval_resize = "resize"
+    c.eval_batch_size = 512  # the test loader takes args.batch_size
+    c.eval_order = "class_sorted"
+    c.eval_every = 0
+    c.eval_every_epochs = 1.0
+    c.save_best = True
     if a.runlocal:
         runlocal_model(c, "resnet18_small")
     return common.finalize(c, a.runlocal)

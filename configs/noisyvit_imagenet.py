@@ -58,11 +58,13 @@ def get_config(arg=None):
     c.warmup_epochs = 10.0
     c.schedule = "cosine"
     c.schedule_unit = "epoch"  # timm's scheduler, stepped per epoch: epoch 0 trains at lr 0
+    c.warmup_prefix = False  # timm's CosineLRScheduler: the cosine runs over all 50 epochs
     c.num_epochs = 50.0
     c.weight_decay = 1e-4
     c.wd_mask = "all"  # torch.optim.AdamW decays every parameter
     c.label_smoothing = 0.1
-    c.eval_every = 10_000
+    c.eval_every = 0
+    c.eval_every_epochs = 1.0  # Main.py evaluates after every epoch: best of 50
     if a.runlocal:
         runlocal_model(c, "vit_nano_patch4_32")
         c.noise.layer = -1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import flax
 import jax
+import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -34,7 +35,12 @@ def learning_rate_schedule(config, total_steps: int, warmup_steps: int,
 
 
 def _schedule_per_step(config, total_steps: int, warmup_steps: int) -> optax.Schedule:
-    decay_steps = max(total_steps - warmup_steps, 1)
+    # warmup_prefix (optax's join, big_vision): the decay starts after the
+    # warm-up and spans the steps left. Without it (timm's schedulers, by
+    # default), the decay spans the whole run from step 0 and the warm-up
+    # replaces its first part, so the rate after the warm-up is already below lr.
+    prefix = config.get("warmup_prefix", True)
+    decay_steps = max(total_steps - warmup_steps if prefix else total_steps, 1)
     if config.schedule == "cosine":
         decay = optax.cosine_decay_schedule(config.lr, decay_steps, alpha=config.end_lr / config.lr)
     elif config.schedule == "linear":
@@ -44,7 +50,9 @@ def _schedule_per_step(config, total_steps: int, warmup_steps: int) -> optax.Sch
     if warmup_steps == 0:
         return decay
     warmup = optax.linear_schedule(config.warmup_init_lr, config.lr, warmup_steps)
-    return optax.join_schedules([warmup, decay], [warmup_steps])
+    if prefix:
+        return optax.join_schedules([warmup, decay], [warmup_steps])
+    return lambda count: jnp.where(count < warmup_steps, warmup(count), decay(count))
 
 
 def decay_mask(params):

@@ -103,8 +103,14 @@ def _file_kind(path: str) -> str:
                                   "download? fetch the file again") from error
         # torch.save writes a zip too, holding <name>/data.pkl.
         return "torch" if any(n.endswith("data.pkl") for n in names) else "npz"
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):
-        return "safetensors"
+    if len(head) == 9 and head[8:9] == b"{":
+        header, size = struct.unpack("<Q", head[:8])[0], os.path.getsize(path)
+        if header + 8 <= size:
+            return "safetensors"
+        if header < 1 << 32:  # a plausible JSON header, cut off: not another format
+            raise CheckpointError(f"{path} is a truncated .safetensors file (its header alone "
+                                  f"needs {header + 8} bytes, the file has {size}): an "
+                                  "incomplete download? fetch the file again")
     if head[:1] == b"\x80":  # a pickle protocol opcode: torch's legacy format
         return "torch"
     raise CheckpointError(f"{path} is neither an .npz, a .safetensors, a torch file nor an "
@@ -167,10 +173,18 @@ def _read_torch(path: str) -> Arrays:
             f"{path} is a PyTorch file; reading it needs torch (pip install torch), or save it "
             "as .safetensors where torch is installed (safetensors.torch.save_file)") from error
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        # timm's training checkpoints store their argparse arguments beside the weights.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # weights_only refuses anything but tensors and containers
-        raise CheckpointError(f"{path} could not be read as a plain PyTorch state dict "
-                              f"(weights_only=True): {error}") from error
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if "weights only" in reason.lower() or "weights_only" in reason:
+            raise CheckpointError(
+                f"{path} holds Python objects besides tensors, and those are never unpickled "
+                "(they can run code); where you trust the file, save its state_dict() with "
+                "torch.save, or as .safetensors") from error
+        raise CheckpointError(f"{path} could not be read as a PyTorch file ({reason}): an "
+                              "incomplete download? fetch the file again") from error
     state = _state_dict_in(loaded, path)
     return {name.removeprefix("module."): _torch_to_numpy(tensor) for name, tensor in state.items()}
 
@@ -459,10 +473,10 @@ def fit_to_model(converted: Arrays, model: nn.Module, *, unknown: Iterable[str] 
     """Checks flat converted arrays against the model and nests them as variables."""
     initial = _Initial(model, image_size, channels)
     shapes = initial.shapes
-    converted = _drop_representation(dict(converted), shapes)
-    converted = _resample_posemb_to(converted, shapes)
+    converted = _resample_posemb_to(dict(converted), shapes)
     _check_patterns_match(dont_load, list(shapes) + list(converted) + list(unknown))
     from_init = _names_reset_to_init(converted, shapes, dont_load)
+    converted = _drop_representation(converted, shapes, from_init)
     ignored = set(_matching(unknown, dont_load)) | set(_matching(converted, dont_load))
     _check_fit(converted, shapes, from_init, [n for n in unknown if n not in ignored],
                ignored, model)
@@ -501,13 +515,23 @@ class _Initial:
         return jax.device_get(jax.jit(selected)(jax.random.key(0), images))
 
 
-def _drop_representation(converted: Arrays, shapes: Mapping) -> Arrays:
-    """A model without a pre-logits layer takes the checkpoint without it."""
+def _drop_representation(converted: Arrays, shapes: Mapping, from_init: set[str]) -> Arrays:
+    """A model without a pre-logits layer takes the checkpoint without it, as
+    vit_jax does, but only with a new head: the checkpoint's head was trained
+    on the pre-logits' output, and without them its logits would be wrong."""
     if any(n.startswith("params/pre_logits/") for n in shapes):
         return converted
     dropped = [n for n in converted if n.startswith("params/pre_logits/")]
-    if dropped:
-        logging.info("pretrained: dropping the representation layer %s", dropped)
+    if not dropped:
+        return converted
+    if not any(f"params/{c}/kernel" in from_init for c in CLASSIFIERS):
+        width = converted.get("params/pre_logits/kernel", np.zeros((0, 0))).shape[-1]
+        raise CheckpointError(
+            f"the checkpoint has a representation layer (pre_logits, width {width}) that the "
+            "model lacks, and its head was trained on that layer's output; build the model "
+            f"with representation_size={width}, or give it a new head (another num_classes, "
+            "or dont_load=('head/.*',))")
+    logging.info("pretrained: dropping the representation layer %s", dropped)
     return {n: v for n, v in converted.items() if n not in dropped}
 
 

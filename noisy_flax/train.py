@@ -76,6 +76,20 @@ def schedule_lengths(config, num_train_examples: int) -> tuple[int, int, int]:
     return steps_per_epoch, total, min(warmup, total)
 
 
+def eval_interval(config, steps_per_epoch: int) -> int:
+    """Steps between evaluations (0: at the end only), from config.eval_every
+    (steps) or config.eval_every_epochs; never both."""
+    every_epochs = config.get("eval_every_epochs", 0.0)
+    if config.eval_every > 0 and every_epochs > 0:
+        raise ValueError(
+            f"config.eval_every={config.eval_every} and config.eval_every_epochs={every_epochs} "
+            "both give the evaluation interval; keep one and set the other to 0 "
+            "(e.g. --config.eval_every_epochs=0)")
+    if every_epochs > 0:
+        return max(1, int(round(every_epochs * steps_per_epoch)))
+    return config.eval_every
+
+
 def resolve_eval_batch_size(config) -> None:
     """Sets ``config.eval_batch_size`` from ``config.eval_batch_per_device``.
 
@@ -345,6 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir_lib.check_config_unchanged(workdir, config)
     mesh = sharding.create_mesh(config.mesh)
     steps_per_epoch, total_steps, warmup_steps = schedule_lengths(config, info.num_train_examples)
+    eval_every = eval_interval(config, steps_per_epoch)
 
     # --- Model, optimizer, state.
     model = build_model(config, mesh)
@@ -446,9 +461,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if must_save:
                 ckpt.save(step, state, force=is_last or preempted)
                 last_saved = step
+                if is_last:  # committed before the last evaluation, which may fail or be killed
+                    ckpt.wait()
             # A preempted run saves and leaves: the grace period is short, and
             # the resumed run evaluates at its next eval step.
-            if ((config.eval_every and step % config.eval_every == 0) or is_last) and not (
+            if ((eval_every and step % eval_every == 0) or is_last) and not (
                     preempted and not is_last):
                 eval_result = run_eval(step)
                 if config.save_best and eval_result["top1"] > best_top1:

@@ -16,7 +16,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from noisy_flax import batch_order, cpu_tuning, noise, optim, sharding
-from noisy_flax.train import build_model, input_shape, schedule_lengths
+from noisy_flax.train import build_model, eval_interval, input_shape, schedule_lengths
 
 # Batch orders the evaluation knows (config.eval_order): the dataset's own,
 # or one that noisy_flax.batch_order builds.
@@ -42,7 +42,8 @@ def validate_config(config: ml_collections.ConfigDict):
 # (key, lowest allowed value): counts and rates whose wrong sign or zero
 # would divide by zero, keep no checkpoint or train on nonsense.
 AT_LEAST = (("log_every", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1),
-            ("eval_every", 0), ("eval_max_examples", 0), ("warmup_steps", 0),
+            ("eval_every", 0), ("eval_every_epochs", 0), ("eval_max_examples", 0),
+            ("warmup_steps", 0),
             ("warmup_epochs", 0), ("total_steps", 0), ("weight_decay", 0),
             ("grad_clip_norm", 0), ("label_smoothing", 0),
             # Rates below zero would climb the loss: end_lr is where the
@@ -134,7 +135,8 @@ def check_dataset(config):
     if info.num_classes != config.num_classes:
         raise ValueError(f"{config.dataset} has {info.num_classes} classes but config.num_classes="
                          f"{config.num_classes}; set --config.num_classes={info.num_classes}")
-    schedule_lengths(config, info.num_train_examples)
+    steps_per_epoch, _, _ = schedule_lengths(config, info.num_train_examples)
+    eval_interval(config, steps_per_epoch)
     return info
 
 

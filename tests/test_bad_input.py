@@ -157,6 +157,9 @@ CASES = {
     "warm-up in steps and in epochs": (
         {"warmup_epochs": 0.5}, r"config.warmup_steps=1 and config.warmup_epochs=0.5 both give "
                                 r"the warm-up"),
+    "evaluation interval in steps and in epochs": (
+        {"eval_every": 2, "eval_every_epochs": 1.0},
+        r"config.eval_every=2 and config.eval_every_epochs=1.0 both give the evaluation interval"),
     "negative final learning rate": ({"end_lr": -0.01}, r"config.end_lr=-0.01 must be >= 0"),
     "negative warm-up start rate": ({"warmup_init_lr": -1e-4},
                                     r"config.warmup_init_lr=-0.0001 must be >= 0"),

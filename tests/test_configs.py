@@ -84,6 +84,7 @@ PUBLISHED_RECIPES = {
         "warmup_epochs": 10.0, "num_epochs": 50.0, "weight_decay": 1e-4,
         "label_smoothing": 0.1, "eval_order": "class_sorted", "input.crop_area": (0.05, 1.0),
         "init_required": True, "optimizer": "adamw", "schedule": "cosine", "schedule_unit": "epoch",
+        "warmup_prefix": False, "eval_every": 0, "eval_every_epochs": 1.0,
         "input.randaugment": (2, 9), "input.randaugment_before_crop": True,
         "input.normalize": "imagenet", "input.eval_resize": "resize", "save_best": True,
     },
@@ -93,7 +94,10 @@ PUBLISHED_RECIPES = {
         "noise.scope": "device", "noise.strength": 1.0, "noise.prob": 1.0,
         "batch_size": 512, "lr": 1e-3, "end_lr": 1e-9, "num_epochs": 100.0,
         "input.crop_area": (0.05, 1.0), "init_required": True, "optimizer": "adamw",
-        "schedule": "cosine", "init_dont_load": ("fc/.*",),
+        "schedule": "cosine", "init_dont_load": ("fc/.*",), "schedule_unit": "epoch",
+        "input.flip": False, "input.eval_resize": "resize", "eval_batch_size": 512,
+        "eval_order": "class_sorted", "eval_every": 0, "eval_every_epochs": 1.0,
+        "save_best": True,
     },
 }
 

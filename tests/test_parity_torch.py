@@ -99,3 +99,26 @@ def test_torch_pth_file_loads_like_its_safetensors(tmp_path):
     from_pth = pretrained.load_params(str(tmp_path / "resnet18.pth"), model)
     from_safetensors = pretrained.load_params(str(tmp_path / "resnet18.safetensors"), model)
     jax.tree.map(np.testing.assert_array_equal, from_pth, from_safetensors)
+
+
+class _NotAWeight:
+    """A pickled object of a class of its own: what weights_only must refuse."""
+
+
+def test_training_checkpoints_with_args_load_and_other_objects_are_one_line(tmp_path):
+    """timm's CheckpointSaver writes {'state_dict': ..., 'args': Namespace}; any
+    other Python object stays refused, with one line that says why."""
+    import argparse
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    model = create_model("resnet18", num_classes=1000)
+    torch.save({"epoch": 3, "state_dict": state, "args": argparse.Namespace(lr=0.1)},
+               tmp_path / "timm_train.pth")
+    safetensors_torch.save_file(state, str(tmp_path / "plain.safetensors"))
+    jax.tree.map(np.testing.assert_array_equal,
+                 pretrained.load_params(str(tmp_path / "timm_train.pth"), model),
+                 pretrained.load_params(str(tmp_path / "plain.safetensors"), model))
+    torch.save({"state_dict": state, "extra": _NotAWeight()}, tmp_path / "object.pth")
+    with pytest.raises(pretrained.CheckpointError) as refused:
+        pretrained.load_params(str(tmp_path / "object.pth"), model)
+    message = str(refused.value)
+    assert "\n" not in message and "holds Python objects besides tensors" in message

@@ -244,12 +244,25 @@ def test_a_file_without_a_head_loads_only_with_the_head_reset(tmp_path, vit_para
     np.testing.assert_array_equal(variables["params"]["cls"], vit_params["cls"])
 
 
-def test_representation_layer_is_dropped_when_the_model_has_none(tmp_path, vit_params):
+def test_representation_layer_is_dropped_only_with_a_new_head(tmp_path, vit_params):
+    """vit_jax drops pre_logits when it resets the head. Keeping a head that
+    was trained on tanh(pre_logits(x)) without that layer gives wrong logits."""
     flat = dict(vit_params, **{"pre_logits/kernel": np.ones((WIDTH, WIDTH), np.float32),
                                "pre_logits/bias": np.ones(WIDTH, np.float32)})
-    variables = pretrained.load_params(_augreg_npz(tmp_path, flat),
-                                       create_model(VIT, num_classes=10))
-    assert "pre_logits" not in variables["params"]
+    path = _augreg_npz(tmp_path, flat)
+    classes = vit_params["head/kernel"].shape[-1]
+    with pytest.raises(pretrained.CheckpointError,
+                       match=rf"representation layer \(pre_logits, width {WIDTH}\) .* "
+                             rf"representation_size={WIDTH}"):
+        pretrained.load_params(path, create_model(VIT, num_classes=classes))
+    for model, dont_load in ((create_model(VIT, num_classes=classes + 1), ()),
+                             (create_model(VIT, num_classes=classes), ("head/.*",))):
+        variables = pretrained.load_params(path, model, dont_load=dont_load)
+        assert "pre_logits" not in variables["params"]
+        np.testing.assert_array_equal(variables["params"]["head"]["kernel"], 0)  # a new head
+    kept = pretrained.load_params(path, create_model(VIT, num_classes=classes,
+                                                     representation_size=WIDTH))
+    np.testing.assert_array_equal(kept["params"]["pre_logits"]["kernel"], 1)
 
 
 def test_dont_load_keeps_the_initial_values(tmp_path, vit_params):
@@ -385,6 +398,18 @@ def test_safetensors_dtypes_decode(tmp_path, dtype):
     assert arrays["a"].dtype == np.dtype(dtype)
     np.testing.assert_array_equal(arrays["a"], array)
     np.testing.assert_array_equal(arrays["b"], array[0])
+
+
+def test_a_truncated_safetensors_file_says_so(tmp_path):
+    path = _write_safetensors(tmp_path / "a.safetensors", {"a": np.ones((64, 64), np.float32)})
+    data = open(path, "rb").read()
+    header = int.from_bytes(data[:8], "little")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:header // 2])  # the download stopped inside the header
+    with pytest.raises(pretrained.CheckpointError,
+                       match=rf"is a truncated .safetensors file \(its header alone needs "
+                             rf"{header + 8} bytes, the file has {header // 2}\)"):
+        pretrained.read_checkpoint(str(cut))
 
 
 def test_safetensors_reader_agrees_with_the_safetensors_package(tmp_path):

@@ -136,6 +136,38 @@ def test_schedule_per_epoch_holds_each_epochs_first_value():
         optim.learning_rate_schedule(config, total_steps=10, warmup_steps=0)
 
 
+def test_evaluation_interval_in_steps_or_epochs():
+    config = common.base_config()
+    assert train.eval_interval(config, 80_072) == 0  # at the end only
+    config.eval_every = 500
+    assert train.eval_interval(config, 80_072) == 500
+    config.eval_every, config.eval_every_epochs = 0, 1.0  # the published runs: every epoch
+    assert train.eval_interval(config, 80_072) == 80_072
+    config.eval_every_epochs = 0.5
+    assert train.eval_interval(config, 7) == 4  # round(3.5): half-even gives 4
+    config.eval_every = 10
+    with pytest.raises(ValueError, match="both give the evaluation interval"):
+        train.eval_interval(config, 7)
+
+
+def test_schedule_without_warmup_prefix_is_timms_cosine_over_the_whole_run():
+    """timm's CosineLRScheduler(t_initial=50, lr_min=1e-7, warmup_t=10), the
+    published ViT schedule: from epoch 10 on, lr = lr_min + (lr - lr_min)
+    (1 + cos(pi t / 50)) / 2 at the absolute epoch t; before, the linear warm-up."""
+    config = common.base_config()
+    config.lr, config.end_lr, config.warmup_init_lr = 1e-6, 1e-7, 0.0
+    config.schedule_unit, config.warmup_prefix = "epoch", False
+    spe = 100
+    schedule = optim.learning_rate_schedule(config, total_steps=50 * spe, warmup_steps=10 * spe,
+                                            steps_per_epoch=spe)
+    timm = lambda t: 1e-7 + 0.5 * (1e-6 - 1e-7) * (1 + np.cos(np.pi * t / 50))
+    for epoch in (10, 20, 30, 49):
+        assert float(schedule(epoch * spe + 7)) == pytest.approx(timm(epoch), rel=1e-5)
+    assert float(schedule(10 * spe)) == pytest.approx(9.1406e-7, rel=1e-4)  # below the peak
+    for epoch in (0, 3, 9):  # the warm-up is unchanged: e / 10 of the peak
+        assert float(schedule(epoch * spe + 50)) == pytest.approx(epoch * 1e-7, abs=1e-12)
+
+
 def test_weight_decay_mask_skips_biases_norms_and_embeddings():
     params = {"embedding": {"kernel": np.ones((4, 4, 1, 8)), "bias": np.ones(8)},
               "cls": np.ones((1, 1, 8)),
