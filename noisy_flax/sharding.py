@@ -8,6 +8,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
@@ -18,7 +19,10 @@ def create_mesh(axes: Sequence[tuple[str, int]] | None = None, devices=None) -> 
     """A mesh from ``[(name, size), ...]``; one size may be -1 (the rest).
 
     The batch is sharded over all axes, so ``data`` x ``fsdp`` is the data
-    parallel degree; ``fsdp`` is also the axis that FSDP shards parameters on.
+    parallel degree. ``config.sharding='fsdp'`` shards each large parameter
+    over all axes too (``fsdp_spec``), so how the devices split between
+    ``data`` and ``fsdp`` changes nothing today; a parameter with no
+    dimension divisible by the device count stays replicated.
     """
     devices = list(jax.devices() if devices is None else devices)
     axes = list(axes or [("data", -1), ("fsdp", 1)])
@@ -26,7 +30,13 @@ def create_mesh(axes: Sequence[tuple[str, int]] | None = None, devices=None) -> 
     unknown = set(names) - set(BATCH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axis {sorted(unknown)}; use the axes {BATCH_AXES}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.mesh {axes} names an axis twice; give each of {BATCH_AXES} "
+                         "at most once")
     sizes = [int(size) for _, size in axes]
+    if any(size == 0 or size < -1 for size in sizes):
+        raise ValueError(f"config.mesh {axes}: an axis size must be >= 1, or -1 for the "
+                         "remaining devices")
     if sizes.count(-1) > 1:
         raise ValueError("config.mesh: at most one axis may have size -1 (the remaining devices)")
     known = math.prod(s for s in sizes if s != -1)
@@ -58,7 +68,11 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "config.batch_size
                          f"use a multiple of {mesh.size}")
 
 
-def fsdp_spec(shape: Sequence[int], axis_size: int, axes=BATCH_AXES, min_size: int = 2 ** 16) -> P:
+FSDP_MIN_SIZE = 2 ** 16  # smaller arrays stay replicated: splitting them costs more than it saves
+
+
+def fsdp_spec(shape: Sequence[int], axis_size: int, axes=BATCH_AXES,
+              min_size: int = FSDP_MIN_SIZE) -> P:
     """ZeRO-3 style: shard the largest dimension that the axis divides."""
     if math.prod(shape) < min_size or axis_size == 1:
         return P()
@@ -81,6 +95,7 @@ def param_shardings(abstract_tree: Any, mesh: Mesh, strategy: str = "replicate",
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown config.sharding {strategy!r}; use one of {STRATEGIES}")
     compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
+    replicated = []  # large arrays FSDP could not split
 
     def choose(path, leaf):
         name = "/".join(_key_name(k) for k in path)
@@ -88,10 +103,19 @@ def param_shardings(abstract_tree: Any, mesh: Mesh, strategy: str = "replicate",
             if pattern.search(name):
                 return NamedSharding(mesh, spec)
         if strategy == "fsdp" and getattr(leaf, "ndim", 0) > 0:
-            return NamedSharding(mesh, fsdp_spec(leaf.shape, mesh.size, mesh.axis_names))
+            spec = fsdp_spec(leaf.shape, mesh.size, mesh.axis_names)
+            if spec == P() and mesh.size > 1 and math.prod(leaf.shape) >= FSDP_MIN_SIZE:
+                replicated.append((name, math.prod(leaf.shape) * leaf.dtype.itemsize))
+            return NamedSharding(mesh, spec)
         return NamedSharding(mesh, P())
 
-    return jax.tree_util.tree_map_with_path(choose, abstract_tree)
+    shardings = jax.tree_util.tree_map_with_path(choose, abstract_tree)
+    if replicated:
+        logging.warning(
+            "fsdp: %d arrays (%.1f MB, e.g. %s) have no dimension divisible by the %d devices "
+            "and stay whole on every device", len(replicated),
+            sum(size for _, size in replicated) / 1e6, replicated[0][0], mesh.size)
+    return shardings
 
 
 def _key_name(key) -> str:

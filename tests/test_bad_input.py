@@ -160,6 +160,10 @@ CASES = {
     "evaluation interval in steps and in epochs": (
         {"eval_every": 2, "eval_every_epochs": 1.0},
         r"config.eval_every=2 and config.eval_every_epochs=1.0 both give the evaluation interval"),
+    "mesh axis of size 0": ({"mesh": (("data", 0),)},
+                            r"config.mesh \[\('data', 0\)\]: an axis size must be >= 1"),
+    "mesh axis named twice": ({"mesh": (("data", 8), ("data", 1))},
+                              r"names an axis twice"),
     "negative final learning rate": ({"end_lr": -0.01}, r"config.end_lr=-0.01 must be >= 0"),
     "negative warm-up start rate": ({"warmup_init_lr": -1e-4},
                                     r"config.warmup_init_lr=-0.0001 must be >= 0"),

@@ -81,6 +81,23 @@ def test_fsdp_spec_shards_the_largest_divisible_dimension():
     assert sharding.fsdp_spec((999, 999), 8) == P()  # nothing divides
 
 
+def test_fsdp_warns_about_large_arrays_it_cannot_split(caplog):
+    """7,283 (prime) and 3 divide by no device count above 1: the 65,547-value
+    kernel stays whole on each of the 8 devices, and the log says so; the
+    divisible one and the small one do not count."""
+    import logging
+    mesh = sharding.create_mesh((("data", -1), ("fsdp", 1)))
+    tree = {"odd": jax.ShapeDtypeStruct((3, 3, 7283), jnp.float32),
+            "even": jax.ShapeDtypeStruct((8, 8192), jnp.float32),
+            "small": jax.ShapeDtypeStruct((3, 5), jnp.float32)}
+    with caplog.at_level(logging.WARNING):
+        shardings = sharding.param_shardings(tree, mesh, "fsdp")
+    assert shardings["odd"].spec == P() and shardings["even"].spec != P()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["fsdp: 1 arrays (0.3 MB, e.g. odd) have no dimension divisible by the "
+                        "8 devices and stay whole on every device"]
+
+
 def test_unknown_strategy_is_a_clear_error():
     with pytest.raises(ValueError, match="config.sharding"):
         sharding.param_shardings({"w": jnp.zeros((4,))}, sharding.create_mesh(), "zero3")

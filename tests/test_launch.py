@@ -55,8 +55,8 @@ if name == "pgrep":
     print("4242")
 if name == "sudo" and argv[:1] == ["lsof"]:
     print("4243\n4242")
-if name == "sudo" and argv[:2] == ["kill", "-0"]:
-    sys.exit(1)  # the processes are gone
+if name == "sudo" and argv[:2] == ["kill", "-0"]:  # alive: the pids in FAKE_ALIVE
+    sys.exit(0 if set(argv[2:]) <= set(os.environ.get("FAKE_ALIVE", "").split()) else 1)
 if name.startswith("python") and argv[:2] == ["-m", "venv"]:
     os.makedirs(os.path.join(argv[2], "bin"))
     for tool in ("python", "pip"):
@@ -361,6 +361,23 @@ def test_logs_collect_copies_each_worker(local, tmp_path):
                     for i in range(2)]  # the fake describe says 2 workers
 
 
+def test_kill_waits_for_every_process_and_keeps_the_lock_of_a_live_one(local, remote):
+    """One process exits at once, the other ignores the signal: kill must say
+    so and leave the TPU's lock file, not stop at the first one gone."""
+    proc = launch(local, "kill.sh", *TARGET, "--signal", "TERM", "--timeout", "1")
+    assert proc.returncode == 0, proc.stderr
+    (ssh,) = gcloud_calls(local)
+    command = remote_command(ssh)
+    result = subprocess.run(["bash", "-c", command], cwd=remote.home, capture_output=True,
+                            text=True, timeout=30, env=remote.env(
+                                path_tail="/usr/bin:/bin", HOME=str(remote.home),
+                                FAKE_ALIVE="4243"))
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("still running after 1s: 4243")
+    sudo = [r["argv"] for r in remote.records() if r["prog"] == "sudo"]
+    assert ["rm", "-f", "/tmp/libtpu_lockfile"] not in sudo
+
+
 def test_kill_frees_the_tpu_on_all_workers(local, remote):
     proc = launch(local, "kill.sh", *TARGET)
     assert proc.returncode == 0, proc.stderr
@@ -537,7 +554,8 @@ def test_slurm_submit_one_task_per_gpu(local, remote, tmp_path):
     (srun,) = srun_fake.records()
     assert srun["prog"] == "srun" and srun["cwd"] == str(code)
     assert srun["argv"] == [
-        "--ntasks-per-node=8", "--kill-on-bad-exit=1", "--label", f"{code}/.venv/bin/python",
+        "--ntasks-per-node=8", "--cpus-per-task=8", "--kill-on-bad-exit=1", "--label",
+        f"{code}/.venv/bin/python",
         "-m", "noisy_flax.main", "--config", CONFIG, "--workdir", "/shared/runs/vit", *PAYLOADS]
     assert srun["env"]["TFDS_DATA_DIR"] == "/shared/tfds"
 

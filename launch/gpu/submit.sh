@@ -123,7 +123,8 @@ sbatch_lines+=("${sbatch_args[@]}")
 
 # No --gpus-per-task / --gpu-bind on srun: they would hide the other GPUs and
 # JAX's device index (SLURM_LOCALID) would point past the visible ones.
-srun_cmd=(srun "--ntasks-per-node=$gpus" --kill-on-bad-exit=1 --label
+# --cpus-per-task again: srun no longer inherits it from sbatch (Slurm 22.05).
+srun_cmd=(srun "--ntasks-per-node=$gpus" "--cpus-per-task=$cpus" --kill-on-bad-exit=1 --label
   "$python" -m noisy_flax.main --config "$config" --workdir "$workdir" "${extra[@]}")
 
 script=$(

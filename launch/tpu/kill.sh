@@ -55,8 +55,11 @@ remote=(
   'pids=$( { sudo lsof -t -w /dev/accel* /dev/vfio/[0-9]* 2>/dev/null; pgrep -f "noisy_flax[.]main"; } | sort -un | tr "\n" " ")'
   'if [ -z "${pids// /}" ]; then echo "$(hostname): nothing to stop"; else'
   "  echo \"\$(hostname): kill -$signal \$pids\"; sudo kill -s $signal \$pids || true"
-  "  for _ in \$(seq $timeout); do sudo kill -0 \$pids 2>/dev/null || break; sleep 1; done"
-  '  if sudo kill -0 $pids 2>/dev/null; then echo "$(hostname): still running after '"$timeout"'s: $pids" >&2; exit 1; fi'
+  # Each pid on its own: kill -0 with several fails as soon as one is gone.
+  '  alive() { local p; for p in $pids; do sudo kill -0 "$p" 2>/dev/null && printf " %s" "$p"; done; }'
+  "  for _ in \$(seq $timeout); do [ -z \"\$(alive)\" ] && break; sleep 1; done"
+  '  left=$(alive)'
+  '  if [ -n "$left" ]; then echo "$(hostname): still running after '"$timeout"'s:$left" >&2; exit 1; fi'
   'fi'
   'sudo rm -f /tmp/libtpu_lockfile'
 )
