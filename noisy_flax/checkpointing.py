@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from noisy_flax import checksum
+from noisy_flax import checksum, sharding
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def state_differences(saved_tree: Any, abstract_state: Any) -> list[str]:
 
 def _shapes_by_name(tree: Any) -> dict[str, tuple]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {checksum.path_name(path): tuple(leaf.shape) for path, leaf in leaves}
+    return {sharding.path_name(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def _describe(error: Exception) -> str:

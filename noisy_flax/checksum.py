@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from noisy_flax.sharding import path_name
+
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
 
 
@@ -54,16 +56,6 @@ def checksums(tree: Any) -> dict[str, int]:
     names = [path_name(path) for path, _ in paths_and_leaves]
     values = jax.device_get(_checksums([leaf for _, leaf in paths_and_leaves]))
     return {name: int(value) for name, value in zip(names, values)}
-
-
-def path_name(path) -> str:
-    """A tree path as "a/b/0": dict keys, dataclass fields, sequence positions."""
-    def name(key) -> str:
-        for attribute in ("key", "name", "idx"):
-            if hasattr(key, attribute):
-                return str(getattr(key, attribute))
-        return str(key)
-    return "/".join(name(k) for k in path)
 
 
 def mismatches(expected: dict[str, int], tree: Any) -> list[str]:

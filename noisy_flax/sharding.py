@@ -98,7 +98,7 @@ def param_shardings(abstract_tree: Any, mesh: Mesh, strategy: str = "replicate",
     replicated = []  # large arrays FSDP could not split
 
     def choose(path, leaf):
-        name = "/".join(_key_name(k) for k in path)
+        name = path_name(path)
         for pattern, spec in compiled:
             if pattern.search(name):
                 return NamedSharding(mesh, spec)
@@ -116,6 +116,11 @@ def param_shardings(abstract_tree: Any, mesh: Mesh, strategy: str = "replicate",
             "and stay whole on every device", len(replicated),
             sum(size for _, size in replicated) / 1e6, replicated[0][0], mesh.size)
     return shardings
+
+
+def path_name(path) -> str:
+    """A pytree path as "a/b/0": dict keys, dataclass fields, sequence positions."""
+    return "/".join(_key_name(k) for k in path)
 
 
 def _key_name(key) -> str:

@@ -293,7 +293,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     noises = {n["label"]: n for n in study.noises}
     runs = plan(study)
     check_study(config, mesh)  # before anything is written or trained
-    check_config_unchanged(workdir, config)
+    workdir_lib.check_config_unchanged(workdir, config, file_name=STUDY_CONFIG, what="study")
     os.makedirs(workdir, exist_ok=True)
     pending = _pending(runs, workdir)
     progress = StudyProgress(_count_units(pending, workdir))
@@ -374,21 +374,6 @@ def check_study(config: ml_collections.ConfigDict, mesh) -> None:
             if c.noise.type == "circulant":  # test batches are padded and masked
                 # Each device holds ceil(batch / devices) rows of a padded batch.
                 noise.check_circulant(-(-size // shards), c.noise.alpha, padded=True)
-
-
-def check_config_unchanged(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Finished runs are reused only under the config that made them."""
-    path = os.path.join(workdir, STUDY_CONFIG)
-    if not os.path.exists(path) or config.get("allow_config_change", False):
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    changes = workdir_lib.config_differences(saved, json.loads(config.to_json()))
-    if changes:
-        raise ValueError(
-            f"--workdir {workdir} holds a study with another config ({'; '.join(changes)}); "
-            "its finished runs would be reused as if made with the new one: use a new "
-            "--workdir, or pass --config.allow_config_change=True to continue anyway")
 
 
 def _pretrained(workdir, config, arch, seed, trainer, data, progress) -> dict:

@@ -468,15 +468,15 @@ def main(argv=None) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(arg or None)
-    saved_path = os.path.join(args.workdir, "study_config.json")
-    if os.path.exists(saved_path):  # the report describes the study that ran
-        from noisy_flax import workdir as workdir_lib
-        with open(saved_path) as f:
-            changes = workdir_lib.config_differences(json.load(f), json.loads(config.to_json()))
+    from noisy_flax import workdir as workdir_lib
+    from noisy_flax.study import STUDY_CONFIG
+    saved = workdir_lib.read_saved_config(args.workdir, STUDY_CONFIG)
+    if saved is not None:  # the report describes the study that ran
+        changes = workdir_lib.config_differences(saved, workdir_lib.config_as_json(config))
         if changes:
             parser.exit(2, f"error: --config differs from the study that ran in {args.workdir} "
                            f"({'; '.join(changes[:5])}); pass the config (and :arguments) that "
-                           f"ran it, as recorded in {saved_path}\n")
+                           f"ran it, as recorded in {os.path.join(args.workdir, STUDY_CONFIG)}\n")
     paths = write_report(config, args.workdir, out_dir=args.out, command=args.command,
                          notes=tuple(args.note))
     print(paths["report"])

@@ -56,17 +56,9 @@ def build_model(config: ml_collections.ConfigDict, mesh: Optional[Mesh] = None):
 
 
 def schedule_lengths(config, num_train_examples: int) -> tuple[int, int, int]:
-    """(steps_per_epoch, total_steps, warmup_steps) from steps or epochs.
-
-    Each length is given in steps or in epochs, never both (0 = not given):
-    with both, one of them would be ignored without a word.
-    """
-    for steps, epochs, what in (("total_steps", "num_epochs", "training length"),
-                                ("warmup_steps", "warmup_epochs", "warm-up")):
-        if config[steps] > 0 and config[epochs] > 0:
-            raise ValueError(
-                f"config.{steps}={config[steps]} and config.{epochs}={config[epochs]} both give "
-                f"the {what}; keep one and set the other to 0 (e.g. --config.{epochs}=0)")
+    """(steps_per_epoch, total_steps, warmup_steps) from steps or epochs."""
+    _check_one_unit(config, "total_steps", "num_epochs", "training length")
+    _check_one_unit(config, "warmup_steps", "warmup_epochs", "warm-up")
     steps_per_epoch = max(num_train_examples // config.batch_size, 1)
     total = config.total_steps if config.total_steps > 0 else \
         math.ceil(config.num_epochs * steps_per_epoch)
@@ -79,15 +71,20 @@ def schedule_lengths(config, num_train_examples: int) -> tuple[int, int, int]:
 def eval_interval(config, steps_per_epoch: int) -> int:
     """Steps between evaluations (0: at the end only), from config.eval_every
     (steps) or config.eval_every_epochs; never both."""
+    _check_one_unit(config, "eval_every", "eval_every_epochs", "evaluation interval")
     every_epochs = config.get("eval_every_epochs", 0.0)
-    if config.eval_every > 0 and every_epochs > 0:
-        raise ValueError(
-            f"config.eval_every={config.eval_every} and config.eval_every_epochs={every_epochs} "
-            "both give the evaluation interval; keep one and set the other to 0 "
-            "(e.g. --config.eval_every_epochs=0)")
     if every_epochs > 0:
         return max(1, int(round(every_epochs * steps_per_epoch)))
     return config.eval_every
+
+
+def _check_one_unit(config, steps: str, epochs: str, what: str) -> None:
+    """A quantity is given in steps or in epochs, never both (0 = not given):
+    with both, one of them would be ignored without a word."""
+    if config.get(steps, 0) > 0 and config.get(epochs, 0) > 0:
+        raise ValueError(
+            f"config.{steps}={config[steps]} and config.{epochs}={config[epochs]} both give "
+            f"the {what}; keep one and set the other to 0 (e.g. --config.{epochs}=0)")
 
 
 def resolve_eval_batch_size(config) -> None:

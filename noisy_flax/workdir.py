@@ -102,10 +102,10 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     replace_file(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
-def read_saved_config(workdir: str) -> dict[str, Any] | None:
-    """The config.json of an earlier run, or None when there is none."""
+def read_saved_config(workdir: str, file_name: str = CONFIG_FILE) -> dict[str, Any] | None:
+    """The config.json (or ``file_name``) of an earlier run, or None when there is none."""
     import tensorflow as tf
-    path = os.path.join(workdir, CONFIG_FILE)
+    path = os.path.join(workdir, file_name)
     if not file_exists(path):
         return None
     try:
@@ -150,14 +150,16 @@ def _show(value: Any, missing: object) -> str:
     return "(absent)" if value is missing else json.dumps(value)
 
 
-def check_config_unchanged(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume a workdir whose saved config differs in what matters."""
-    saved = read_saved_config(workdir)
+def check_config_unchanged(workdir: str, config: ml_collections.ConfigDict, *,
+                           file_name: str = CONFIG_FILE, what: str = "run") -> None:
+    """Refuses to resume a workdir whose saved config differs in what matters
+    (``what``: the run, or the study whose finished runs would be reused)."""
+    saved = read_saved_config(workdir, file_name)
     if saved is None or config.get("allow_config_change", False):
         return
     changes = config_differences(saved, config_as_json(config))
     if changes:
         raise ValueError(
-            f"--workdir {workdir} holds a run with another config ({'; '.join(changes)}); "
+            f"--workdir {workdir} holds a {what} with another config ({'; '.join(changes)}); "
             "use a new --workdir, or pass --config.allow_config_change=True to continue "
-            "this run with the new config")
+            f"this {what} with the new config")

@@ -241,10 +241,10 @@ def gathered(tree):
 def flat(tree) -> dict[str, np.ndarray]:
     """{'a/b/kernel': array} for np.savez and comparisons."""
     import jax
-    from noisy_flax.sharding import _key_name
+    from noisy_flax.sharding import path_name
 
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {"/".join(_key_name(k) for k in path): np.asarray(leaf) for path, leaf in leaves}
+    return {path_name(path): np.asarray(leaf) for path, leaf in leaves}
 
 
 def restore_final_state(config, workdir: str):
