@@ -25,6 +25,11 @@ HARMLESS_KEYS = (
     "runlocal", "allow_config_change",
 )
 
+# Keys added after runs were saved without them, with the value that does what
+# the code did before the key existed: a saved config without the key equals a
+# new one holding that value, so such runs still resume.
+ADDED_KEYS = {"warmup_prefix": True}
+
 
 def is_remote(workdir: str) -> bool:
     """gs:// and friends: orbax and clu write there directly."""
@@ -137,6 +142,8 @@ def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list
         if _is_harmless(key):
             continue
         before, after = old.get(key, missing), now.get(key, missing)
+        if before is missing and key in ADDED_KEYS and after == ADDED_KEYS[key]:
+            continue
         if before != after:
             changes.append(f"{key}: {_show(before, missing)} -> {_show(after, missing)}")
     return changes

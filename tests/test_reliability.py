@@ -370,6 +370,41 @@ def test_every_key_of_the_config_is_compared(tmp_path):
         "new_knob: 1 -> (absent)", "noise.alpha: 0.4 -> 0.3"]
 
 
+def test_a_run_saved_before_a_key_existed_resumes_while_the_key_keeps_the_old_behaviour(tmp_path):
+    config = tiny_run.tiny_config("/data", "/idx")
+    saved = workdir_lib.config_as_json(config)
+    del saved["warmup_prefix"]  # as config.json was written before the key existed
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / workdir_lib.CONFIG_FILE).write_text(json.dumps(saved))
+    workdir_lib.check_config_unchanged(str(workdir), config)  # True: the old behaviour
+    changed = tiny_run.tiny_config("/data", "/idx", warmup_prefix=False)
+    with pytest.raises(ValueError, match=r"warmup_prefix: \(absent\) -> false"):
+        workdir_lib.check_config_unchanged(str(workdir), changed)
+
+
+def test_each_added_key_at_its_listed_value_does_what_its_absence_does():
+    """ADDED_KEYS must name the behaviour of configs without the key: here the
+    schedule a config without ``warmup_prefix`` gets, value by value."""
+    from noisy_flax import optim
+    assert set(workdir_lib.ADDED_KEYS) == {"warmup_prefix"}, "add a check for the new key"
+    steps = np.arange(0, 40)
+
+    def schedule_values(**overrides):
+        config = tiny_run.tiny_config("/data", "/idx", warmup_steps=5, **overrides)
+        if "warmup_prefix" not in overrides:
+            config = type(config)({k: v for k, v in config.items() if k != "warmup_prefix"})
+        assert ("warmup_prefix" in config) == ("warmup_prefix" in overrides)
+        _, schedule = optim.make_optimizer(config, total_steps=40, warmup_steps=5)
+        return np.asarray([schedule(int(s)) for s in steps])
+
+    absent = schedule_values()
+    listed = schedule_values(warmup_prefix=workdir_lib.ADDED_KEYS["warmup_prefix"])
+    other = schedule_values(warmup_prefix=not workdir_lib.ADDED_KEYS["warmup_prefix"])
+    np.testing.assert_array_equal(listed, absent)
+    assert np.abs(other - absent).max() > 1e-5  # the key matters, so the check can fail
+
+
 def run_with_scripted_scores(tmp_path, monkeypatch, first_run: dict, second_run: dict,
                              crash_at: int, total_steps: int = 4,
                              checkpoint_every: int = 2) -> list[int]:
