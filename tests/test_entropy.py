@@ -198,6 +198,99 @@ def test_estimate_reports_label_entropy_and_settings():
     assert result.method == "linear_probe" and result.settings["l2"] == 1e-3
 
 
+def _overlapping_split(seed=7, n=N):
+    """Classes that overlap, each with its own covariance, unequal priors and
+    features on different scales: every term of the estimates matters here
+    (at the two extremes above, the class covariances are alike)."""
+    rng = np.random.default_rng(seed)
+    probs = np.array([0.4, 0.3, 0.2, 0.1])
+    centres = 0.8 * rng.normal(size=(CLASSES, DIM))
+    base = np.eye(DIM) + 0.3 * rng.normal(size=(DIM, DIM))
+    mixing = base + 0.2 * rng.normal(size=(CLASSES, DIM, DIM))
+    scales = np.array([1.0, 10.0, 0.1, 3.0, 1.0, 0.5])
+
+    def draw():
+        y = rng.choice(CLASSES, n, p=probs)
+        z = centres[y] + np.einsum("nij,nj->ni", mixing[y], rng.normal(size=(n, DIM)))
+        return z * scales, y
+
+    (z_train, y_train), (z_test, y_test) = draw(), draw()
+    return z_train, y_train, z_test, y_test, CLASSES
+
+
+def _per_example_nll(log_post, y):
+    return -log_post[np.arange(len(y)), y]
+
+
+def _gaussian_reference(z_train, y_train, z_test, y_test, covariance, shrinkage, ridge=1e-6):
+    """LDA / QDA written out with np.cov and scipy.stats.multivariate_normal."""
+    import scipy.special
+    import scipy.stats
+    mean, sd = z_train.mean(axis=0), z_train.std(axis=0)
+    a, b = (z_train - mean) / sd, (z_test - mean) / sd
+    covs = [np.cov(a[y_train == c], rowvar=False, bias=True) for c in range(CLASSES)]
+    if covariance == "shared":  # within-class scatter pooled over all rows
+        counts = np.bincount(y_train, minlength=CLASSES)
+        covs = [sum(counts[c] * covs[c] for c in range(CLASSES)) / len(y_train)] * CLASSES
+    log_joint = np.stack([
+        np.log(np.mean(y_train == c)) + scipy.stats.multivariate_normal(
+            a[y_train == c].mean(axis=0),
+            (1 - shrinkage) * cov + shrinkage * np.diag(np.diag(cov)) + ridge * np.eye(DIM)
+        ).logpdf(b)
+        for c, cov in enumerate(covs)], axis=1)
+    return log_joint - scipy.special.logsumexp(log_joint, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("shrinkage", (0.0, 0.3))
+@pytest.mark.parametrize("covariance", ("shared", "per_class"))
+def test_gaussian_estimate_matches_scipy_lda_qda(covariance, shrinkage):
+    import scipy.stats
+    split = _overlapping_split()
+    result = entropy.gaussian_class_conditional_entropy(*split, covariance=covariance,
+                                                        shrinkage=shrinkage)
+    log_post = _gaussian_reference(*split[:4], covariance, shrinkage)
+    nll = _per_example_nll(log_post, split[3])
+    assert 0.2 < nll.mean() < result.label_entropy - 0.1  # the classes really overlap
+    assert result.value == pytest.approx(nll.mean(), rel=1e-9)
+    assert result.stderr == pytest.approx(scipy.stats.sem(nll), rel=1e-9)
+    assert result.accuracy == np.mean(np.argmax(log_post, axis=1) == split[3])
+
+
+def _probe_reference(z_train, y_train, z_test, y_test, l2):
+    """The probe's objective minimised in float64 by scipy's L-BFGS-B."""
+    import scipy.optimize
+    import scipy.special
+    mean, sd = z_train.mean(axis=0), z_train.std(axis=0)
+    a, b = (z_train - mean) / sd, (z_test - mean) / sd
+    onehot = np.eye(CLASSES)[y_train]
+
+    def objective(theta):
+        w, bias = theta[:DIM * CLASSES].reshape(DIM, CLASSES), theta[DIM * CLASSES:]
+        logits = a @ w + bias
+        log_p = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
+        residual = (np.exp(log_p) - onehot) / len(a)
+        value = -np.sum(onehot * log_p) / len(a) + 0.5 * l2 * np.sum(w ** 2)
+        return value, np.concatenate([(a.T @ residual + l2 * w).ravel(), residual.sum(0)])
+
+    theta = scipy.optimize.minimize(objective, np.zeros(DIM * CLASSES + CLASSES), jac=True,
+                                    method="L-BFGS-B", options=dict(gtol=1e-10, ftol=0,
+                                                                    maxiter=5000)).x
+    logits = b @ theta[:DIM * CLASSES].reshape(DIM, CLASSES) + theta[DIM * CLASSES:]
+    return logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("l2", (1e-4, 0.3))
+def test_probe_matches_a_float64_scipy_fit(l2):
+    import scipy.stats
+    split = _overlapping_split()
+    result = entropy.probe_conditional_entropy(*split, l2=l2)
+    nll = _per_example_nll(_probe_reference(*split[:4], l2), split[3])
+    # The probe fits in float32 and stops at a gradient norm of 1e-6.
+    assert result.value == pytest.approx(nll.mean(), abs=2e-4)
+    assert result.stderr == pytest.approx(scipy.stats.sem(nll), rel=1e-2)
+    assert result.settings["l2"] == l2
+
+
 def test_gaussian_estimate_rejects_test_class_unseen_in_training():
     z = np.random.default_rng(0).normal(size=(6, 2))
     with pytest.raises(ValueError, match="never occur in the training split"):

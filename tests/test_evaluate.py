@@ -3,6 +3,7 @@ unsharded references, the feature path, and the CLI on a trained checkpoint."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -60,6 +61,15 @@ def test_running_average_metric_by_hand():
     right = -np.log(np.e / (np.e + 2 / np.e))
     wrong = -np.log((1 / np.e) / (np.e + 2 / np.e))
     assert m["loss"] == pytest.approx((3 * right + 2 * wrong) / 5)
+
+
+def test_top5_counts_labels_ranked_fifth_but_not_sixth():
+    # 8 classes; the label is ranked 1st, 5th, 6th and 8th in the four rows.
+    logits = np.tile(np.arange(8, 0, -1, dtype=np.float64), (4, 1))  # class c ranked c+1
+    labels = np.array([0, 4, 5, 7])
+    m = evaluate.order_metrics(logits, labels, [np.arange(4)])
+    assert m["correct_top5"] == 2 and m["top5"] == pytest.approx(0.5)
+    assert m["correct_top1"] == 1
 
 
 @pytest.mark.parametrize("scope", ["device", "global"])
@@ -192,6 +202,24 @@ def test_resnet_features_and_orders():
         assert result[order]["metrics"]["count"] == 20
         assert result[order]["features"]["noise_site"].shape == (20, 32)  # stage 4: 8 x width
         assert result[order]["features"]["pre_logits"].shape == (20, 32)
+
+
+@pytest.mark.parametrize("model_name, kwargs", [
+    ("resnet18_small", {}), ("vit_nano_patch7_28", {}),
+    ("vit_nano_patch7_28", {"representation_size": 8})])
+def test_pre_logits_are_what_the_head_reads(model_name, kwargs):
+    """The head applied to the pre-logits features gives the logits back."""
+    c = _config(noise_type="gaussian", model=model_name)
+    c.model_kwargs.update(kwargs)
+    mesh = sharding.create_mesh(c.mesh)
+    model, variables = _model_and_variables(c, mesh)
+    model = features.model_with_noise(model, features.eval_noise(c.noise, on=True))
+    images = jnp.asarray(_data(n_per_class=1).images[:6])
+    out = features.make_forward(model)(variables["params"], variables["batch_stats"], images,
+                                       jnp.ones(6, jnp.int32), jax.random.PRNGKey(0))
+    head = variables["params"]["head" if "head" in variables["params"] else "fc"]
+    np.testing.assert_allclose(out["pre_logits"] @ head["kernel"] + head["bias"], out["logits"],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_in_memory_route_refuses_huge_splits(monkeypatch):
