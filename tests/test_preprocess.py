@@ -124,6 +124,38 @@ def test_inception_crop_output_shape_and_determinism():
   np.testing.assert_array_equal(a, b)
 
 
+def _pil_bilinear(image, height, width):
+  """PIL's bilinear resize, channel by channel in float mode: its filter
+  support widens with the scale factor, so it antialiases when shrinking."""
+  from PIL import Image
+  return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]), mode="F")
+                              .resize((width, height), Image.BILINEAR))
+                   for c in range(image.shape[-1])], axis=-1)
+
+
+@pytest.mark.parametrize("h, w, size", [(300, 200, 64), (97, 131, 40), (50, 70, 96)])
+def test_resize_matches_pil_bilinear(h, w, size):
+  image = _random_image(h, w, 3)
+  got = preprocess.resize(tf.constant(image), size).numpy()
+  np.testing.assert_allclose(got, _pil_bilinear(image, size, size), atol=1e-2)
+
+
+def test_resize_shorter_side_matches_pil_bilinear():
+  image = _random_image(120, 300, 3)
+  got = preprocess.resize_shorter_side(tf.constant(image), 48).numpy()
+  assert got.shape == (48, 120, 3)  # 300 * 48 / 120
+  np.testing.assert_allclose(got, _pil_bilinear(image, 48, 120), atol=1e-2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_inception_crop_is_its_window_resized(seed):
+  image = _random_image(50, 70, 3)
+  top, left, h, w = (int(v) for v in preprocess.random_resized_crop_window(50, 70, _seed(seed)))
+  got = preprocess.random_resized_crop(tf.constant(image), 24, _seed(seed)).numpy()
+  expected = _pil_bilinear(image[top:top + h, left:left + w], 24, 24)
+  np.testing.assert_allclose(got, expected, atol=1e-2)
+
+
 def test_central_crop_matches_numpy_slice():
   image = _random_image(10, 13, 3)
   got = preprocess.central_crop(tf.constant(image), 4).numpy()

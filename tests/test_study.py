@@ -145,3 +145,37 @@ def test_entropy_closed_form_command_refuses_a_batch_of_zero(capsys):
         entropy.main(["--k", "0"])
     assert stopped.value.code == 2
     assert capsys.readouterr().err == "error: --k takes batch sizes of at least 1, got 0\n"
+
+
+def _record(seed, train_noise, eval_noise, switch, top1_by_order):
+    train_dir = "none" if train_noise == "none" else f"{train_noise}_on"
+    name = "none" if switch == "off" else f"{eval_noise}_on"
+    return {"run": f"vit/seed{seed}", "arch": "vit", "seed": seed, "train_noise": train_noise,
+            "eval_noise": eval_noise, "switch": switch,
+            "file": os.path.join("runs", "vit", f"seed{seed}", train_dir, "eval", name + ".json"),
+            "orders": {order: {"top1": top1, "top5": 1.0, "batch_mean_top1": top1, "count": 100,
+                               "num_batches": 4, "pass_": 1}
+                       for order, top1 in top1_by_order.items()}}
+
+
+def test_report_tables_hold_the_means_spreads_and_paired_changes_by_hand():
+    """Three seeds; clean top-1 80 / 82 / 84 under both orders, optimal Q at
+    test time only 79 / 80 / 84 shuffled and 85 / 86 / 90 class-sorted.
+    By hand: clean 82.0 ± 2.0; noisy 81.0 ± 2.6 (sd of -2, -1, 3 is sqrt(7))
+    and 87.0 ± 2.6; paired changes -1, -2, 0 -> -1.0 ± 1.0 and 5, 4, 6 -> +5.0 ± 1.0."""
+    records = []
+    for seed, clean, shuffled, sorted_ in ((0, .80, .79, .85), (1, .82, .80, .86),
+                                           (2, .84, .84, .90)):
+        records.append(_record(seed, "none", "none", "off",
+                               {"shuffled": clean, "class_sorted": clean}))
+        records.append(_record(seed, "none", "optimal_q", "on",
+                               {"shuffled": shuffled, "class_sorted": sorted_}))
+    for r in records:
+        r["protocol"] = study_report.protocol_of(r)
+    c = study_report.cells(records)
+    orders, noises = ["shuffled", "class_sorted"], ["none", "optimal_q"]
+    accuracy = study_report.accuracy_table(c, "vit", noises, orders).splitlines()
+    assert accuracy[2].startswith("| none | no noise | 82.0 ± 2.0 | 82.0 ± 2.0 |")
+    assert accuracy[3].startswith("| optimal_q | eval only | 81.0 ± 2.6 | 87.0 ± 2.6 |")
+    delta = study_report.delta_table(c, "vit", noises, orders).splitlines()
+    assert delta[2:] == ["| optimal_q | eval only | -1.0 ± 1.0 | +5.0 ± 1.0 |"]
