@@ -231,3 +231,70 @@ def test_gradient_accumulation_averages_the_micro_batches():
     differences = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
                                                one.params, two.params))
     assert max(differences) > 1e-3  # the big batch's statistics differ
+
+
+def test_label_smoothed_cross_entropy_by_hand():
+    logits = np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]])
+    labels = np.array([0, 1])
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    targets = 0.9 * np.eye(3)[labels] + 0.1 / 3  # smoothing 0.1 over 3 classes
+    got = train.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 3, smoothing=0.1)
+    np.testing.assert_allclose(got, -(targets * log_p).sum(axis=1), rtol=1e-6)
+    plain = train.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 3)
+    np.testing.assert_allclose(plain, -log_p[[0, 1], labels], rtol=1e-6)
+
+
+def _optimizer_config(**overrides):
+    c = common.base_config()
+    c.update(dict(lr=0.01, schedule="constant", warmup_steps=0, grad_clip_norm=0.0,
+                  b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.1, wd_mask="kernels",
+                  momentum=0.7, nesterov=False))
+    c.update(overrides)
+    return c
+
+
+def _run_optimizer(config, params, grads):
+    tx, _ = optim.make_optimizer(config, total_steps=10, warmup_steps=0)
+    state = tx.init(params)
+    for g in grads:
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def _optimizer_problem():
+    rng = np.random.default_rng(0)
+    params = {"dense": {"kernel": rng.normal(size=(3, 2)), "bias": rng.normal(size=2)}}
+    grads = [jax.tree.map(lambda p: rng.normal(size=p.shape), params) for _ in range(3)]
+    to32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)  # noqa: E731
+    return params, grads, to32
+
+
+def test_adamw_steps_match_numpy():
+    """Three AdamW steps written out: bias-corrected moments, eps outside the
+    square root, decoupled decay of kernels only (wd_mask='kernels')."""
+    params, grads, to32 = _optimizer_problem()
+    got = _run_optimizer(_optimizer_config(optimizer="adamw"), to32(params), [to32(g) for g in grads])
+    for name, decays in (("kernel", True), ("bias", False)):
+        p, m, v = params["dense"][name].copy(), 0.0, 0.0
+        for t, g in enumerate((g["dense"][name] for g in grads), start=1):
+            m, v = 0.8 * m + 0.2 * g, 0.95 * v + 0.05 * g ** 2
+            step = (m / (1 - 0.8 ** t)) / (np.sqrt(v / (1 - 0.95 ** t)) + 1e-6)
+            p = p - 0.01 * (step + (0.1 * p if decays else 0.0))
+        np.testing.assert_allclose(got["dense"][name], p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("nesterov", (False, True))
+def test_sgd_steps_match_numpy(nesterov):
+    """Weight decay added to the gradient (kernels only), then heavy-ball or
+    Nesterov momentum as PyTorch's SGD: b = mu b + g; step g + mu b or b."""
+    params, grads, to32 = _optimizer_problem()
+    got = _run_optimizer(_optimizer_config(optimizer="sgd", nesterov=nesterov), to32(params),
+                         [to32(g) for g in grads])
+    for name, decays in (("kernel", True), ("bias", False)):
+        p, b = params["dense"][name].copy(), 0.0
+        for g in (g["dense"][name] for g in grads):
+            g = g + (0.1 * p if decays else 0.0)
+            b = 0.7 * b + g
+            p = p - 0.01 * (g + 0.7 * b if nesterov else b)
+        np.testing.assert_allclose(got["dense"][name], p, rtol=1e-5, atol=1e-6)
