@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_vit_b16.sh [out_dir]      # from the repository root
 #   DEADLINE_S=420 bash benchmarks/gpu_vit_b16.sh out/   # a machine lent for minutes
 #
-# Needs: jax with CUDA, flax, optax, ml-collections and, for stages 2-3, torch,
+# Needs: jax with CUDA, flax, optax, orbax-checkpoint, ml-collections and, for stages 2-3, torch,
 # timm and torchvision (pip install -e '.[cuda,torch]'). Runs from a checkout
 # without installing it. Synthetic data on the device; TensorFlow is never imported.
 #
@@ -66,8 +66,10 @@ stage() {
   | tee -a "$OUT/gpu.txt"
 # Every package a stage imports, before any stage runs: a missing one would
 # otherwise fail every stage in turn and leave nothing measured.
-needs=(jax flax optax ml_collections)
+# noisy_flax.benchmark last: it imports whatever else the steps need.
+needs=(jax flax optax orbax.checkpoint ml_collections)
 case " $STAGES " in *" vs_torch "* | *" compile "*) needs+=(torch timm torchvision) ;; esac
+needs+=(noisy_flax.benchmark)
 if ! "$PYTHON" - "${needs[@]}" <<'PY' 2>&1 | tee -a "$OUT/gpu.txt"; then
 import importlib, sys
 missing = []
@@ -75,8 +77,9 @@ for name in sys.argv[1:]:
     try:
         module = importlib.import_module(name)
         print(name, getattr(module, "__version__", "?"))
-    except ImportError:
-        missing.append(name)
+    except ImportError as error:
+        if (error.name or name) not in missing:
+            missing.append(error.name or name)
 if missing:
     print(f"missing Python packages: {' '.join(missing)}; install them (offline: pip install "
           f"--no-index --target DIR <wheels> and PYTHONPATH=DIR) and run again")

@@ -10,8 +10,8 @@ already sits on the device. Every configuration of one run is measured in
 interleaved rounds (A B C A B C ...), so that load from other processes hits
 all of them alike and their ratios stay meaningful on a busy machine.
 
-Only the ``--input`` mode imports TensorFlow; everything else needs jax, flax
-and optax alone (and torch for ``--vs-torch``).
+Only the ``--input`` mode imports TensorFlow; everything else needs jax, flax,
+optax, orbax-checkpoint and ml-collections alone (and torch for ``--vs-torch``).
 """
 from __future__ import annotations
 

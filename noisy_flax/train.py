@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from noisy_flax import checkpointing, cpu_tuning, optim, plotting, sharding
+from noisy_flax import checkpointing, cpu_tuning, optim, sharding
 from noisy_flax.models import create_model, uses_batch_stats
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -499,6 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         reporting.echo(reporting.summary_table(summary))
         workdir_lib.replace_file(summary_path, json.dumps(summary, indent=2))
         if config.plot and workdir_lib.file_exists(reporter.jsonl_path):
+            from noisy_flax import plotting  # here: the benchmark imports this module without matplotlib
             plotting.plot_curves(reporter.jsonl_path, os.path.join(workdir, "curves.png"),
                                  title=f"{config.model} on {config.dataset}")
     return summary

@@ -146,7 +146,38 @@ def test_gpu_script_checks_every_package_before_measuring(tmp_path, fake_python)
     record = (out / "gpu.txt").read_text()
     assert record.startswith("earlier machine\n") and "missing Python packages: ml_collections" in record
     result, _ = _run_script(tmp_path, fake_python, tmp_path / "out2")
-    assert "packages: jax flax optax ml_collections torch timm torchvision" in \
-        (tmp_path / "out2" / "gpu.txt").read_text()
+    assert ("packages: jax flax optax orbax.checkpoint ml_collections torch timm torchvision "
+            "noisy_flax.benchmark") in (tmp_path / "out2" / "gpu.txt").read_text()
     result, _ = _run_script(tmp_path, fake_python, tmp_path / "out3", STAGES="noise", BEST="64")
-    assert "packages: jax flax optax ml_collections\n" in (tmp_path / "out3" / "gpu.txt").read_text()
+    assert "packages: jax flax optax orbax.checkpoint ml_collections noisy_flax.benchmark\n" in \
+        (tmp_path / "out3" / "gpu.txt").read_text()
+
+
+def _blocking(tmp_path, modules):
+    """A PYTHONPATH entry under which importing each of ``modules`` fails."""
+    root = tmp_path / "blocked"
+    for name in modules:
+        (root / name).mkdir(parents=True)
+        (root / name / "__init__.py").write_text("raise ImportError(name=__name__)\n")
+    return str(root)
+
+
+@needs_timeout
+@pytest.mark.parametrize("blocked, missing", [
+    (("matplotlib", "tensorflow", "tensorflow_datasets", "scipy", "clu"), None),
+    (("orbax",), "orbax")])
+def test_gpu_script_package_check_imports_the_benchmark_for_real(tmp_path, blocked, missing):
+    """With the real Python: what the benchmark does not need may be absent;
+    what it imports (orbax, through the train step) is named before any stage."""
+    env = {**os.environ, "PYTHON": sys.executable, "STAGES": "none", "BEST": "8",
+           "PYTHONPATH": _blocking(tmp_path, blocked)}
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_vit_b16.sh"), str(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    record = (out / "gpu.txt").read_text()
+    if missing is None:
+        assert result.returncode == 0, result.stderr
+        assert "noisy_flax.benchmark" in record and "missing" not in record
+    else:
+        assert result.returncode == 1
+        assert f"missing Python packages: {missing};" in record
