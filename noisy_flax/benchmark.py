@@ -197,6 +197,16 @@ def compiled_memory_bytes(compiled) -> Optional[int]:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - aliased)
 
 
+def check_same_model(jax_case: Case, torch_case: Case) -> None:
+    """The two libraries' models must have the same parameters, and AdamW
+    must decay the same ones, or their ratio compares different work."""
+    for key, what in (("params", "parameters"), ("decayed_params", "weight-decayed parameters")):
+        mine, theirs = jax_case.info.get(key), torch_case.info.get(key)
+        if mine != theirs:
+            raise SystemExit(f"--vs-torch: the JAX model has {mine:,} {what} and the PyTorch model "
+                             f"{theirs:,}; they must be the same model for the ratio to mean anything")
+
+
 def train_case(config, mesh, name: str) -> Case:
     """The jitted, donated, sharded train step of noisy_flax.train, ready to run."""
     model = train.build_model(config, mesh)
@@ -216,8 +226,17 @@ def train_case(config, mesh, name: str) -> Case:
     info = {"compile_s": seconds, **step_flops(compiled, model, config),
             "bytes_accessed": cost_bytes(compiled),
             "xla_memory_bytes": compiled_memory_bytes(compiled),
-            "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))}
+            "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+            "decayed_params": decayed_params(state.params)}
     return Case(name, lambda: step(batch), info, step=step)
+
+
+def decayed_params(params) -> int:
+    """How many parameter values AdamW's weight decay touches (the
+    benchmark's ``wd_mask='kernels'``)."""
+    mask = optim.decay_mask(params)
+    return int(sum(np.prod(x.shape) for x, keep in zip(jax.tree.leaves(params),
+                                                       jax.tree.leaves(mask)) if keep))
 
 
 def step_flops(compiled, model, config) -> dict[str, Any]:
@@ -492,6 +511,9 @@ def run_steps(args) -> list[dict[str, Any]]:
         if not benchmark_torch.available():
             raise SystemExit("--vs-torch needs torch, timm and torchvision: "
                              "pip install -e '.[torch]' (or run from a venv that has them)")
+        if args.model_kwarg:
+            raise SystemExit("--vs-torch times the published model, which --model-kwarg does not "
+                             "change; drop --model-kwarg (--compare-model-kwarg adds JAX cases)")
     mesh = sharding.create_mesh([("data", -1), ("fsdp", 1)])
     model_kwargs = parse_model_kwargs(args.model_kwarg)
     config_for = functools.partial(benchmark_config, args.model, args.batch, args.resolution,
@@ -526,12 +548,16 @@ def run_steps(args) -> list[dict[str, Any]]:
     torch_cases = []
     if args.vs_torch:
         from noisy_flax import benchmark_torch
-        torch_cases = [benchmark_torch.train_case(args.model, args.batch, args.resolution)]
+        torch_cases = [benchmark_torch.train_case(args.model, args.batch, args.resolution,
+                                                  dtype=args.dtype)]
+        check_same_model(cases[0], torch_cases[0])
         if args.torch_compile:
-            compiled = benchmark_torch.compiled_train_case(args.model, args.batch, args.resolution)
+            compiled = benchmark_torch.compiled_train_case(args.model, args.batch, args.resolution,
+                                                           args.dtype)
             torch_cases += [compiled] if compiled is not None else []
         if args.eval:
-            torch_cases.append(benchmark_torch.eval_case(args.model, args.batch, args.resolution))
+            torch_cases.append(benchmark_torch.eval_case(args.model, args.batch, args.resolution,
+                                                         dtype=args.dtype))
         if cpu and args.dtype == "float32":
             peak_cases.append(benchmark_torch.matmul_case(max(args.matmul_sizes)))
     interleave(cases + torch_cases + peak_cases, args.steps, args.warmup, args.chunk)

@@ -4,7 +4,10 @@ The published NoisyNN code trains timm ViTs and torchvision ResNets with
 AdamW; this times that same step (forward, cross-entropy, backward, AdamW)
 at the same batch and resolution: fp32 on the CPU, bf16 autocast on a GPU,
 optionally under ``torch.compile``; with ``--eval``, also the forward pass
-alone. Needs the ``torch`` extra (torch, timm, torchvision).
+alone. The dtype policy follows the JAX step's ``--dtype``: float32, or bf16
+compute under autocast with fp32 master weights. AdamW decays what the JAX
+step decays: the weights of the linear and convolution layers. Needs the
+``torch`` extra (torch, timm, torchvision).
 """
 from __future__ import annotations
 
@@ -30,21 +33,25 @@ def available() -> bool:
     return True
 
 
-def create_model(name: str, num_classes: int = 1000):
-    """timm for ViTs, torchvision for ResNets: what the published code used."""
+def create_model(name: str, num_classes: int = 1000, resolution: int = 224):
+    """timm for ViTs (position embeddings for ``resolution``), torchvision for
+    ResNets: what the published code used."""
     if _RESNET.match(name):
         import torchvision
         return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     if name.startswith("vit_"):
         import timm
-        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                 img_size=resolution)
     raise ValueError(f"no PyTorch reference for {name!r}; use a vit_* or resnet{{18,34,50,...}} name")
 
 
 def configure_threads() -> int:
-    """All cores for intra-op work, as XLA's CPU client uses them."""
+    """One intra-op thread per core this process may run on: what XLA's CPU
+    client takes (the affinity mask, not os.cpu_count(), under taskset or a
+    cpuset)."""
     import torch
-    threads = os.cpu_count() or 1
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(threads)
     return threads
 
@@ -58,18 +65,22 @@ class _Reference:
     generator: Any  # drew the images; the train step draws its labels next
     images: Any
     autocast: Any
+    bf16: bool  # autocast on
 
 
-def _reference(model_name: str, batch: int, resolution: int, num_classes: int) -> _Reference:
+def _reference(model_name: str, batch: int, resolution: int, num_classes: int,
+               dtype: str) -> _Reference:
     import torch
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"no PyTorch dtype policy for {dtype!r}; use float32 or bfloat16")
     threads = configure_threads()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model(model_name, num_classes).to(device)
+    model = create_model(model_name, num_classes, resolution).to(device)
     generator = torch.Generator().manual_seed(0)
     images = (torch.rand(batch, 3, resolution, resolution, generator=generator) * 2 - 1).to(device)
-    # fp32 on the CPU; bf16 compute under autocast on the GPU (AMP).
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    return _Reference(threads, device, model, generator, images, autocast)
+    # As the JAX step: fp32, or bf16 compute on fp32 weights (AMP).
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    return _Reference(threads, device, model, generator, images, autocast, dtype == "bfloat16")
 
 
 def _case(name: str, step, ref: _Reference, compile: bool = False) -> Case:
@@ -85,20 +96,33 @@ def _case(name: str, step, ref: _Reference, compile: bool = False) -> Case:
     run()
     info = {"compile_s": _now() - start, "torch": torch.__version__, "torch_threads": ref.threads,
             "torch_device": str(ref.device), "torch_compile": compile,
-            "autocast": "bf16" if ref.device.type == "cuda" else "off (fp32)",
+            "autocast": "bf16" if ref.bf16 else "off (fp32)",
             "params": sum(p.numel() for p in ref.model.parameters())}
     return Case(name, run, info)
 
 
-def train_case(model_name: str, batch: int, resolution: int, *, compile: bool = False,
-               num_classes: int = 1000, lr: float = 1e-3, weight_decay: float = 1e-4) -> Case:
+def decay_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: decay on the weights of linear and convolution
+    layers only, as the JAX step's ``wd_mask='kernels'``; none on biases,
+    norms, the class token and position embeddings."""
+    import torch
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, layers)}
+    params = list(model.parameters())
+    return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+
+
+def train_case(model_name: str, batch: int, resolution: int, *, dtype: str = "float32",
+               compile: bool = False, num_classes: int = 1000, lr: float = 1e-3,
+               weight_decay: float = 1e-4) -> Case:
     """One AdamW training step of the PyTorch model, as a benchmark Case."""
     import torch
-    ref = _reference(model_name, batch, resolution, num_classes)
+    ref = _reference(model_name, batch, resolution, num_classes, dtype)
     model = ref.model.train()
+    groups = decay_groups(model, weight_decay)
     # fp32 master weights
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
-                                  fused=ref.device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=ref.device.type == "cuda")
     forward = torch.compile(model) if compile else model
     labels = torch.randint(0, num_classes, (batch,), generator=ref.generator).to(ref.device)
 
@@ -109,15 +133,18 @@ def train_case(model_name: str, batch: int, resolution: int, *, compile: bool = 
         loss.backward()
         optimizer.step()
 
-    return _case(f"torch train{' compiled' if compile else ''}", step, ref, compile)
+    case = _case(f"torch train{' compiled' if compile else ''}", step, ref, compile)
+    case.info["decayed_params"] = sum(p.numel() for p in groups[0]["params"])
+    return case
 
 
-def compiled_train_case(model_name: str, batch: int, resolution: int) -> Optional[Case]:
+def compiled_train_case(model_name: str, batch: int, resolution: int,
+                        dtype: str = "float32") -> Optional[Case]:
     """The train step under ``torch.compile``, or None (with a warning) where
     it does not compile: the issue asks for it "where it works", and a
     failure must not cost the other cases of the run."""
     try:
-        return train_case(model_name, batch, resolution, compile=True)
+        return train_case(model_name, batch, resolution, dtype=dtype, compile=True)
     except Exception as error:  # inductor raises many types (no compiler, unsupported op)
         print(f"warning: torch.compile failed, its case is left out: "
               f"{type(error).__name__}: {first_line(error)[:200]}", file=sys.stderr, flush=True)
@@ -135,11 +162,11 @@ def matmul_case(n: int) -> Case:
     return Case(f"torch.mm {n}", lambda: torch.mm(a, b), {"flops": 2.0 * n ** 3})
 
 
-def eval_case(model_name: str, batch: int, resolution: int, *,
+def eval_case(model_name: str, batch: int, resolution: int, *, dtype: str = "float32",
               num_classes: int = 1000) -> Case:
     """One forward pass of the PyTorch model in eval mode, without autograd."""
     import torch
-    ref = _reference(model_name, batch, resolution, num_classes)
+    ref = _reference(model_name, batch, resolution, num_classes, dtype)
     model = ref.model.eval()
 
     def step():

@@ -6,6 +6,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from noisy_flax import benchmark
@@ -13,6 +14,9 @@ from noisy_flax import benchmark
 TINY = ["--model", "vit_nano_patch4_28", "--model-kwarg", "num_layers=1", "--batch", "8",
         "--resolution", "28",
         "--steps", "2", "--warmup", "1", "--chunk", "1", "--matmul-sizes", "64,96"]
+
+
+TINY_PUBLISHED = [a for a in TINY if a not in ("--model-kwarg", "num_layers=1")]
 
 
 def _json_lines(text):
@@ -149,7 +153,8 @@ def test_vs_torch_compares_train_with_train_and_eval_with_eval(monkeypatch, fast
     monkeypatch.setattr(benchmark_torch, "eval_case", fake("torch eval", 0.02))
     monkeypatch.setattr(benchmark_torch, "matmul_case", lambda n: benchmark.Case(
         f"torch.mm {n}", lambda: time.sleep(0.001), {"flops": 1.0}))
-    rows = benchmark.run_steps(benchmark.parse_args(TINY + ["--vs-torch", "--eval"]))
+    monkeypatch.setattr(benchmark, "check_same_model", lambda *cases: None)  # stand-ins
+    rows = benchmark.run_steps(benchmark.parse_args(TINY_PUBLISHED + ["--vs-torch", "--eval"]))
     by_name = {row["name"]: row for row in rows}
     jax_train, jax_eval = by_name["jax train noise=none"], by_name["jax eval noise=none"]
     torch_train, torch_eval = by_name["torch train"], by_name["torch eval"]
@@ -164,6 +169,61 @@ def test_vs_torch_compares_train_with_train_and_eval_with_eval(monkeypatch, fast
     assert torch_eval["ratio_paired"] == pytest.approx(torch_eval["ratio"], rel=0.5)
     assert torch_train["ratio_paired"] == pytest.approx(torch_train["ratio"], rel=0.5)
     assert set(jax_train["matmul_flops_per_s"]) == {"matmul_64", "matmul_96", "torch.mm 96"}
+
+
+def test_vs_torch_refuses_a_model_override_before_compiling(monkeypatch):
+    from noisy_flax import benchmark_torch
+    monkeypatch.setattr(benchmark_torch, "available", lambda: True)
+    monkeypatch.setattr(benchmark, "train_case", lambda *a: pytest.fail("compiled first"))
+    with pytest.raises(SystemExit, match="drop --model-kwarg"):
+        benchmark.main(TINY + ["--vs-torch"])
+
+
+def test_models_that_differ_are_refused():
+    jax_case = benchmark.Case("jax", lambda: None, {"params": 10, "decayed_params": 8})
+    same = benchmark.Case("torch", lambda: None, {"params": 10, "decayed_params": 8})
+    benchmark.check_same_model(jax_case, same)
+    for info, what in (({"params": 12, "decayed_params": 8}, "10 parameters and the PyTorch model 12;"),
+                       ({"params": 10, "decayed_params": 10},
+                        "8 weight-decayed parameters and the PyTorch model 10;")):
+        with pytest.raises(SystemExit, match=what):
+            benchmark.check_same_model(jax_case, benchmark.Case("torch", lambda: None, info))
+
+
+@pytest.mark.parametrize("name, resolution", [("resnet18", 32), ("vit_tiny_patch16_224", 224),
+                                              ("vit_tiny_patch16_224", 96)])
+def test_torch_reference_is_the_same_model_with_the_same_decay(name, resolution):
+    """Parameters (published: ViT-Ti/16 5,717,416 at 224 px, ResNet-18
+    11,689,512) and the weight-decayed ones, counted by torch's module types
+    and by the JAX step's parameter names: two independent rules."""
+    pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    from noisy_flax import benchmark_torch
+    from noisy_flax.models import create_model
+    torch_info = benchmark_torch.train_case(name, 2, resolution).info
+    model = create_model(name, num_classes=1000)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(
+        (1, resolution, resolution, 3)), train=False))["params"]
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    assert torch_info["params"] == count
+    assert torch_info["decayed_params"] == benchmark.decayed_params(params) < count
+    published = {("resnet18", 32): 11_689_512, ("vit_tiny_patch16_224", 224): 5_717_416}
+    if (name, resolution) in published:
+        assert count == published[(name, resolution)]
+
+
+@pytest.mark.parametrize("dtype, expected", [("float32", "float32"), ("bfloat16", "bfloat16")])
+def test_torch_reference_follows_the_jax_dtype(dtype, expected):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    from noisy_flax import benchmark_torch
+    ref = benchmark_torch._reference("resnet18", 2, 32, 10, dtype)
+    with ref.autocast:
+        logits = ref.model(ref.images)
+    assert logits.dtype == getattr(torch, expected)
+    assert next(ref.model.parameters()).dtype == torch.float32  # fp32 master weights
 
 
 def test_a_torch_compile_failure_leaves_the_other_cases(monkeypatch, capsys):
