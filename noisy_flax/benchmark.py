@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -159,20 +160,29 @@ FUSED_ATTENTION_TARGET = "cudnn$fmha"  # cuDNN's fused attention custom calls
 
 
 def fused_attention_flops(hlo_text: str, model, batch: int, resolution: int) -> float:
-    """FLOPs of cuDNN's fused attention calls, which XLA's cost analysis does
-    not count (a custom call it cannot see into): for each forward call
-    4 B N^2 D (Q.K^T and P.V over all heads of width D = heads x head_dim, N
-    tokens), for each backward call twice that. Only the ViT's self-attention
-    goes to cuDNN, so N is every token (patches + class token)."""
+    """FLOPs of cuDNN's fused attention calls over the whole batch, which
+    XLA's cost analysis does not count (a custom call it cannot see into):
+    for each forward call 4 B Nq Nk D (Q.K^T and P.V over all heads of width
+    D = heads x head_dim; Nq queries, Nk keys), for each backward call twice
+    that. Nq and Nk come from the call's query and key operands, (batch,
+    tokens, heads, head_dim); where the text does not show them, every token
+    (patches + class token), as in self-attention."""
     if not isinstance(model, VisionTransformer):
         return 0.0
-    calls = [line for line in hlo_text.splitlines()
-             if "custom_call_target=" in line and FUSED_ATTENTION_TARGET in line]
-    backward = sum("Backward" in line for line in calls)
-    forward = len(calls) - backward
     tokens = (resolution // model.patch_size) ** 2 + 1
-    per_forward = 4.0 * batch * tokens ** 2 * model.hidden_size
-    return per_forward * (forward + 2 * backward)
+    total = 0.0
+    for line in hlo_text.splitlines():
+        if "custom_call_target=" not in line or FUSED_ATTENTION_TARGET not in line:
+            continue
+        operands = _OPERAND_SHAPE.findall(line.split("custom-call(", 1)[-1])
+        queries, keys = (int(operands[0].split(",")[1]), int(operands[1].split(",")[1])) \
+            if len(operands) >= 2 and operands[0].count(",") == 3 else (tokens, tokens)
+        passes = 2 if "Backward" in line else 1
+        total += passes * 4.0 * batch * queries * keys * model.hidden_size
+    return total
+
+
+_OPERAND_SHAPE = re.compile(r"\w+\[([\d,]+)\]")  # bf16[4,197,12,64] -> '4,197,12,64'
 
 
 def cost_bytes(compiled) -> Optional[float]:
@@ -223,7 +233,7 @@ def train_case(config, mesh, name: str) -> Case:
         holder["state"], _ = compiled(holder["state"], batch_)
         jax.block_until_ready(holder["state"])
 
-    info = {"compile_s": seconds, **step_flops(compiled, model, config),
+    info = {"compile_s": seconds, **step_flops(compiled, model, config, mesh.size),
             "bytes_accessed": cost_bytes(compiled),
             "xla_memory_bytes": compiled_memory_bytes(compiled),
             "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
@@ -239,14 +249,17 @@ def decayed_params(params) -> int:
                                                        jax.tree.leaves(mask)) if keep))
 
 
-def step_flops(compiled, model, config) -> dict[str, Any]:
-    """XLA's FLOP count of a compiled step, plus what it leaves out: cuDNN's
-    fused attention, which runs only on a GPU."""
+def step_flops(compiled, model, config, devices: int) -> dict[str, Any]:
+    """FLOPs of one step on all ``devices`` together: XLA's count, which is
+    per device for a program partitioned over a mesh, times the devices, plus
+    what XLA leaves out: cuDNN's fused attention (GPU only), counted here for
+    the whole batch."""
     flops, attention = cost_flops(compiled), 0.0
     if flops and jax.default_backend() == "gpu":
         attention = fused_attention_flops(compiled.as_text(), model, config.batch_size,
                                           config.image_size)
-    return {"flops": flops + attention if flops else flops, "fused_attention_flops": attention}
+    total = flops * devices + attention if flops else flops
+    return {"flops": total, "fused_attention_flops": attention, "devices": devices}
 
 
 def eval_case(config, mesh, name: str) -> Case:
@@ -262,7 +275,7 @@ def eval_case(config, mesh, name: str) -> Case:
     def run():
         jax.block_until_ready(compiled(state.params, state.batch_stats, batch, key))
 
-    return Case(name, run, {"compile_s": seconds, **step_flops(compiled, model, config),
+    return Case(name, run, {"compile_s": seconds, **step_flops(compiled, model, config, mesh.size),
                             "xla_memory_bytes": compiled_memory_bytes(compiled)})
 
 
@@ -340,6 +353,15 @@ def published_peak(device, dtype: str) -> Optional[float]:
         if name.lower() in kind.lower():
             return bf16 if dtype == "bfloat16" else fp32
     return None
+
+
+def mesh_peak(device, dtype: str, chips: int) -> tuple[Optional[float], str]:
+    """(peak FLOP/s of ``chips`` chips like ``device``, its source): every
+    chip of the mesh runs the step, and the step's FLOPs count them all."""
+    peak = published_peak(device, dtype)
+    if peak is None or chips == 1:
+        return peak, "published"
+    return peak * chips, f"published, x {chips} chips"
 
 
 def matmul_case(n: int = 1024, dtype: str = "float32",
@@ -538,8 +560,7 @@ def run_steps(args) -> list[dict[str, Any]]:
         cases.append(eval_case(config, mesh, "jax eval noise=none"))
     device = jax.devices()[0]
     cpu = jax.default_backend() == "cpu"
-    peak = published_peak(device, args.dtype)
-    peak_source = "published"
+    peak, peak_source = mesh_peak(device, args.dtype, mesh.size)
     peak_cases = []
     if cpu:
         # Measured in the same rounds as the steps, so it sees the same load;

@@ -94,6 +94,23 @@ def test_unknown_noise_is_refused():
     assert benchmark.parse_noises("all")[0] == "none"
 
 
+def test_flops_count_the_whole_batch_on_every_device_count(fast_compile):
+    """XLA counts a partitioned program per device: the 8-device step must
+    still report the FLOPs of the one-device step, the reference (the train
+    step's replicated AdamW update runs on every device, hence the margin)."""
+    from noisy_flax import sharding
+    # Batch 64 and 10 classes: the per-device copies of the update stay small.
+    config = benchmark.benchmark_config("vit_nano_patch4_28", 64, 28, num_classes=10,
+                                        model_kwargs={"num_layers": 1})
+    meshes = {n: sharding.create_mesh(devices=jax.devices()[:n]) for n in (1, 8)}
+    assert meshes[8].size == 8
+    flops = {(kind, n): case(config, mesh, "x").info["flops"]
+             for kind, case in (("train", benchmark.train_case), ("eval", benchmark.eval_case))
+             for n, mesh in meshes.items()}
+    assert flops[("eval", 8)] == pytest.approx(flops[("eval", 1)], rel=0.01)
+    assert flops[("train", 1)] <= flops[("train", 8)] <= 1.05 * flops[("train", 1)]
+
+
 def test_matmul_flops_match_the_closed_form():
     m, k, n = 64, 96, 48
     a, b = jnp.ones((m, k)), jnp.ones((k, n))
@@ -124,6 +141,14 @@ def test_published_peaks_by_device_kind():
     assert benchmark.published_peak(Device("NVIDIA H100 PCIe"), "bfloat16") == 756e12
     assert benchmark.published_peak(Device("TPU v5 lite"), "bfloat16") == 197e12
     assert benchmark.published_peak(Device("cpu"), "float32") is None
+
+
+def test_a_mesh_peak_counts_every_chip():
+    class H200:
+        device_kind = "NVIDIA H200"
+    assert benchmark.mesh_peak(H200(), "bfloat16", 1) == (989e12, "published")
+    assert benchmark.mesh_peak(H200(), "bfloat16", 8) == (8 * 989e12, "published, x 8 chips")
+    assert benchmark.mesh_peak(jax.devices()[0], "float32", 8) == (None, "published")
 
 
 def test_step_modes_import_neither_tensorflow_nor_torch():
@@ -270,3 +295,21 @@ def test_fused_attention_flops_are_added_in_closed_form():
     assert benchmark.fused_attention_flops("%d = dot(...)", model, 4, 224) == 0
     resnet = create_model("resnet18", num_classes=10)
     assert benchmark.fused_attention_flops(hlo, resnet, 4, 224) == 0
+
+
+def test_fused_attention_flops_read_the_query_and_key_lengths_of_each_call():
+    """With attention_implementation='cudnn' the class-token last block's one
+    query goes to cuDNN too: 4 B x 1 x 197 x 768 forward, not 4 B 197^2 768.
+    Per-device operands (batch 2 of 4 on each of two devices); the count is
+    for the whole batch of 4."""
+    from noisy_flax.models import create_model
+    model = create_model("vit_base_patch16_224", num_classes=10)
+    call = ("%c = (bf16[2,{n},12,64]{{3,1,2,0}}, u8[0]{{0}}) custom-call(bf16[2,{n},12,64]{{3,1,2,0}} "
+            "%q, bf16[2,197,12,64]{{3,1,2,0}} %k, bf16[2,197,12,64]{{3,1,2,0}} %v), "
+            'custom_call_target="__cudnn$fmhaSoftmax{kind}"')
+    hlo = "\n".join([call.format(n=197, kind="")] * 11 + [call.format(n=197, kind="Backward")] * 11
+                    + [call.format(n=1, kind=""), call.format(n=1, kind="Backward")])
+    self_attention = 4 * 4 * 197 ** 2 * 768
+    class_token = 4 * 4 * 1 * 197 * 768
+    assert benchmark.fused_attention_flops(hlo, model, 4, 224) == \
+        11 * 3 * self_attention + 3 * class_token
