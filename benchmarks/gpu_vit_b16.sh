@@ -32,7 +32,10 @@ BEST=${BEST:-}                       # set: skip the sweep, use this batch
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # Later stages compile the same steps again: the persistent cache answers them.
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/noisy_flax_jax_cache}
+# One cache per output folder, so the sweep's compile times are cold ones
+# (a resumed run reuses its folder's cache; later stages' times are loads).
+# Kept outside the folder: the results must stay small enough to copy back.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/noisy_flax_jax_cache/$(cd "$OUT" && pwd | cksum | cut -d' ' -f1)}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 LOG="$OUT/log.txt"
 say() { echo "[gpu_vit_b16 +${SECONDS}s] $*" | tee -a "$LOG" >&2; }

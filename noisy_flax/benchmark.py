@@ -478,7 +478,9 @@ def environment() -> dict[str, Any]:
            "optax": _version("optax"), "xla_flags": os.environ.get("XLA_FLAGS", ""),
            # the allocator matters on the CPU (noisy_flax.cpu_tuning)
            "ld_preload": os.environ.get("LD_PRELOAD", ""),
-           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+           # set: compile_s may be a load from JAX's persistent cache
+           "compilation_cache_dir": jax.config.jax_compilation_cache_dir or ""}
     return env
 
 

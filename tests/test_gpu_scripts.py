@@ -65,6 +65,7 @@ fi
 if [ "$1" = "-" ]; then exec {python} "$@"; fi
 if [ "$1" = "-c" ]; then echo "jax fake"; exit 0; fi
 echo "$@" >> "$FAKE_CALLS"
+echo "$JAX_COMPILATION_CACHE_DIR" >> "$FAKE_CALLS.cache"
 batch=0; prev=""
 for a in "$@"; do [ "$prev" = "--batch" ] && batch=$a; prev=$a; done
 case " $* " in
@@ -111,6 +112,26 @@ def test_gpu_script_takes_the_best_batch_through_every_stage(tmp_path, fake_pyth
         "checks.jsonl", "gpu.txt", "log.txt", "noise.txt", "sweep.jsonl", "vs_torch.txt",
         "vs_torch_compile.txt"]
     assert len((out / "sweep.jsonl").read_text().splitlines()) == 2  # 128 and 256
+
+
+@needs_timeout
+def test_gpu_script_keeps_one_compilation_cache_per_output_folder_outside_it(tmp_path, fake_python):
+    """The sweep's compile times must be cold ones, and the results folder
+    must stay small: a cache per folder, under /tmp, reused only on resume."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    caches = []
+    for out in ("a", "b", "a"):
+        cache_log = tmp_path / "calls.txt.cache"
+        cache_log.unlink(missing_ok=True)
+        subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_vit_b16.sh"), str(tmp_path / out)],
+                       cwd=ROOT, env={**env, "PYTHON": str(fake_python), "STAGES": "sweep",
+                                      "FAKE_CALLS": str(tmp_path / "calls.txt")},
+                       capture_output=True, text=True, timeout=120, check=True)
+        used = set(cache_log.read_text().split())
+        assert len(used) == 1
+        caches.append(used.pop())
+    assert caches[0] == caches[2] != caches[1]
+    assert all(c.startswith("/tmp/noisy_flax_jax_cache/") for c in caches)
 
 
 @needs_timeout
