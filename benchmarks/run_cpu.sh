@@ -7,8 +7,16 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 PY_TORCH=${PY_TORCH:-/work/torchvenv/bin/python}
 LOGS=${LOGS:-benchmarks/logs}
+SUFFIX=${SUFFIX:-}  # appended to every log name: BENCHMARKS.md cites earlier logs by name
 mkdir -p "$LOGS"
-run() { local name=$1; shift; echo "== $name: $*" >&2; "$@" > "$LOGS/$name.txt" 2> "$LOGS/$name.err"; }
+run() {
+  local name=$1$SUFFIX; shift
+  if [ -e "$LOGS/$name.txt" ] && [ -z "${OVERWRITE:-}" ]; then
+    echo "$LOGS/$name.txt exists and BENCHMARKS.md may cite it; set SUFFIX=_<new name> (or OVERWRITE=1)" >&2
+    exit 2
+  fi
+  echo "== $name: $*" >&2; "$@" > "$LOGS/$name.txt" 2> "$LOGS/$name.err"
+}
 # vs_torch SUFFIX [PREFIX...]: ViT-Ti and ResNet-18 against PyTorch, each command run under PREFIX.
 vs_torch() {
   local suffix=$1; shift

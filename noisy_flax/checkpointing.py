@@ -113,12 +113,14 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore_latest(self, abstract_state: Any) -> tuple[Optional[int], Any]:
+    def restore_latest(self, abstract_state: Any, *, read_only: bool = False
+                       ) -> tuple[Optional[int], Any]:
         """Restores the newest intact checkpoint; (None, None) when there is none.
 
         An unfinished or damaged checkpoint is reported by name, moved aside
-        (never deleted, so that it can be inspected) and the next older one
-        is tried. A checkpoint from a newer noisy_flax raises CheckpointError.
+        (never deleted, so that it can be inspected; with ``read_only``, for
+        tools that read a run another process may be writing, left in place)
+        and the next older one is tried. A checkpoint from a newer noisy_flax raises CheckpointError.
         With several processes, all skip the same steps and restore the same one.
         """
         # Everything is listed before anything moves, so that every process
@@ -129,6 +131,8 @@ class Checkpointer:
         _sync_processes("noisy_flax checkpoints listed")
         set_aside_any = False
         for path in unfinished:
+            if read_only:  # perhaps a save in progress: not ours to judge
+                continue
             self._set_aside(path, "it is an interrupted save that was never completed")
             set_aside_any = True
         found = None, None
@@ -136,22 +140,22 @@ class Checkpointer:
             path = self.directory / str(step)
             if missing[step]:
                 self._set_aside(path, f"it lacks its commit marker {missing[step][0]} "
-                                      "(an unfinished save)")
+                                      "(an unfinished save)", read_only)
                 set_aside_any = True
                 continue
             try:
                 found = step, self.restore(step, abstract_state)
                 break
             except DamagedCheckpointError as error:
-                self._set_aside(path, f"it cannot be restored ({error.problem})")
+                self._set_aside(path, f"it cannot be restored ({error.problem})", read_only)
                 set_aside_any = True
-        if set_aside_any:  # every process lists what process 0 left in place
+        if set_aside_any and not read_only:  # every process lists what process 0 left in place
             _sync_processes("noisy_flax checkpoints set aside")
             self.manager.reload()
         return found
 
-    def _set_aside(self, path: epath.Path, reason: str) -> None:
-        if jax.process_index() != 0:  # one process moves it; the others only skip it
+    def _set_aside(self, path: epath.Path, reason: str, read_only: bool = False) -> None:
+        if read_only or jax.process_index() != 0:  # one process moves it; others only skip it
             log.warning("checkpoint %s is skipped because %s", path, reason)
             return
         target = set_aside(path)

@@ -446,8 +446,8 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str, mesh):
     if checkpointing.has_checkpoints(directory):  # else create nothing where no run is
         ckpt = checkpointing.Checkpointer(directory)
         try:
-            step, restored = ckpt.restore_latest(
-                checkpointing.abstract_with_shardings(state, shardings))
+            step, restored = ckpt.restore_latest(  # training may be writing here
+                checkpointing.abstract_with_shardings(state, shardings), read_only=True)
         finally:
             ckpt.close()
     if restored is None:

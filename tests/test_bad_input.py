@@ -353,6 +353,22 @@ def test_another_model_is_refused_even_when_config_changes_are_allowed(dirs, tra
                    r"encoderblock_1/.*: not in the checkpoint.*\); run with the config that wrote it")
 
 
+def test_evaluate_leaves_a_save_in_progress_and_a_damaged_step_in_place(dirs, trained, tmp_path):
+    """evaluate reads a run that training may still be writing: an unfinished
+    save is skipped, not moved; so is a damaged step (the older one is read)."""
+    from noisy_flax import evaluate, sharding
+    workdir = copy_of(trained, tmp_path)
+    checkpoints = workdir / "checkpoints"
+    (checkpoints / f"4{checkpointing.TMP_SUFFIX}-123").mkdir()
+    shutil.copytree(checkpoints / "2", checkpoints / "3")
+    (checkpoints / "3" / "meta" / "metadata").write_text("{not json")
+    before = tiny_run.snapshot(workdir)
+    config = tiny_run.tiny_config(*dirs)
+    _, _, step = evaluate.restore_variables(config, str(workdir), sharding.create_mesh(config.mesh))
+    assert step == 2
+    assert tiny_run.snapshot(workdir) == before
+
+
 @pytest.mark.parametrize("case", ["another model", "no run"])
 def test_evaluate_moves_and_creates_nothing(dirs, trained, tmp_path, case):
     from noisy_flax import evaluate, sharding

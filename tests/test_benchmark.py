@@ -50,7 +50,9 @@ def test_runs_a_tiny_model_and_prints_a_table_and_json_lines(capsys, fast_compil
     op = rows.pop(2)
     # vit_nano_patch4_28: (28 / 4)^2 = 49 patch tokens + the class token, width 64.
     assert op["site_shape"] == [8, 50, 64]
-    assert op["overhead_pct"] == pytest.approx(100 * op["step_ms_median"] / rows[0]["step_ms_median"])
+    # Ratios recomputed from the raw step times each row lists.
+    assert op["overhead_pct"] == pytest.approx(100 * np.median(op["step_ms"])
+                                               / np.median(rows[0]["step_ms"]), rel=1e-2)
     for row in rows:
         for field in ("model", "batch", "resolution", "dtype", "backend", "device_kind",
                       "cpu_count", "jax", "steps", "step_ms_median", "step_ms_p10",
@@ -59,8 +61,11 @@ def test_runs_a_tiny_model_and_prints_a_table_and_json_lines(capsys, fast_compil
             assert field in row, field
         assert row["steps"] == 2 and row["batch"] == 8
         assert row["flops"] > 0 and row["images_per_s"] > 0
-    assert rows[0]["ratio"] == 1.0 and rows[0]["overhead_pct"] == 0.0
-    assert rows[1]["ratio"] > 0 and rows[1]["ratio_paired"] > 0 and rows[1]["bytes_ratio"] > 0
+    for row in rows:
+        assert row["images_per_s"] == pytest.approx(8 / np.median(row["step_ms"]) * 1e3, rel=1e-2)
+    assert rows[1]["ratio"] == pytest.approx(np.median(rows[1]["step_ms"])
+                                             / np.median(rows[0]["step_ms"]), rel=1e-2)
+    assert rows[1]["ratio_paired"] > 0 and rows[1]["bytes_ratio"] > 0
     assert len(rows[1]["step_ms"]) == 2
     # The peak is the fastest of the matmuls timed beside the steps.
     rates = rows[0]["matmul_flops_per_s"]
@@ -187,8 +192,10 @@ def test_vs_torch_compares_train_with_train_and_eval_with_eval(monkeypatch, fast
     assert torch_train["images_per_s"] <= 8 / 0.05 and torch_eval["images_per_s"] <= 8 / 0.02
     assert torch_train["ratio"] == pytest.approx(jax_train["images_per_s"] / torch_train["images_per_s"])
     assert torch_eval["ratio"] == pytest.approx(jax_eval["images_per_s"] / torch_eval["images_per_s"])
-    assert jax_train["jax_over_torch_train"] == torch_train["ratio"]
-    assert jax_eval["jax_over_torch_eval"] == torch_eval["ratio"]
+    for jax_row, torch_row, key in ((jax_train, torch_train, "jax_over_torch_train"),
+                                    (jax_eval, torch_eval, "jax_over_torch_eval")):
+        assert jax_row[key] == pytest.approx(np.median(torch_row["step_ms"])
+                                             / np.median(jax_row["step_ms"]), rel=1e-2)
     assert "jax_over_torch_eval" not in jax_train
     # Paired per round with the same step as the ratio: eval with eval.
     assert torch_eval["ratio_paired"] == pytest.approx(torch_eval["ratio"], rel=0.5)
