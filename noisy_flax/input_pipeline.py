@@ -113,6 +113,9 @@ def check_input_config(config: ml_collections.ConfigDict) -> None:
   if not 0 < inp.crop_fraction <= 1:
     raise ValueError(f"config.input.crop_fraction={inp.crop_fraction} must be in (0, 1], "
                      "e.g. 0.875")
+  if inp.prefetch < 0 and inp.prefetch != -1:  # -1: tf.data.AUTOTUNE
+    raise ValueError(f"config.input.prefetch={inp.prefetch} must be >= 0 batches, or -1 for "
+                     "tf.data's autotuning")
   if inp.shuffle_buffer < 1:
     raise ValueError(f"config.input.shuffle_buffer={inp.shuffle_buffer} must be >= 1 "
                      "(1 = no shuffling)")

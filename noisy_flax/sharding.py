@@ -26,6 +26,9 @@ def create_mesh(axes: Sequence[tuple[str, int]] | None = None, devices=None) -> 
     """
     devices = list(jax.devices() if devices is None else devices)
     axes = list(axes or [("data", -1), ("fsdp", 1)])
+    if not all(isinstance(axis, (tuple, list)) and len(axis) == 2 for axis in axes):
+        raise ValueError(f"config.mesh={axes!r} must be (name, size) pairs, e.g. "
+                         "'((\"data\", -1), (\"fsdp\", 1))'")
     names = tuple(name for name, _ in axes)
     unknown = set(names) - set(BATCH_AXES)
     if unknown:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,8 @@ def validate_config(config: ml_collections.ConfigDict):
 AT_LEAST = (("log_every", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1),
             ("eval_every", 0), ("eval_every_epochs", 0), ("eval_max_examples", 0),
             ("warmup_steps", 0),
-            ("warmup_epochs", 0), ("total_steps", 0), ("weight_decay", 0),
+            ("warmup_epochs", 0), ("total_steps", 0), ("num_epochs", 0), ("weight_decay", 0),
+            ("image_size", 1), ("eps", 0), ("momentum", 0),
             ("grad_clip_norm", 0), ("label_smoothing", 0),
             # Rates below zero would climb the loss: end_lr is where the
             # schedule ends, warmup_init_lr where the warm-up starts.
@@ -62,6 +64,17 @@ def check_numbers(config) -> None:
     for key in ("lr", "end_lr", "warmup_init_lr"):
         if not math.isfinite(config.get(key, 0.0)):
             raise ValueError(f"config.{key}={config[key]} must be a finite number")
+    # Rates in [0, 1): a moment's decay of 1 or more never forgets (or grows),
+    # a dropout rate of 1 drops everything.
+    below_one = [(f"config.{k}", config.get(k, 0.0)) for k in ("b1", "b2", "momentum")]
+    below_one += [(f"config.model_kwargs.{k}", v) for k, v in config.model_kwargs.items()
+                  if k.endswith(("dropout_rate", "drop_path_rate"))]
+    for name, value in below_one:
+        if not 0 <= value < 1:
+            raise ValueError(f"{name}={value} must be in [0, 1), e.g. 0.9 for a moment's decay "
+                             "or 0.1 for a dropout rate")
+    if not -2 ** 63 <= config.seed < 2 ** 63:
+        raise ValueError(f"config.seed={config.seed} must fit in 64 bits, e.g. 0")
 
 
 def check_choices(config) -> None:
@@ -142,6 +155,12 @@ def check_dataset(config):
 
 def check_init_from(config) -> None:
     path = config.get("init_from")
+    for pattern in config.get("init_dont_load", ()):
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"config.init_dont_load has {pattern!r}, not a regular expression "
+                             f"({error}); give patterns such as 'head/.*'") from None
     if not path and config.get("init_required", False):
         raise ValueError("this config fine-tunes pretrained weights but config.init_from is not "
                          "set; pass --config.init_from=<.npz, .safetensors, .pth or converted "

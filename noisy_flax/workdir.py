@@ -62,6 +62,11 @@ def check_workdir(workdir: str) -> None:
         return
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir} is a file; give a directory")
+    for name in ("checkpoints", "best"):  # where orbax saves; it would fail only when saving
+        inside = os.path.join(workdir, name)
+        if os.path.exists(inside) and not os.path.isdir(inside):
+            raise ValueError(f"{inside} is a file, where the run keeps its {name} checkpoints; "
+                             "move it away, or use another --workdir")
     existing = _nearest_existing(workdir)
     if not os.path.isdir(existing):
         raise ValueError(f"--workdir {workdir} cannot be created: {existing} is a file; "

@@ -172,6 +172,24 @@ CASES = {
     "RandAugment with one value": ({"input.randaugment": (2,)},
                                    r"config.input.randaugment=\(2,\) must be a \(num_ops, "
                                    r"magnitude\) pair"),
+    "image size 0": ({"image_size": 0, "input.train_crop": "resize"},
+                     r"config.image_size=0 must be >= 1"),
+    "negative prefetch": ({"input.prefetch": -5}, r"config.input.prefetch=-5 must be >= 0"),
+    "first moment decay of 2": ({"b1": 2.0}, r"config.b1=2.0 must be in \[0, 1\)"),
+    "negative second moment decay": ({"b2": -1.0}, r"config.b2=-1.0 must be in \[0, 1\)"),
+    "negative epsilon": ({"eps": -1.0}, r"config.eps=-1.0 must be >= 0"),
+    "negative momentum": ({"optimizer": "sgd", "momentum": -3.0},
+                          r"config.momentum=-3.0 must be >= 0"),
+    "drop-path rate above 1": ({"model_kwargs.drop_path_rate": 1.5},
+                               r"config.model_kwargs.drop_path_rate=1.5 must be in \[0, 1\)"),
+    "infinite epochs": ({"num_epochs": float("inf"), "total_steps": 0},
+                        r"config.num_epochs=inf must be >= 0"),
+    "seed beyond 64 bits": ({"seed": 99999999999999999999}, r"config.seed=\d+ must fit in 64 bits"),
+    # --config.mesh=abc arrives as ('a', 'b', 'c')
+    "mesh not in pairs": ({"mesh": ("a", "b", "c")},
+                          r"config.mesh=\['a', 'b', 'c'\] must be \(name, size\) pairs"),
+    "not a regular expression in init_dont_load": (
+        {"init_dont_load": ("[",)}, r"config.init_dont_load has '\[', not a regular expression"),
     "stored images of another size without a crop": (
         {"input.train_crop": "none", "image_size": 56},
         r"train_crop='none' needs fashion_mnist images of 56x56, but they are \(28, 28\)"),
@@ -182,6 +200,16 @@ CASES = {
 def test_config_mistake_is_one_line_and_touches_nothing(case, dirs, workdir, capsys):
     overrides, pattern = CASES[case]
     expect_refused(capsys, tiny_run.tiny_config(*dirs, **overrides), workdir, pattern)
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "best"])
+def test_a_file_where_checkpoints_go_is_refused_before_anything_is_written(
+        dirs, trained, tmp_path, capsys, name):
+    workdir = copy_of(trained, tmp_path)
+    shutil.rmtree(workdir / name, ignore_errors=True)
+    (workdir / name).write_text("x")
+    expect_refused(capsys, tiny_run.tiny_config(*dirs), workdir,
+                   rf"{name} is a file, where the run keeps its {name} checkpoints; move it away")
 
 
 def test_a_refused_run_does_not_create_its_workdir(dirs, tmp_path, capsys):
