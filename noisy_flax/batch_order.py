@@ -29,14 +29,18 @@ import numpy as np
 ORDERS = ("class_sorted", "shuffled", "single", "same_class", "distinct_class")
 
 
-def batch_indices(labels: np.ndarray, order: str, batch_size: int, *, seed: int = 0,
-                  num_classes: int | None = None) -> list[np.ndarray]:
-    """Index batches (int64 arrays into ``labels``) for one order."""
-    labels = _check_labels(labels)
+def check_order(order: str) -> None:
     if order not in ORDERS:
         close = difflib.get_close_matches(str(order), ORDERS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown batch order {order!r}{hint}; choose one of {', '.join(ORDERS)}")
+
+
+def batch_indices(labels: np.ndarray, order: str, batch_size: int, *, seed: int = 0,
+                  num_classes: int | None = None) -> list[np.ndarray]:
+    """Index batches (int64 arrays into ``labels``) for one order."""
+    labels = _check_labels(labels)
+    check_order(order)
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     rng = np.random.default_rng(seed)

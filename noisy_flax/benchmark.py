@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from noisy_flax import noise as noise_lib
-from noisy_flax import cpu_tuning, optim, sharding, train
+from noisy_flax import cli, cpu_tuning, optim, sharding, train
 from noisy_flax.models import VisionTransformer
 from noisy_flax.models.common import apply_noise, apply_noise_to_patch_tokens
 
@@ -110,7 +110,7 @@ def parse_noises(text: str) -> list[str]:
     names = list(NOISE_CHOICES) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
     for name in names:
         if name not in NOISE_CHOICES:
-            raise SystemExit(f"unknown noise {name!r}; use 'all' or some of {', '.join(NOISE_CHOICES)}")
+            raise ValueError(f"unknown noise {name!r}; use 'all' or some of {', '.join(NOISE_CHOICES)}")
     if "none" in names:  # the reference comes first
         names.remove("none")
     return ["none"] + names
@@ -213,7 +213,7 @@ def check_same_model(jax_case: Case, torch_case: Case) -> None:
     for key, what in (("params", "parameters"), ("decayed_params", "weight-decayed parameters")):
         mine, theirs = jax_case.info.get(key), torch_case.info.get(key)
         if mine != theirs:
-            raise SystemExit(f"--vs-torch: the JAX model has {mine:,} {what} and the PyTorch model "
+            raise ValueError(f"--vs-torch: the JAX model has {mine:,} {what} and the PyTorch model "
                              f"{theirs:,}; they must be the same model for the ratio to mean anything")
 
 
@@ -533,10 +533,10 @@ def run_steps(args) -> list[dict[str, Any]]:
     if args.vs_torch:
         from noisy_flax import benchmark_torch  # torch is an optional extra
         if not benchmark_torch.available():
-            raise SystemExit("--vs-torch needs torch, timm and torchvision: "
+            raise ValueError("--vs-torch needs torch, timm and torchvision: "
                              "pip install -e '.[torch]' (or run from a venv that has them)")
         if args.model_kwarg:
-            raise SystemExit("--vs-torch times the published model, which --model-kwarg does not "
+            raise ValueError("--vs-torch times the published model, which --model-kwarg does not "
                              "change; drop --model-kwarg (--compare-model-kwarg adds JAX cases)")
     mesh = sharding.create_mesh([("data", -1), ("fsdp", 1)])
     model_kwargs = parse_model_kwargs(args.model_kwarg)
@@ -729,13 +729,27 @@ def fed_train_case(synthetic: Case, iterator, mesh) -> Case:
                 lambda: synthetic.step(sharding.global_batch(next(iterator), mesh)))
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every entry point reports a user error
+        cli.fail(f"{message} (see --help)")
+
+
+def _at_least(lowest: int):
+    def integer(text: str) -> int:  # argparse names it in "invalid integer value"
+        value = int(text)
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{value} is below {lowest}")
+        return value
+    return integer
+
+
 def parse_args(argv: Optional[Sequence[str]] = None):
-    p = argparse.ArgumentParser(prog="python -m noisy_flax.benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _ArgumentParser(prog="python -m noisy_flax.benchmark", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_tiny_patch16_224",
                    help="registry name (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=32, help="images per step (default: %(default)s)")
-    p.add_argument("--resolution", type=int,
+    p.add_argument("--batch", type=_at_least(1), default=32, help="images per step (default: %(default)s)")
+    p.add_argument("--resolution", type=_at_least(1),
                    help="image side (default: the model's own: 224, 384 or 28 as in its name)")
     p.add_argument("--dtype", choices=tuple(train.DTYPES), default="float32")
     p.add_argument("--noise", default="none",
@@ -757,21 +771,29 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--vs-torch", action="store_true", help="also time timm / torchvision")
     p.add_argument("--torch-compile", action="store_true",
                    help="with --vs-torch: also time the torch.compile'd PyTorch model")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per case")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per case first")
-    p.add_argument("--chunk", type=int, default=5, help="timed steps per case per round")
+    p.add_argument("--steps", type=_at_least(1), default=20, help="timed steps per case")
+    p.add_argument("--warmup", type=_at_least(0), default=3, help="untimed steps per case first")
+    p.add_argument("--chunk", type=_at_least(1), default=5, help="timed steps per case per round")
     p.add_argument("--matmul-sizes", type=lambda text: [int(n) for n in text.split(",")],
                    default=[1024, 2048],
                    help="CPU: square matmuls timed beside the steps; the fastest is the peak")
     p.add_argument("--input", choices=("fashion_mnist", "mock_imagenet"),
                    help="measure the tf.data pipeline instead of the steps")
-    p.add_argument("--input-batches", type=int, default=30, help="tf.data batches to time")
-    p.add_argument("--mock-images", type=int, default=300, help="JPEGs for mock_imagenet")
+    p.add_argument("--input-batches", type=_at_least(1), default=30, help="tf.data batches to time")
+    p.add_argument("--mock-images", type=_at_least(1), default=300, help="JPEGs for mock_imagenet")
     p.add_argument("--json", action="store_true", help="JSON lines only")
     args = p.parse_args(argv)
+    from noisy_flax.models import create_model, input_size
+    overrides = parse_model_kwargs(args.model_kwarg + args.compare_model_kwarg)
+    try:  # the name and every override, before anything compiles
+        model = create_model(args.model, num_classes=10, **overrides)
+    except ValueError as error:
+        cli.fail(cli.first_line(error))
+    except TypeError as error:  # a keyword the model does not take
+        cli.fail(f"{cli.first_line(error)}; a --model-kwarg names a field of the model, "
+                 "e.g. num_layers=2")
     if args.resolution is None:
-        from noisy_flax.models import create_model, input_size
-        args.resolution = input_size(create_model(args.model, num_classes=10))
+        args.resolution = input_size(model)
     return args
 
 
@@ -780,10 +802,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     env = environment()
     common = {"model": args.model, "batch": args.batch, "resolution": args.resolution,
               "dtype": args.dtype, **env}
-    if args.input:
-        rows = run_input(args)
-    else:
-        rows = run_steps(args)
+    try:
+        rows = run_input(args) if args.input else run_steps(args)
+    except ValueError as error:  # a bad model, noise or override: before any timing
+        cli.fail(cli.first_line(error))
     if args.json:
         emit_json(rows, common)
     else:

@@ -176,6 +176,8 @@ class Checkpointer:
             saved = self.manager.item_metadata(step)["state"]
         except Exception as error:  # every process reads these same files: all fail alike
             raise DamagedCheckpointError(path, _describe(error)) from error
+        if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
+            raise DamagedCheckpointError(path, "its meta/metadata has no format_version")
         if meta["format_version"] > FORMAT_VERSION:
             raise CheckpointError(
                 f"checkpoint {path} has format version {meta['format_version']}, this "

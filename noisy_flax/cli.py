@@ -6,7 +6,7 @@ import re
 import sys
 from typing import Any, Callable
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 EXIT_USER_ERROR = 2
@@ -33,7 +33,8 @@ def start(argv) -> None:
     """The opening of every absl ``main``: no stray arguments, and warnings
     only unless --verbosity is given (orbax and tfds log every step at INFO)."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        fail(f"unexpected arguments: {' '.join(argv[1:])}; every option is a flag such as "
+             "--workdir=DIR or --config.lr=1e-3 (see --helpfull)")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
 

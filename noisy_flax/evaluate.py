@@ -73,6 +73,9 @@ def load_eval_data(config: ml_collections.ConfigDict, *, split: Optional[str] = 
     ``per_class`` keeps the first that many examples of each class (a
     stratified subset, in split order); ``max_examples`` the first n.
     """
+    if per_class < 0 or max_examples < 0:
+        raise ValueError(f"per_class={per_class} and max_examples={max_examples} must be >= 0 "
+                         "(0: every example)")
     split = split or config.eval_split
     n = input_pipeline.num_eval_examples(config, split)
     bytes_needed = n * config.image_size ** 2 * config.input.channels * 4
@@ -464,9 +467,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, orders: Sequence[str
     """Evaluates the latest checkpoint of ``workdir``; writes ``<name>.json`` and
     ``<name>.md`` (default name: entropy_orders with entropy, else eval_orders)."""
     name = name or ("entropy_orders" if with_entropy else "eval_orders")
+    for order in orders:  # every cheap check before the restore
+        batch_order.check_order(order)
+    if batch_size < 1:
+        raise ValueError(f"--batch_size={batch_size} must be >= 1")
     mesh = sharding.create_mesh(config.mesh)
-    model, variables, step = restore_variables(config, workdir, mesh)
     data = load_eval_data(config, split=split, per_class=per_class, max_examples=max_examples)
+    model, variables, step = restore_variables(config, workdir, mesh)
     result = evaluate_checkpoint_orders(model, variables, data, config.noise, orders=orders,
                                         batch_size=batch_size, mesh=mesh, seed=seed,
                                         with_entropy=with_entropy, probe_steps=probe_steps)
@@ -497,12 +504,14 @@ def main_with_flags(argv, *, entropy_default: bool = False) -> None:
     orders = flags.DEFINE_list("orders", list(batch_order.ORDERS), "Batch orders to run.")
     batch_size = flags.DEFINE_integer(
         "batch_size", 10, "Test batch size over all devices. The published run mixed 10 on its "
-        "one GPU: with noise.scope='device', pass 10 x the device count.")
+        "one GPU: with noise.scope='device', pass 10 x the device count.", lower_bound=1)
     seed = flags.DEFINE_integer("seed", 0, "Seed of the shuffled orders and the noise keys.")
     split = flags.DEFINE_string("split", None, "Eval split (default config.eval_split).")
-    per_class = flags.DEFINE_integer("per_class", 0, "Keep the first N examples per class.")
+    per_class = flags.DEFINE_integer("per_class", 0, "Keep the first N examples per class "
+                                     "(0: all).", lower_bound=0)
     with_entropy = flags.DEFINE_bool("entropy", entropy_default, "Add H(Y|Z) estimates.")
-    probe_steps = flags.DEFINE_integer("probe_steps", 500, "L-BFGS steps of the probe.")
+    probe_steps = flags.DEFINE_integer("probe_steps", 500, "L-BFGS steps of the probe.",
+                                       lower_bound=1)
     flags.mark_flags_as_required(["config", "workdir"])
 
     def main(args):

@@ -201,6 +201,11 @@ def gaussian_noise(x: Array, *, key, strength: float = 0.1, mean: float = 0.0,
     del mask
     _require_key(key, "gaussian")
     _require_float(x, "gaussian")
+    for name, value in (("strength", strength), ("mean", mean), ("std", std)):
+        if not isinstance(value, jax.core.Tracer) and not math.isfinite(float(value)):
+            raise ValueError(f"gaussian {name}={value} must be a finite number")
+    if not isinstance(std, jax.core.Tracer) and float(std) < 0:
+        raise ValueError(f"gaussian std={std} is a standard deviation; use a value >= 0")
     draw = mean + std * jax.random.normal(key, x.shape, jnp.float32)
     return x + (strength * draw).astype(x.dtype)
 

@@ -656,6 +656,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 help="regex of names to keep at their initial value (repeatable)")
     args = parser.parse_args(argv)
     try:
+        for flag in ("num_classes", "image_size"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise ValueError(f"--{flag}={value} must be >= 1 (leave it out for the default)")
+        for pattern in args.dont_load:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"--dont_load {pattern!r} is not a regular expression ({error}); "
+                                 "give a pattern such as 'head/.*'") from None
         variables = convert(args.src, args.dst, args.model, num_classes=args.num_classes,
                             image_size=args.image_size, dont_load=args.dont_load)
     except (ValueError, FileNotFoundError) as error:  # CheckpointError is a ValueError

@@ -38,7 +38,19 @@ class MetricsReporter:
             return
         with workdir_lib.open_file(self.jsonl_path) as f:
             lines = f.read().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # a write cut short by a crash: drop it
+                    continue
+                raise ValueError(f"{self.jsonl_path} line {number} is not JSON; repair or delete "
+                                 "that line to resume") from None
+            if record["step"] <= step:
+                kept.append(line)
         if len(kept) != len(lines):
             workdir_lib.replace_file(self.jsonl_path, "".join(kept))
 

@@ -36,7 +36,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.serialization
 import jax
@@ -293,6 +293,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     noises = {n["label"]: n for n in study.noises}
     runs = plan(study)
     check_study(config, mesh)  # before anything is written or trained
+    workdir_lib.check_workdir(workdir)
     workdir_lib.check_config_unchanged(workdir, config, file_name=STUDY_CONFIG, what="study")
     os.makedirs(workdir, exist_ok=True)
     pending = _pending(runs, workdir)
@@ -355,6 +356,16 @@ def check_study(config: ml_collections.ConfigDict, mesh) -> None:
     """Settings that would otherwise fail after hours of training: the batch
     orders, the test batch against the classes and the devices, each noise."""
     study = config.study
+    if not study.orders or not study.seeds or not study.archs or not study.noises:
+        raise ValueError("study.orders, study.seeds, study.archs and study.noises each need at "
+                         "least one entry, e.g. --config.study.orders='(\"shuffled\",)'")
+    if not 0 <= study.warmup_fraction < 1:
+        raise ValueError(f"study.warmup_fraction={study.warmup_fraction} must be in [0, 1), "
+                         "e.g. 0.05")
+    for key in ("train_examples", "eval_per_class", "probe_steps"):
+        if study.get(key, 1) < 0 or (key != "eval_per_class" and study.get(key, 1) == 0):
+            raise ValueError(f"study.{key}={study[key]} must be "
+                             f"{'>= 0' if key == 'eval_per_class' else 'positive'}")
     for order in study.orders:
         if order not in batch_order.ORDERS:
             raise ValueError(f"unknown study.orders entry {order!r}; use any of "
@@ -430,6 +441,21 @@ def _count_units(pending, workdir: str) -> dict[tuple, int]:
     return counts
 
 
+# Keys every run's config takes from study.archs / study.noises (run_config):
+# given on the command line they would change nothing.
+PER_RUN_KEYS = ("model", "model_kwargs", "seed", "lr", "batch_size", "total_steps", "num_epochs",
+                "warmup_steps", "warmup_epochs", "noise")
+
+
+def check_no_per_run_keys(argv: Sequence[str]) -> None:
+    for arg in argv:
+        key = arg.removeprefix("--config.").split("=", 1)[0] if arg.startswith("--config.") else ""
+        if key and key != "noise.scope" and key.split(".")[0] in PER_RUN_KEYS:
+            raise ValueError(f"--config.{key} is set for each run by the study (study.archs: "
+                             "model, lr, batch, steps; study.noises: the noise; study.seeds); "
+                             "change it in the study config file")
+
+
 def main(argv) -> None:
     from absl import app, flags
     from ml_collections import config_flags
@@ -444,6 +470,7 @@ def main(argv) -> None:
     def _main(args):
         cli.start(args)
         try:
+            check_no_per_run_keys(argv)
             run_study(cli.config_value(config_flag), workdir.value)
         except (ValueError, train.TrainingError) as error:
             cli.fail(cli.first_line(error))

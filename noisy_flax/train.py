@@ -434,9 +434,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_result, metrics = None, None
     best_top1 = _best_top1_so_far(workdir) if config.save_best else -1.0
     summary_path = os.path.join(workdir, "summary.json")
+    finished = _read_summary(summary_path)
     started = time.perf_counter()
     try:
-        if start_step >= total_steps and not workdir_lib.file_exists(summary_path):
+        if start_step >= total_steps and finished is None:
             # The last step was saved, but its evaluation never finished.
             eval_result = run_eval(start_step)
             if config.save_best and eval_result["top1"] > best_top1:
@@ -483,11 +484,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     elapsed = time.perf_counter() - started
     steps_run = int(jax.device_get(state.step)) - start_step
-    if steps_run == 0 and workdir_lib.file_exists(summary_path):  # a finished run's rerun: keep it
-        with workdir_lib.open_file(summary_path) as f:
-            summary = json.load(f)
+    if steps_run == 0 and finished is not None:  # a finished run's rerun: keep its summary
         reporting.echo(f"Already trained to step {start_step}; summary kept in {summary_path}")
-        return summary
+        return finished
     summary = {"model": config.model, "steps": int(jax.device_get(state.step)),
                "train_seconds": round(elapsed, 1),
                "images_per_second": round(steps_run * config.batch_size / max(elapsed, 1e-9), 1)}
@@ -503,6 +502,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             plotting.plot_curves(reporter.jsonl_path, os.path.join(workdir, "curves.png"),
                                  title=f"{config.model} on {config.dataset}")
     return summary
+
+
+def _read_summary(path: str) -> Optional[dict]:
+    """A finished run's summary.json; None when there is none, or when a crash
+    left it unreadable (the final evaluation then runs again and rewrites it)."""
+    from noisy_flax import reporting, workdir as workdir_lib
+    if not workdir_lib.file_exists(path):
+        return None
+    try:
+        with workdir_lib.open_file(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError:
+        reporting.echo(f"{path} is not JSON; evaluating the last checkpoint again")
+        return None
 
 
 def _best_checkpointer(workdir: str) -> checkpointing.Checkpointer:

@@ -353,6 +353,47 @@ def test_rerunning_a_finished_run_keeps_its_summary(dirs, trained, tmp_path, cap
     assert "Already trained to step 2" in capsys.readouterr().out
 
 
+def test_a_corrupt_summary_or_a_cut_metrics_line_does_not_stop_a_rerun(dirs, trained, tmp_path,
+                                                                       capsys):
+    """A crash can cut the last line of metrics.jsonl, or leave summary.json
+    unreadable: the rerun drops the cut line and evaluates again."""
+    workdir = copy_of(trained, tmp_path)
+    good = json.loads((workdir / "summary.json").read_text())
+    (workdir / "summary.json").write_text('{"model": "vit')
+    metrics = workdir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines) + '{"step": 2, "spl')
+    assert main.run(tiny_run.tiny_config(*dirs), str(workdir)) == 0
+    again = json.loads((workdir / "summary.json").read_text())
+    assert again["eval_top1"] == pytest.approx(good["eval_top1"])
+    assert metrics.read_text().startswith("".join(lines))
+    for line in metrics.read_text().splitlines():  # the cut line is gone
+        json.loads(line)
+    assert "is not JSON; evaluating the last checkpoint again" in capsys.readouterr().out
+
+
+def test_a_damaged_metrics_line_before_the_last_is_one_line(dirs, trained, tmp_path, capsys):
+    workdir = copy_of(trained, tmp_path)
+    metrics = workdir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("not json\n" + "".join(lines))
+    (workdir / "summary.json").unlink()
+    capsys.readouterr()
+    assert main.run(tiny_run.tiny_config(*dirs), str(workdir)) == main.EXIT_USER_ERROR
+    assert "metrics.jsonl line 1 is not JSON; repair or delete that line" in capsys.readouterr().err
+
+
+def test_a_checkpoint_meta_without_format_version_is_taken_as_damaged(dirs, trained, tmp_path):
+    from noisy_flax import evaluate, sharding
+    workdir = copy_of(trained, tmp_path)
+    checkpoints = workdir / "checkpoints"
+    shutil.copytree(checkpoints / "2", checkpoints / "3")
+    (checkpoints / "3" / "meta" / "metadata").write_text(json.dumps({"step": 3}))
+    config = tiny_run.tiny_config(*dirs)
+    _, _, step = evaluate.restore_variables(config, str(workdir), sharding.create_mesh(config.mesh))
+    assert step == 2
+
+
 def test_checkpoint_from_a_newer_format(dirs, trained, tmp_path, capsys):
     workdir = copy_of(trained, tmp_path)
     meta = workdir / "checkpoints" / "2" / "meta" / "metadata"
@@ -395,6 +436,19 @@ def test_evaluate_leaves_a_save_in_progress_and_a_damaged_step_in_place(dirs, tr
     _, _, step = evaluate.restore_variables(config, str(workdir), sharding.create_mesh(config.mesh))
     assert step == 2
     assert tiny_run.snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"orders": ["shufled"]}, r"unknown batch order 'shufled' \(did you mean 'shuffled'\?\)"),
+    ({"batch_size": 0}, r"--batch_size=0 must be >= 1"),
+    ({"per_class": -1}, r"per_class=-1 and max_examples=0 must be >= 0")])
+def test_evaluate_checks_its_options_before_reading_a_checkpoint(dirs, tmp_path, kwargs, message):
+    """Checked first: the workdir has no checkpoint, which would be the error otherwise."""
+    from noisy_flax import evaluate
+    options = {"orders": ["shuffled"], "batch_size": 10, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        evaluate.run(tiny_run.tiny_config(*dirs), str(tmp_path / "absent"), **options)
+    assert not (tmp_path / "absent").exists()
 
 
 @pytest.mark.parametrize("case", ["another model", "no run"])
@@ -458,8 +512,11 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(dirs, tmp_path,
     ("epochs=1", ["--config.runlocal=True"],
      "error: --config.runlocal does not shrink a run; give it as the config's argument instead, "
      "e.g. --config configs/fashion_mnist.py:runlocal"),
+    ("runlocal", ["stray"],
+     "error: unexpected arguments: stray; every option is a flag such as --workdir=DIR or "
+     "--config.lr=1e-3 (see --helpfull)"),
 ], ids=["typo", "nested typo", "bad flag value", "key=value argument", "parent typo",
-        "runlocal as a key"])
+        "runlocal as a key", "stray argument"])
 def test_command_line_mistakes_print_one_line_and_exit_2(tmp_path, config_arg, extra, expected):
     result = subprocess.run(
         [sys.executable, "-m", "noisy_flax.main", "--config",
@@ -482,7 +539,10 @@ def test_command_line_mistakes_print_one_line_and_exit_2(tmp_path, config_arg, e
      "key must exist in the config file (check the spelling)"),
     ("noisy_flax.study", ["--config", "configs/study_fashion_mnist.py:runlocl"],
      "error: unknown config argument 'runlocl' (did you mean 'runlocal'?); this config takes"),
-], ids=["main, missing config file", "evaluate, parent typo", "study, bad argument"])
+    ("noisy_flax.evaluate", ["--config", "configs/fashion_mnist.py:runlocal", "--per_class=-1"],
+     "error: flag --per_class=-1: "),
+], ids=["main, missing config file", "evaluate, parent typo", "study, bad argument",
+        "evaluate, negative per_class"])
 def test_other_entry_points_report_one_line(tmp_path, module, args, expected):
     result = subprocess.run([sys.executable, "-m", module, *args, "--workdir", str(tmp_path / "wd")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -491,6 +551,22 @@ def test_other_entry_points_report_one_line(tmp_path, module, args, expected):
     assert len(errors) == 1 and errors[0].startswith(expected), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--num_classes", "0"], "error: --num_classes=0 must be >= 1"),
+    (["--num_classes", "-5"], "error: --num_classes=-5 must be >= 1"),
+    (["--image_size", "0"], "error: --image_size=0 must be >= 1"),
+    (["--dont_load", "["], "error: --dont_load '[' is not a regular expression"),
+])
+def test_convert_refuses_impossible_options_in_one_line(tmp_path, capsys, args, expected):
+    from noisy_flax import pretrained
+    status = pretrained.main(["convert", vit_npz(tmp_path / "a.npz", 10), str(tmp_path / "out"),
+                              "--model", "vit_nano_patch4_28", *args])
+    err = capsys.readouterr().err
+    assert status == main.EXIT_USER_ERROR and err.startswith(expected), err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_convert_with_an_unknown_model_is_one_line(tmp_path, capsys):

@@ -93,7 +93,7 @@ def test_noise_site_input_is_what_the_model_hands_the_noise(model, resolution, s
 
 
 def test_unknown_noise_is_refused():
-    with pytest.raises(SystemExit, match="unknown noise"):
+    with pytest.raises(ValueError, match="unknown noise"):
         benchmark.parse_noises("gausian")
     assert benchmark.parse_noises("gaussian,none") == ["none", "gaussian"]
     assert benchmark.parse_noises("all")[0] == "none"
@@ -156,6 +156,25 @@ def test_a_mesh_peak_counts_every_chip():
     assert benchmark.mesh_peak(jax.devices()[0], "float32", 8) == (None, "published")
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--model", "vit_tny_patch16_224"], "error: unknown model 'vit_tny_patch16_224' (did you mean"),
+    (["--batch", "0"], "error: argument --batch: 0 is below 1 (see --help)"),
+    (["--steps", "0"], "error: argument --steps: 0 is below 1 (see --help)"),
+    (["--resolution", "-4"], "error: argument --resolution: -4 is below 1"),
+    (["--model-kwarg", "num_layerz=2"], "error: "),
+    (["--bogus"], "error: unrecognized arguments: --bogus (see --help)"),
+    (["--model", "vit_nano_patch4_28", "--resolution", "30"], "error: "),
+    (["--model", "vit_nano_patch4_28", "--noise", "foo"], "error: unknown noise 'foo'"),
+], ids=["model", "batch", "steps", "resolution", "model kwarg", "flag", "indivisible", "noise"])
+def test_bad_arguments_are_one_line_before_any_timing(args, expected):
+    result = subprocess.run([sys.executable, "-m", "noisy_flax.benchmark", *args],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "timing" not in result.stderr
+
+
 def test_step_modes_import_neither_tensorflow_nor_torch():
     code = ("import sys, noisy_flax.benchmark; "
             "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets', 'torch') if m in sys.modules))")
@@ -166,8 +185,8 @@ def test_step_modes_import_neither_tensorflow_nor_torch():
 def test_vs_torch_without_torch_fails_with_a_message(monkeypatch, fast_compile):
     from noisy_flax import benchmark_torch
     monkeypatch.setattr(benchmark_torch, "available", lambda: False)
-    with pytest.raises(SystemExit, match="needs torch"):
-        benchmark.main(TINY + ["--vs-torch", "--json"])
+    with pytest.raises(ValueError, match="needs torch"):
+        benchmark.run_steps(benchmark.parse_args(TINY + ["--vs-torch", "--json"]))
 
 
 def test_vs_torch_compares_train_with_train_and_eval_with_eval(monkeypatch, fast_compile):
@@ -207,8 +226,8 @@ def test_vs_torch_refuses_a_model_override_before_compiling(monkeypatch):
     from noisy_flax import benchmark_torch
     monkeypatch.setattr(benchmark_torch, "available", lambda: True)
     monkeypatch.setattr(benchmark, "train_case", lambda *a: pytest.fail("compiled first"))
-    with pytest.raises(SystemExit, match="drop --model-kwarg"):
-        benchmark.main(TINY + ["--vs-torch"])
+    with pytest.raises(ValueError, match="drop --model-kwarg"):
+        benchmark.run_steps(benchmark.parse_args(TINY + ["--vs-torch"]))
 
 
 def test_models_that_differ_are_refused():
@@ -218,7 +237,7 @@ def test_models_that_differ_are_refused():
     for info, what in (({"params": 12, "decayed_params": 8}, "10 parameters and the PyTorch model 12;"),
                        ({"params": 10, "decayed_params": 10},
                         "8 weight-decayed parameters and the PyTorch model 10;")):
-        with pytest.raises(SystemExit, match=what):
+        with pytest.raises(ValueError, match=what):
             benchmark.check_same_model(jax_case, benchmark.Case("torch", lambda: None, info))
 
 

@@ -483,3 +483,14 @@ def test_last_block_on_class_token_alone_saves_its_other_tokens_matmuls():
     saved = batch * (tokens - 1) * per_token
     # The rest of the difference is element-wise work (GELU, LayerNorm, biases): ~2%.
     assert forward_flops(last_block_all_tokens=True) - forward_flops() == pytest.approx(saved, rel=0.03)
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("vit_nano_patch4_28", {"num_classes": -3}, "num_classes=-3 must be a positive integer"),
+    ("vit_nano_patch4_28", {"num_classes": 10, "num_layers": -1},
+     "num_layers=-1 must be a positive integer"),
+    ("resnet18", {"num_classes": 10, "width": 0}, "width=0 must be a positive integer"),
+])
+def test_impossible_sizes_are_refused_by_name(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create_model(name, **kwargs)

@@ -171,6 +171,16 @@ class TestRandomNoise:
         with pytest.raises(ValueError, match="key"):
             noise.gaussian_noise(jnp.ones(3), key=None)
 
+    @pytest.mark.parametrize("kwargs, message", [
+        ({"std": -1.0}, "gaussian std=-1.0 is a standard deviation"),
+        ({"strength": float("nan")}, "gaussian strength=nan must be a finite number"),
+        ({"mean": float("inf")}, "gaussian mean=inf must be a finite number")])
+    def test_gaussian_refuses_impossible_settings(self, kwargs, message):
+        with pytest.raises(ValueError, match=message):
+            noise.gaussian_noise(jnp.ones(3), key=jax.random.key(0), **kwargs)
+        traced = jax.jit(lambda s: noise.gaussian_noise(jnp.ones(3), key=jax.random.key(0), std=s))
+        assert traced(0.5).shape == (3,)  # a traced std is not checked, and works
+
     def test_salt_pepper_flip_fraction_and_values(self):
         x = jnp.asarray(np.random.default_rng(2).normal(size=(100, 1000)).astype(np.float32))
         p = 0.3

@@ -102,6 +102,10 @@ def test_study_runs_reports_and_resumes_without_retraining(tmp_path, monkeypatch
     ({"noises": ({"label": "none", "type": "none"},
                  {"label": "c", "type": "circulant", "alpha": 0.5})},
      r"alpha=0.5 with padded batches"),
+    ({"orders": ()}, r"study.orders, study.seeds, study.archs and study.noises each need"),
+    ({"warmup_fraction": -5.0}, r"study.warmup_fraction=-5.0 must be in \[0, 1\)"),
+    ({"probe_steps": -3}, r"study.probe_steps=-3 must be positive"),
+    ({"train_examples": 0}, r"study.train_examples=0 must be positive"),
 ])
 def test_impossible_settings_fail_before_anything_is_written(tmp_path, change, pattern):
     c = _tiny_config()
@@ -111,6 +115,13 @@ def test_impossible_settings_fail_before_anything_is_written(tmp_path, change, p
     with pytest.raises(ValueError, match=pattern):
         study.run_study(c, str(workdir))
     assert not workdir.exists()
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(ValueError, match=r"--workdir .*file is a file; give a directory"):
+        study.run_study(_tiny_config(), str(path))
 
 
 def test_the_configured_noise_scope_reaches_every_run():
@@ -179,3 +190,12 @@ def test_report_tables_hold_the_means_spreads_and_paired_changes_by_hand():
     assert accuracy[3].startswith("| optimal_q | eval only | 81.0 ± 2.6 | 87.0 ± 2.6 |")
     delta = study_report.delta_table(c, "vit", noises, orders).splitlines()
     assert delta[2:] == ["| optimal_q | eval only | -1.0 ± 1.0 | +5.0 ± 1.0 |"]
+
+
+def test_keys_the_study_sets_per_run_are_refused_on_the_command_line():
+    for arg in ("--config.lr=-5.0", "--config.batch_size=7", "--config.noise.type=gaussian",
+                "--config.seed=3"):
+        with pytest.raises(ValueError, match=r"is set for each run by the study"):
+            study.check_no_per_run_keys(["study", "--config", "c.py", arg])
+    study.check_no_per_run_keys(["study", "--config.noise.scope=global", "--config.study.seeds=(0,)",
+                                 "--config.data_dir=/d", "--workdir", "w"])

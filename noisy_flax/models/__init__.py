@@ -28,9 +28,19 @@ EXAMPLE_NAMES = (
 )
 
 
+# Overrides that count something (layers, heads, channels): 0 or less builds nonsense.
+_SIZES = ("num_layers", "num_heads", "hidden_size", "mlp_dim", "width", "patch_size",
+          "representation_size")
+
+
 def create_model(name: str, *, num_classes: int, noise: Noise | Mapping[str, Any] | None = None,
                  mesh=None, **overrides) -> nn.Module:
     """Builds a registry model; ``noise`` is a Noise or a noise config."""
+    sizes = {"num_classes": num_classes,
+             **{k: v for k, v in overrides.items() if k in _SIZES and v is not None}}
+    for key, value in sizes.items():
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{key}={value!r} must be a positive integer")
     if noise is not None and not isinstance(noise, Noise):
         noise = make_noise(noise, mesh=mesh)
     if (match := _VIT_NAME.match(name)) and match["size"] in VIT_SIZES:
