@@ -213,8 +213,10 @@ def check_same_model(jax_case: Case, torch_case: Case) -> None:
     for key, what in (("params", "parameters"), ("decayed_params", "weight-decayed parameters")):
         mine, theirs = jax_case.info.get(key), torch_case.info.get(key)
         if mine != theirs:
-            raise ValueError(f"--vs-torch: the JAX model has {mine:,} {what} and the PyTorch model "
-                             f"{theirs:,}; they must be the same model for the ratio to mean anything")
+            count = lambda n: f"{n:,}" if isinstance(n, int) else "an unknown number of"  # noqa: E731
+            raise ValueError(f"--vs-torch: the JAX model has {count(mine)} {what} and the PyTorch "
+                             f"model {count(theirs)}; they must be the same model for the ratio "
+                             "to mean anything")
 
 
 def train_case(config, mesh, name: str) -> Case:

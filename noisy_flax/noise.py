@@ -148,6 +148,8 @@ def circulant_noise(x: Array, *, alpha: float, stop_gradient: bool = False,
     del key
     _require_float(x, "circulant")
     check_circulant(x.shape[0], alpha, padded=mask is not None)
+    if mask is not None:
+        _check_mask(mask, x)
     neighbour = jnp.take(x, _next_real_index(x.shape[0], mask), axis=0)
     added = alpha * (neighbour - x)
     if stop_gradient:
@@ -240,7 +242,14 @@ def _require_key(key, name: str) -> None:
 
 
 def _batch_mask(mask, x: Array) -> Array:
+    _check_mask(mask, x)
     return mask.astype(bool).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _check_mask(mask, x: Array) -> None:
+    if jnp.shape(mask) != (x.shape[0],):
+        raise ValueError(f"mask has shape {jnp.shape(mask)} for a batch of {x.shape[0]}; give one "
+                         "flag per example, shape (batch,)")
 
 
 # ---------------------------------------------------------------------------
@@ -249,8 +258,14 @@ def _batch_mask(mask, x: Array) -> Array:
 def keep_leading_tokens(fn: NoiseFn, n: int = 1) -> NoiseFn:
     """Applies ``fn`` to tokens ``n:`` of a (batch, tokens, dim) array only,
     leaving e.g. the class token untouched."""
+    if int(n) != n or n < 0:
+        raise ValueError(f"keep_leading_tokens n={n!r} must be an integer >= 0")
+
     @functools.wraps(fn)
     def wrapped(x, **kwargs):
+        if n >= x.shape[1]:
+            raise ValueError(f"keep_leading_tokens n={n} leaves none of the {x.shape[1]} tokens "
+                             "for the noise; use n below the token count")
         return jnp.concatenate([x[:, :n], fn(x[:, n:], **kwargs)], axis=1)
     return wrapped
 

@@ -1,4 +1,5 @@
 """Noise functions against numpy references and closed forms."""
+import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -443,3 +444,20 @@ def test_masked_optimal_q_counts_real_rows_exactly_in_bfloat16():
     assert np.abs(relative).max() <= 2.0**-8  # one bfloat16 rounding
     assert abs(relative.mean()) < 5e-4
     np.testing.assert_array_equal(out[301:], x[301:])  # padding untouched
+
+
+@pytest.mark.parametrize("fn", [noise.optimal_q_noise,
+                                functools.partial(noise.circulant_noise, alpha=0.3),
+                                functools.partial(noise.salt_pepper_noise, prob=0.1)])
+def test_a_mask_of_the_wrong_length_is_named(fn):
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match=r"mask has shape \(3,\) for a batch of 4"):
+        fn(x, key=jax.random.key(0), mask=jnp.ones(3, bool))
+
+
+def test_keep_leading_tokens_refuses_an_impossible_count():
+    with pytest.raises(ValueError, match="n=-1 must be an integer >= 0"):
+        noise.keep_leading_tokens(noise.optimal_q_noise, -1)
+    wrapped = noise.keep_leading_tokens(noise.optimal_q_noise, 5)
+    with pytest.raises(ValueError, match="n=5 leaves none of the 5 tokens"):
+        wrapped(jnp.ones((2, 5, 3)))
