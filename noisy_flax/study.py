@@ -362,10 +362,10 @@ def check_study(config: ml_collections.ConfigDict, mesh) -> None:
     if not 0 <= study.warmup_fraction < 1:
         raise ValueError(f"study.warmup_fraction={study.warmup_fraction} must be in [0, 1), "
                          "e.g. 0.05")
-    for key in ("train_examples", "eval_per_class", "probe_steps"):
-        if study.get(key, 1) < 0 or (key != "eval_per_class" and study.get(key, 1) == 0):
+    for key, lowest in (("train_examples", 1), ("eval_per_class", 0), ("probe_steps", 1)):
+        if study.get(key, lowest) < lowest:
             raise ValueError(f"study.{key}={study[key]} must be "
-                             f"{'>= 0' if key == 'eval_per_class' else 'positive'}")
+                             f"{'>= 0' if lowest == 0 else 'positive'}")
     for order in study.orders:
         if order not in batch_order.ORDERS:
             raise ValueError(f"unknown study.orders entry {order!r}; use any of "
