@@ -83,6 +83,12 @@ def _distinct_class(labels, batch_size, rng, num_classes) -> list[np.ndarray]:
     if batch_size > num_classes:
         raise ValueError(f"distinct_class batches need batch_size <= num_classes, got "
                          f"batch_size={batch_size} with {num_classes} classes")
+    present = len(np.unique(labels))
+    if len(labels) and batch_size > present:
+        # Else every batch would silently hold fewer examples than asked.
+        raise ValueError(f"distinct_class batches of {batch_size} need {batch_size} classes, "
+                         f"but the labels hold only {present} of the {num_classes}; evaluate a "
+                         f"split with more classes, or pass a batch size <= {present}")
     queues = {int(c): list(m) for c, m in zip(np.unique(labels), _members_by_class(labels, rng))}
     batches = []
     while queues:

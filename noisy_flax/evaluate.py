@@ -76,6 +76,11 @@ def load_eval_data(config: ml_collections.ConfigDict, *, split: Optional[str] = 
     if per_class < 0 or max_examples < 0:
         raise ValueError(f"per_class={per_class} and max_examples={max_examples} must be >= 0 "
                          "(0: every example)")
+    from noisy_flax import train
+    # A config may size its eval batch per device (eval_batch_per_device);
+    # the batch only groups the reads here, so resolve it on a copy.
+    config = config.copy_and_resolve_references()
+    train.resolve_eval_batch_size(config)
     split = split or config.eval_split
     n = input_pipeline.num_eval_examples(config, split)
     bytes_needed = n * config.image_size ** 2 * config.input.channels * 4
@@ -505,7 +510,8 @@ def main_with_flags(argv, *, entropy_default: bool = False) -> None:
     batch_size = flags.DEFINE_integer(
         "batch_size", 10, "Test batch size over all devices. The published run mixed 10 on its "
         "one GPU: with noise.scope='device', pass 10 x the device count.", lower_bound=1)
-    seed = flags.DEFINE_integer("seed", 0, "Seed of the shuffled orders and the noise keys.")
+    seed = flags.DEFINE_integer("seed", 0, "Seed of the shuffled orders and the noise keys.",
+                                lower_bound=0)
     split = flags.DEFINE_string("split", None, "Eval split (default config.eval_split).")
     per_class = flags.DEFINE_integer("per_class", 0, "Keep the first N examples per class "
                                      "(0: all).", lower_bound=0)

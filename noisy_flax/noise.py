@@ -127,15 +127,18 @@ def optimal_q_noise(x: Array, *, key=None, mask=None) -> Array:
     """
     del key
     _require_float(x, "optimal_q")
+    def divide(summed, count):
+        # In float32: bfloat16 holds integers exactly only up to 256, and a
+        # rounded k + 1 would scale every row by the same wrong factor.
+        return (summed.astype(jnp.float32) / count).astype(x.dtype)
+
     if mask is None:
-        k = x.shape[0]
         total = jnp.sum(x, axis=0, keepdims=True)
-        return (x + total) / (k + 1)
+        return divide(x + total, x.shape[0] + 1)
     real = _batch_mask(mask, x)
-    # Counted in float32: bfloat16 holds integers exactly only up to 256.
     k = jnp.sum(mask.astype(jnp.float32))
     total = jnp.sum(jnp.where(real, x, 0), axis=0, keepdims=True)
-    return jnp.where(real, (x + total) / (k + 1).astype(x.dtype), x)
+    return jnp.where(real, divide(x + total, k + 1), x)
 
 
 def circulant_noise(x: Array, *, alpha: float, stop_gradient: bool = False,

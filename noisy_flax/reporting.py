@@ -22,18 +22,22 @@ class MetricsReporter:
 
     ``start_step``: the step training resumes from. Records after it were
     written by a run that crashed before its next checkpoint; those steps
-    run again, so their old records are dropped rather than repeated.
+    run again, so their old records are dropped rather than repeated. With
+    ``reevaluating``, the evaluation at ``start_step`` runs again too (a
+    crash before its summary), so its record is dropped as well.
+    ``last_train`` is the last train record kept (process 0; else None).
     """
 
-    def __init__(self, workdir: str, start_step: int = 0):
+    def __init__(self, workdir: str, start_step: int = 0, *, reevaluating: bool = False):
         self.is_writer = jax.process_index() == 0
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self.last_train = None
         self.writer = metric_writers.create_default_writer(
             workdir, just_logging=not self.is_writer, asynchronous=True)
         if self.is_writer:
-            self._drop_records_after(start_step)
+            self._drop_records_after(start_step, reevaluating)
 
-    def _drop_records_after(self, step: int) -> None:
+    def _drop_records_after(self, step: int, reevaluating: bool) -> None:
         if not workdir_lib.file_exists(self.jsonl_path):
             return
         with workdir_lib.open_file(self.jsonl_path) as f:
@@ -49,8 +53,11 @@ class MetricsReporter:
                     continue
                 raise ValueError(f"{self.jsonl_path} line {number} is not JSON; repair or delete "
                                  "that line to resume") from None
-            if record["step"] <= step:
+            rerun = record["step"] == step and record["split"] == "eval" and reevaluating
+            if record["step"] <= step and not rerun:
                 kept.append(line)
+                if record["split"] == "train":
+                    self.last_train = record
         if len(kept) != len(lines):
             workdir_lib.replace_file(self.jsonl_path, "".join(kept))
 

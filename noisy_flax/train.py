@@ -410,7 +410,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return result
 
     # --- Reporting.
-    reporter = reporting.MetricsReporter(workdir, start_step)
+    summary_path = os.path.join(workdir, "summary.json")
+    finished = _read_summary(summary_path)
+    # The last step was saved, but its evaluation or summary never finished.
+    reevaluate = start_step >= total_steps and finished is None
+    reporter = reporting.MetricsReporter(workdir, start_step, reevaluating=reevaluate)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     if is_main:
         workdir_lib.write_config(workdir, config)
@@ -433,12 +437,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_saved = restored_step
     eval_result, metrics = None, None
     best_top1 = _best_top1_so_far(workdir) if config.save_best else -1.0
-    summary_path = os.path.join(workdir, "summary.json")
-    finished = _read_summary(summary_path)
     started = time.perf_counter()
     try:
-        if start_step >= total_steps and finished is None:
-            # The last step was saved, but its evaluation never finished.
+        if reevaluate:
             eval_result = run_eval(start_step)
             if config.save_best and eval_result["top1"] > best_top1:
                 _save_best(workdir, start_step, state, eval_result["top1"])
@@ -487,11 +488,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if steps_run == 0 and finished is not None:  # a finished run's rerun: keep its summary
         reporting.echo(f"Already trained to step {start_step}; summary kept in {summary_path}")
         return finished
-    summary = {"model": config.model, "steps": int(jax.device_get(state.step)),
-               "train_seconds": round(elapsed, 1),
-               "images_per_second": round(steps_run * config.batch_size / max(elapsed, 1e-9), 1)}
+    summary = {"model": config.model, "steps": int(jax.device_get(state.step))}
+    if steps_run:  # an evaluation-only rerun trained nothing to time
+        summary.update(train_seconds=round(elapsed, 1), images_per_second=round(
+            steps_run * config.batch_size / max(elapsed, 1e-9), 1))
     if metrics is not None:
         summary["final_train_loss"] = float(jax.device_get(metrics["loss"]))
+    elif reporter.last_train is not None:  # the run that trained logged it
+        summary["final_train_loss"] = reporter.last_train["loss"]
     if eval_result is not None:
         summary.update({f"eval_{k}": v for k, v in eval_result.items()})
     if is_main:

@@ -73,8 +73,9 @@ def check_numbers(config) -> None:
         if not 0 <= value < 1:
             raise ValueError(f"{name}={value} must be in [0, 1), e.g. 0.9 for a moment's decay "
                              "or 0.1 for a dropout rate")
-    if not -2 ** 63 <= config.seed < 2 ** 63:
-        raise ValueError(f"config.seed={config.seed} must fit in 64 bits, e.g. 0")
+    # numpy's generators refuse negative seeds, and evaluation keys use seed + 1.
+    if not 0 <= config.seed < 2 ** 63 - 1:
+        raise ValueError(f"config.seed={config.seed} must be in [0, 2**63 - 1), e.g. 0")
 
 
 def check_choices(config) -> None:

@@ -83,6 +83,16 @@ def test_distinct_class_rejects_batches_larger_than_the_classes():
         batch_order.batch_indices(LABELS, "distinct_class", 6, num_classes=5)
 
 
+def test_distinct_class_rejects_batches_larger_than_the_classes_present():
+    """A slice holding 5 of 10 classes cannot fill batches of 10 with
+    distinct labels; every batch would silently hold 5."""
+    labels = np.repeat(np.arange(5), 6)
+    with pytest.raises(ValueError, match="labels hold only 5 of the 10"):
+        batch_order.batch_indices(labels, "distinct_class", 10, num_classes=10)
+    batches = batch_order.batch_indices(labels, "distinct_class", 5, num_classes=10)
+    assert [len(b) for b in batches] == [5] * 6
+
+
 def test_single_is_batch_size_one_whatever_is_asked():
     batches = batch_order.batch_indices(LABELS, "single", 10)
     assert [len(b) for b in batches] == [1] * len(LABELS)

@@ -231,6 +231,18 @@ def test_in_memory_route_refuses_huge_splits(monkeypatch):
         evaluate.load_eval_data(c)
 
 
+def test_a_per_device_eval_batch_is_resolved_for_the_in_memory_split():
+    """configs/noisyvit_imagenet.py sizes its eval batch per device; only
+    training resolved it, so the evaluate CLI met eval_batch_size=None."""
+    c = _config()
+    c.eval_batch_size = None
+    c.eval_batch_per_device = 2
+    with tfds.testing.mock_data(num_examples=21):
+        data = evaluate.load_eval_data(c)
+    assert len(data.labels) == 21
+    assert c.eval_batch_size is None  # the caller's config is left as it was
+
+
 def test_end_to_end_on_a_trained_checkpoint(tmp_path):
     """runlocal training on mock data, then the evaluate entry point."""
     c = _config(noise_type="optimal_q")

@@ -428,22 +428,25 @@ class TestSettingsThatCannotWork:
         np.testing.assert_allclose(out, numpy_circulant(batch, 0.4), rtol=1e-6, atol=1e-6)
 
 
-def test_masked_optimal_q_counts_real_rows_exactly_in_bfloat16():
+@pytest.mark.parametrize("real_rows", [301, 302])
+@pytest.mark.parametrize("masked", [True, False])
+def test_optimal_q_divides_by_the_exact_count_in_bfloat16(real_rows, masked):
     """bfloat16 holds integers exactly only up to 256: 301 real rows must
-    divide by 302, not by bfloat16(301) + 1 = 301. Inputs of -1, 0 and 1 keep
-    every sum exact in bfloat16, so the one rounding left is the division's,
-    which is unbiased; a wrong count shifts every row by +0.33%."""
+    divide by 302, not by bfloat16(301) + 1 = 301, and 302 by 303, not by
+    bfloat16(303) = 304. Inputs of -1, 0 and 1 keep every sum exact in
+    bfloat16, so the one rounding left is the final one, which is unbiased;
+    a wrong count shifts every row by 0.3%."""
     rng = np.random.default_rng(5)
-    x = rng.integers(-1, 2, size=(320, 8)).astype(np.float32)
-    mask = np.arange(320) < 301
-    exact = published_optimal_q(x[:301].astype(np.float64))
-    out = np.asarray(noise.optimal_q_noise(jnp.asarray(x, jnp.bfloat16), mask=jnp.asarray(mask)),
-                     np.float64)
-    nonzero = exact != 0
-    relative = (out[:301][nonzero] - exact[nonzero]) / exact[nonzero]
+    rows = 320 if masked else real_rows
+    x = rng.integers(-1, 2, size=(rows, 8)).astype(np.float32)
+    mask = jnp.asarray(np.arange(rows) < real_rows) if masked else None
+    exact = published_optimal_q(x[:real_rows].astype(np.float64))
+    out = np.asarray(noise.optimal_q_noise(jnp.asarray(x, jnp.bfloat16), mask=mask), np.float64)
+    nonzero = np.abs(exact) > 1e-9  # the float64 reference leaves ~1e-17 where it is 0
+    relative = (out[:real_rows][nonzero] - exact[nonzero]) / exact[nonzero]
     assert np.abs(relative).max() <= 2.0**-8  # one bfloat16 rounding
     assert abs(relative.mean()) < 5e-4
-    np.testing.assert_array_equal(out[301:], x[301:])  # padding untouched
+    np.testing.assert_array_equal(out[real_rows:], x[real_rows:])  # padding untouched
 
 
 @pytest.mark.parametrize("fn", [noise.optimal_q_noise,
