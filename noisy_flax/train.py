@@ -379,6 +379,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     abstract = checkpointing.abstract_with_shardings(state, state_shardings)
     restored_step, restored = ckpt.restore_latest(abstract)
     if restored is not None:
+        try:
+            if restored_step < total_steps:  # steps left to train
+                _check_same_noise_groups(config, ckpt.meta(restored_step), mesh)
+        except ValueError:
+            ckpt.close()
+            raise
         state = restored
         reporting.echo(f"Resumed from {ckpt.directory / str(restored_step)}")
     elif config.init_from:
@@ -458,7 +464,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # The checkpoint first: an evaluation that fails (out of memory,
             # say) must not cost the steps since the last one.
             if must_save:
-                ckpt.save(step, state, force=is_last or preempted)
+                ckpt.save(step, state, force=is_last or preempted,
+                          meta={"batch_devices": mesh.size})
                 last_saved = step
                 if is_last:  # committed before the last evaluation, which may fail or be killed
                     ckpt.wait()
@@ -506,6 +513,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             plotting.plot_curves(reporter.jsonl_path, os.path.join(workdir, "curves.png"),
                                  title=f"{config.model} on {config.dataset}")
     return summary
+
+
+def _check_same_noise_groups(config, saved_meta: dict, mesh: Mesh) -> None:
+    """Device-scoped batch noise mixes each device's share of the batch, so
+    a resume on another number of devices would train something else. The
+    mesh is a harmless key otherwise (it is not in the config comparison)."""
+    from noisy_flax import noise as noise_lib
+    saved = saved_meta.get("batch_devices")  # absent in older checkpoints
+    n = config.noise
+    if (saved is None or saved == mesh.size or config.get("allow_config_change", False)
+            or not (n.train and n.scope == "device" and n.type in noise_lib.BATCH_DEPENDENT)):
+        return
+    raise ValueError(
+        f"this run trained with {n.type} noise over each device's "
+        f"{config.batch_size // saved} examples ({saved} devices), and would now use "
+        f"{config.batch_size // mesh.size} ({mesh.size} devices); resume on {saved} devices, "
+        "or pass --config.allow_config_change=True to continue with the new grouping")
 
 
 def _read_summary(path: str) -> Optional[dict]:

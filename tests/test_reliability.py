@@ -482,6 +482,40 @@ def test_a_failed_final_evaluation_keeps_the_last_steps_and_reruns_alone(tmp_pat
     assert json.loads((run / "summary.json").read_text())["eval_top1"] == 0.7
 
 
+def test_a_resume_that_would_regroup_device_scoped_noise_is_refused(tmp_path, monkeypatch):
+    """Optimal-Q with scope='device' mixes each device's share of the batch:
+    16 examples over 8 devices are groups of 2, over 4 devices groups of 4.
+    The mesh is not part of the config comparison, so the checkpoint
+    records the devices it was trained on."""
+    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
+    (tmp_path / "data").mkdir()
+    config = lambda **kw: tiny_run.tiny_config(  # noqa: E731
+        tmp_path / "data", idx_dir, total_steps=4, checkpoint_every=2, eval_every=1,
+        async_checkpoints=False, **kw)
+    real_evaluate = train.evaluate
+
+    def crash_at_step_3(eval_step, state, *args, **kwargs):
+        if int(state.step) == 3:
+            raise KeyboardInterrupt("a crash at step 3")
+        return real_evaluate(eval_step, state, *args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", crash_at_step_3)
+    workdir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config(), str(workdir))
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    meta_file = workdir / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert meta["batch_devices"] == jax.device_count() == 8
+    meta_file.write_text(json.dumps({**meta, "batch_devices": 4}))  # as if trained on 4
+    with pytest.raises(ValueError, match=r"this run trained with optimal_q noise over each "
+                       r"device's 4 examples \(4 devices\), and would now use 2 \(8 devices\); "
+                       r"resume on 4 devices, or pass --config.allow_config_change=True"):
+        train.train_and_evaluate(config(), str(workdir))
+    summary = train.train_and_evaluate(config(allow_config_change=True), str(workdir))
+    assert summary["steps"] == 4
+
+
 def test_workdir_files_go_through_a_remote_file_system(monkeypatch):
     """gs:// workdirs (what launch/tpu/run.sh asks for): config.json,
     metrics.jsonl, parameters.txt and curves.png through tf.io.gfile, here on
