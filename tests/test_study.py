@@ -150,6 +150,33 @@ def test_probe_caveat_counts_a_shared_pass_once():
     assert "on 1 of 1 distinct clean feature sets" in study_report._probe_caveat(entries, 2.3)
 
 
+def test_probe_noise_note_measures_the_identity_noises_on_a_batch_of_one():
+    """Optimal Q and circulant Q leave a batch of one as it is: their single
+    rows against the clean single rows of the same seed measure the probe's
+    own noise (0.02 and 0.05 here); Gaussian noise changes features and is
+    left out. Five orders share the clean pass: one fit per site."""
+    noises = [{"label": "none", "type": "none"}, {"label": "optimal_q", "type": "optimal_q"},
+              {"label": "circulant_0.3", "type": "circulant"},
+              {"label": "gaussian_0.1", "type": "gaussian"}]
+    clean_file = "runs/vit/seed0/none/eval/none_off.json"
+
+    def entry(file, pass_, probe, capped):
+        return {"seed": 0, "file": file, "pass_": pass_, "H_probe_pre_logits": probe,
+                "H_gaussian_pre_logits": 1.0, "probe_capped_pre_logits": capped,
+                "probe_max_steps": 100}
+
+    c = {("vit", "none", "none", order): [entry(clean_file, "shared_pass", 2.00, True)]
+         for order in ("class_sorted", "shuffled", "single")}
+    c[("vit", "eval_only", "optimal_q", "single")] = [entry("q.json", 1, 2.02, True)]
+    c[("vit", "eval_only", "circulant_0.3", "single")] = [entry("c.json", 1, 1.95, False)]
+    c[("vit", "eval_only", "gaussian_0.1", "single")] = [entry("g.json", 1, 3.00, False)]
+    c[("vit", "eval_only", "optimal_q", "shuffled")] = [entry("q.json", 2, 4.00, True)]
+    note = study_report._probe_noise_note(c, noises)
+    assert note.startswith("3 of 5 probe fits stopped at their 100-step cap")
+    assert "move by up to 0.050 nats (median 0.035)" in note
+    assert "Gaussian estimate's by up to 0." in note
+
+
 def test_entropy_closed_form_command_refuses_a_batch_of_zero(capsys):
     from noisy_flax import entropy
     with pytest.raises(SystemExit) as stopped:
