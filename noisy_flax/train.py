@@ -418,6 +418,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # --- Reporting.
     summary_path = os.path.join(workdir, "summary.json")
     finished = _read_summary(summary_path)
+    if finished is not None and finished.get("steps") != total_steps:
+        finished = None  # a stopped run's summary, or one of fewer steps: not this run's end
     # The last step was saved, but its evaluation or summary never finished.
     reevaluate = start_step >= total_steps and finished is None
     reporter = reporting.MetricsReporter(workdir, start_step, reevaluating=reevaluate)

@@ -20,7 +20,7 @@ HARMLESS_KEYS = (
     "data_dir", "download", "input.local_dir", "input.prefetch", "input.cache",
     "eval_every", "eval_every_epochs", "eval_max_examples", "eval_batch_size", "eval_batch_per_device", "eval_split",
     "eval_order",
-    "log_every", "checkpoint_every", "keep_checkpoints", "save_best", "plot",
+    "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoints", "save_best", "plot",
     "init_from", "init_dont_load", "init_required", "mesh", "sharding", "remat", "cpu_ynnpack",
     "runlocal", "allow_config_change",
 )

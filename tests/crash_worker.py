@@ -26,9 +26,9 @@ from noisy_flax import checkpointing, train  # noqa: E402
 def report_saves() -> None:
     original = checkpointing.Checkpointer.save
 
-    def save(self, step, state, *, force=False):
+    def save(self, step, state, **kwargs):
         print(f"SAVING {step}", flush=True)
-        return original(self, step, state, force=force)
+        return original(self, step, state, **kwargs)
 
     checkpointing.Checkpointer.save = save
 

@@ -378,6 +378,22 @@ def test_a_corrupt_summary_or_a_cut_metrics_line_does_not_stop_a_rerun(dirs, tra
     assert "is not JSON; evaluating the last checkpoint again" in capsys.readouterr().out
 
 
+def test_a_summary_of_fewer_steps_does_not_pass_for_the_end_of_the_run(dirs, trained, tmp_path,
+                                                                       capsys):
+    """A stopped run writes the summary of the steps it reached; when the
+    final evaluation of the resumed run is then killed, a rerun must
+    evaluate the last step, not keep the stopped run's summary."""
+    workdir = copy_of(trained, tmp_path)
+    good = json.loads((workdir / "summary.json").read_text())
+    (workdir / "summary.json").write_text(json.dumps({**good, "steps": 1, "eval_top1": 0.0}))
+    capsys.readouterr()
+    assert main.run(tiny_run.tiny_config(*dirs), str(workdir)) == 0
+    assert "Already trained" not in capsys.readouterr().out
+    again = json.loads((workdir / "summary.json").read_text())
+    assert again["steps"] == 2
+    assert again["eval_top1"] == pytest.approx(good["eval_top1"])
+
+
 def test_a_damaged_metrics_line_before_the_last_is_one_line(dirs, trained, tmp_path, capsys):
     workdir = copy_of(trained, tmp_path)
     metrics = workdir / "metrics.jsonl"

@@ -356,7 +356,8 @@ def test_harmless_changes_and_the_override_are_accepted(tmp_path):
     config = tiny_run.tiny_config("/data", "/idx")
     workdir = saved_workdir(tmp_path, config)
     harmless = tiny_run.tiny_config("/elsewhere", "/idx2", log_every=7, eval_every=3,
-                                    checkpoint_every=9, keep_checkpoints=1)
+                                    checkpoint_every=9, keep_checkpoints=1,
+                                    async_checkpoints=not config.async_checkpoints)
     workdir_lib.check_config_unchanged(str(workdir), harmless)
     overridden = tiny_run.tiny_config("/data", "/idx", batch_size=64, allow_config_change=True)
     workdir_lib.check_config_unchanged(str(workdir), overridden)
