@@ -33,6 +33,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to change."""
 
 
+class EvaluationStopped(Exception):
+    """A stop (SIGTERM) arrived between evaluation batches."""
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
@@ -275,14 +279,18 @@ def make_eval_step(model, config) -> Callable:
 
 
 def evaluate(eval_step, state: TrainState, batches: Iterator[dict], mesh: Mesh,
-             seed: int = 0, max_batches: int = 0) -> dict[str, float]:
+             seed: int = 0, max_batches: int = 0,
+             stop_requested: Callable[[], bool] = lambda: False) -> dict[str, float]:
     """Top-1 / top-5 as correct / total over every real example, and the
-    running average of per-batch accuracy that the published code reports."""
+    running average of per-batch accuracy that the published code reports.
+    Raises EvaluationStopped when ``stop_requested()`` turns true."""
     per_batch = []
     base_key = jax.random.PRNGKey(seed + 1)
     for index, local in enumerate(batches):
         if max_batches and index >= max_batches:
             break
+        if stop_requested():  # a long evaluation must not outlast a preemption's grace period
+            raise EvaluationStopped
         batch = sharding.global_batch(local, mesh)
         per_batch.append(eval_step(state.params, state.batch_stats, batch,
                                    jax.random.fold_in(base_key, index)))
@@ -408,7 +416,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             from noisy_flax import evaluate as ordered  # imports train lazily: no cycle
             batches = ordered.ordered_eval_batches(config, process_index=jax.process_index(),
                                                    process_count=jax.process_count())
-        result = evaluate(eval_step, state, batches, mesh, config.seed, max_batches)
+        result = evaluate(eval_step, state, batches, mesh, config.seed, max_batches,
+                          stop_requested=lambda: stop.received)
         reporter.write(step, "eval", result)
         reporting.echo(f"eval at step {step}: top-1 {100 * result['top1']:.2f}% "
                        f"top-5 {100 * result['top5']:.2f}% loss {result['loss']:.4f} "
@@ -444,11 +453,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     stop = _StopSignal()
     last_saved = restored_step
     eval_result, metrics = None, None
+    eval_stopped = False
     best_top1 = _best_top1_so_far(workdir) if config.save_best else -1.0
     started = time.perf_counter()
     try:
         if reevaluate:
-            eval_result = run_eval(start_step)
+            try:
+                eval_result = run_eval(start_step)
+            except EvaluationStopped:
+                eval_stopped = True
+                reporting.echo(f"Stop requested during the evaluation of step {start_step}; "
+                               "rerun the same command to evaluate it")
+        if eval_result is not None:
             if config.save_best and eval_result["top1"] > best_top1:
                 _save_best(workdir, start_step, state, eval_result["top1"])
         for step in range(start_step + 1, total_steps + 1):
@@ -475,13 +491,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # the resumed run evaluates at its next eval step.
             if ((eval_every and step % eval_every == 0) or is_last) and not (
                     preempted and not is_last):
-                eval_result = run_eval(step)
-                if config.save_best and eval_result["top1"] > best_top1:
+                try:
+                    eval_result = run_eval(step)
+                except EvaluationStopped:  # save this step now, within the grace period
+                    eval_stopped, preempted, eval_result = True, True, None
+                    if last_saved != step:
+                        ckpt.save(step, state, force=True, meta={"batch_devices": mesh.size})
+                        last_saved = step
+                if eval_result is not None and config.save_best and \
+                        eval_result["top1"] > best_top1:
                     best_top1 = eval_result["top1"]
                     _save_best(workdir, step, state, best_top1)
-            if preempted and not is_last:
+            if preempted and (not is_last or eval_stopped):
                 ckpt.wait()  # said only once the save is committed
-                reporting.echo(f"Stop requested: checkpoint saved at step {step}; "
+                during = " during its evaluation" if eval_stopped else ""
+                reporting.echo(f"Stop requested{during}: checkpoint saved at step {step}; "
                                "rerun the same command to resume")
                 break
             if step == start_step + 1:  # compiling is done: time the rate from here
@@ -507,7 +531,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         summary["final_train_loss"] = reporter.last_train["loss"]
     if eval_result is not None:
         summary.update({f"eval_{k}": v for k, v in eval_result.items()})
-    if is_main:
+    # A stop during an evaluation leaves that evaluation owed: a summary
+    # would make the rerun take the run for finished.
+    if is_main and not eval_stopped:
         reporting.echo(reporting.summary_table(summary))
         workdir_lib.replace_file(summary_path, json.dumps(summary, indent=2))
         if config.plot and workdir_lib.file_exists(reporter.jsonl_path):

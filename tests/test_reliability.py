@@ -483,6 +483,40 @@ def test_a_failed_final_evaluation_keeps_the_last_steps_and_reruns_alone(tmp_pat
     assert json.loads((run / "summary.json").read_text())["eval_top1"] == 0.7
 
 
+@pytest.mark.parametrize("stop_at", [3, 4])
+def test_a_stop_during_an_evaluation_saves_that_step_and_owes_the_evaluation(
+        tmp_path, monkeypatch, capsys, stop_at):
+    """SIGTERM while step 3 (or the last step, 4) is being evaluated: the
+    evaluation is abandoned at its next batch, step 3 is saved at once
+    (checkpoints are due only every 10 steps), no summary is written, and
+    the rerun resumes there and evaluates the end."""
+    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
+    (tmp_path / "data").mkdir()
+    config = lambda: tiny_run.tiny_config(  # noqa: E731
+        tmp_path / "data", idx_dir, total_steps=4, checkpoint_every=10, eval_every=1,
+        async_checkpoints=False)
+    real_evaluate = train.evaluate
+
+    def sigterm_at(eval_step, state, *args, **kwargs):
+        if int(state.step) == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler only sets a flag
+        return real_evaluate(eval_step, state, *args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", sigterm_at)
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config(), str(workdir))
+    out = capsys.readouterr().out
+    assert f"Stop requested during its evaluation: checkpoint saved at step {stop_at}" in out
+    assert finished_steps(workdir / "checkpoints") == [stop_at]
+    assert not (workdir / "summary.json").exists()
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if r["split"] == "eval"] == list(range(1, stop_at))
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    summary = train.train_and_evaluate(config(), str(workdir))
+    assert summary["steps"] == 4 and "eval_top1" in summary
+    assert json.loads((workdir / "summary.json").read_text())["eval_top1"] == summary["eval_top1"]
+
+
 def test_a_resume_that_would_regroup_device_scoped_noise_is_refused(tmp_path, monkeypatch):
     """Optimal-Q with scope='device' mixes each device's share of the batch:
     16 examples over 8 devices are groups of 2, over 4 devices groups of 4.
