@@ -154,6 +154,12 @@ class Checkpointer:
             self.manager.reload()
         return found
 
+    def set_aside_step(self, step: int, reason: str) -> None:
+        """Moves a damaged step out of the way (process 0), as restore_latest does."""
+        self._set_aside(self.directory / str(step), reason)
+        _sync_processes("noisy_flax step set aside")
+        self.manager.reload()
+
     def _set_aside(self, path: epath.Path, reason: str, read_only: bool = False) -> None:
         if read_only or jax.process_index() != 0:  # one process moves it; others only skip it
             log.warning("checkpoint %s is skipped because %s", path, reason)
@@ -175,7 +181,7 @@ class Checkpointer:
             meta = self.meta(step)
             saved = self.manager.item_metadata(step)["state"]
         except Exception as error:  # every process reads these same files: all fail alike
-            raise DamagedCheckpointError(path, _describe(error)) from error
+            raise DamagedCheckpointError(path, describe(error)) from error
         if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
             raise DamagedCheckpointError(path, "its meta/metadata has no format_version")
         if meta["format_version"] > FORMAT_VERSION:
@@ -196,10 +202,18 @@ class Checkpointer:
         restored, problem = None, None
         handler = ocp.StandardCheckpointHandler()
         try:
-            restored = handler.restore(path / "state",
-                                       args=ocp.args.StandardRestore(abstract_state))
-        except Exception as error:  # orbax raises many types for damaged files
-            problem = _describe(error)
+            # Twice: a transient read error (a reset connection to gs://) is
+            # not damage, and must not set a good checkpoint aside.
+            for attempt in range(2):
+                try:
+                    restored, problem = handler.restore(
+                        path / "state", args=ocp.args.StandardRestore(abstract_state)), None
+                    break
+                except Exception as error:  # orbax raises many types for damaged files
+                    problem = describe(error)
+                    if attempt == 0:
+                        log.warning("reading checkpoint %s failed (%s); trying once more",
+                                    path, problem)
         finally:
             handler.close()
         problem = _agreed_problem(problem)
@@ -236,7 +250,7 @@ def _shapes_by_name(tree: Any) -> dict[str, tuple]:
     return {sharding.path_name(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
-def _describe(error: Exception) -> str:
+def describe(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
 
 

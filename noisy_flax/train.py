@@ -599,6 +599,11 @@ def _best_top1_so_far(workdir: str) -> float:
     best = _best_checkpointer(workdir)
     try:
         meta = best.latest_meta()
+    except Exception as error:  # damaged: set aside, as a damaged training checkpoint is
+        best.set_aside_step(best.latest_step(),
+                            f"its score cannot be read ({checkpointing.describe(error)}); "
+                            "the next evaluation keeps a new best")
+        return -1.0
     finally:
         best.close()
     return float(meta.get("top1", -1.0)) if meta else -1.0

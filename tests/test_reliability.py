@@ -281,6 +281,50 @@ def test_damaged_latest_checkpoint_is_named_set_aside_and_skipped(tmp_path, capl
     again.close()
 
 
+def test_a_read_that_fails_once_is_tried_again_and_sets_nothing_aside(tmp_path, monkeypatch,
+                                                                      caplog):
+    """A reset connection is not damage: the newest checkpoint must be used,
+    not moved aside for an older one."""
+    directory = tmp_path / "checkpoints"
+    write_three_steps(directory)
+    real_restore = ocp.StandardCheckpointHandler.restore
+    failures = []
+
+    def flaky_restore(self, *args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise OSError("Connection reset by peer")
+        return real_restore(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", flaky_restore)
+    checkpointer = checkpointing.Checkpointer(str(directory), keep=5, save_every=1)
+    with caplog.at_level(logging.WARNING):
+        step, state = checkpointer.restore_latest(ABSTRACT)
+    checkpointer.close()
+    assert failures == [1]
+    assert step == 3 and float(state["a"][1]) == 3.0
+    assert "trying once more" in caplog.text
+    assert not (tmp_path / "checkpoints.damaged").exists()
+
+
+def test_a_damaged_best_checkpoint_is_set_aside_and_a_new_best_kept(tmp_path, caplog):
+    """Its score is read on every resume; a damaged one stopped every rerun."""
+    import types
+    workdir = tmp_path / "run"
+    state = types.SimpleNamespace(params={"w": jnp.ones(3)}, batch_stats={})
+    train._save_best(str(workdir), 2, state, 0.9)
+    assert train._best_top1_so_far(str(workdir)) == 0.9
+    meta = workdir / "best" / "2" / "meta" / "metadata"
+    meta.write_text(meta.read_text()[:20])
+    with caplog.at_level(logging.WARNING):
+        assert train._best_top1_so_far(str(workdir)) == -1.0
+    assert "its score cannot be read" in caplog.text and "moved to" in caplog.text
+    assert finished_steps(workdir / "best") == []
+    assert len(list((workdir / "best.damaged").iterdir())) == 1
+    train._save_best(str(workdir), 3, state, 0.5)
+    assert train._best_top1_so_far(str(workdir)) == 0.5
+
+
 def test_a_flipped_byte_is_named_by_the_array_it_changed(tmp_path):
     directory = tmp_path / "checkpoints"
     write_three_steps(directory)
