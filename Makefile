@@ -13,6 +13,9 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 .PHONY: run test install data tcmalloc shellcheck clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml .ci/constraints.txt
+	@# Debian and Ubuntu ship venv's pip bootstrap separately.
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[test]'

@@ -27,7 +27,11 @@ def get_config(arg=None):
     c.num_classes, c.train_split, c.eval_split = DATASETS[a.dataset]
     c.model = a.model
     is_resnet = a.model.startswith("resnet")
-    c.image_size = 224 if is_resnet else int(a.model.rsplit("_", 1)[1])
+    resolution = a.model.rsplit("_", 1)[-1]
+    if not (is_resnet or resolution.isdigit()):
+        raise ValueError(f"model={a.model!r} must end in its resolution, e.g. "
+                         "vit_small_patch16_224")
+    c.image_size = 224 if is_resnet else int(resolution)
     c.input.channels = 3
     c.input.train_crop = "random_resized"
     c.input.crop_area = (0.25, 1.0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from typing import Any, Callable
@@ -16,6 +17,24 @@ def fail(message: str) -> None:
     """The one line a user error prints, then exit status 2."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
+
+
+def add_config_roots(argv: list[str]) -> None:
+    """Puts the directory above ``configs/`` on ``sys.path``, so that a config
+    file's ``from configs import common`` works: the config file's own
+    repository first (a command run from elsewhere), then the working
+    directory."""
+    roots = [os.getcwd()]
+    for index, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--config=") else \
+            argv[index + 1] if arg == "--config" and index + 1 < len(argv) else None
+        folder = os.path.dirname(os.path.abspath(value.split(":", 1)[0])) if value else ""
+        if os.path.basename(folder) == "configs":
+            roots.append(os.path.dirname(folder))
+    for root in roots:
+        if root in sys.path:
+            sys.path.remove(root)
+        sys.path.insert(0, root)
 
 
 def first_line(error: BaseException) -> str:
@@ -57,6 +76,9 @@ def flags_parser(config_flag) -> Callable[[list[str]], list[str]]:
             fail(flag_error_message(error))
         except (AttributeError, KeyError) as error:  # ml_collections: a key it lacks
             text = str(error.args[0]) if error.args else str(error)
+            if "has no attribute 'get_config'" in text:
+                fail("--config names a file without get_config() (a helper module?); give an "
+                     "experiment config such as configs/default.py")
             bad = (re.search(r"\w+", text) or [text])[0]
             suggested = re.search(r'Did you mean "([^"]+)"', text)
             key, fixed = _given_key(argv, bad, suggested and suggested[1])

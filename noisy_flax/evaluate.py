@@ -503,7 +503,7 @@ def main_with_flags(argv, *, entropy_default: bool = False) -> None:
     from noisy_flax import cli
     from noisy_flax.checkpointing import CheckpointError  # a user-fixable state
 
-    sys.path.insert(0, os.getcwd())  # configs/ lives in the repository root
+    cli.add_config_roots(sys.argv)  # configs/ lives in the repository root
     config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
     workdir = flags.DEFINE_string("workdir", None, "Run directory with checkpoints/.")
     orders = flags.DEFINE_list("orders", list(batch_order.ORDERS), "Batch orders to run.")

@@ -19,11 +19,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from noisy_flax.cli import EXIT_USER_ERROR, config_value, fail, first_line, flags_parser, start
+from noisy_flax.cli import (EXIT_USER_ERROR, add_config_roots, config_value, fail, first_line,
+                            flags_parser, start)
 
 # The repository root holds configs/; make `from configs import common` work
-# however the module is started.
-sys.path.insert(0, os.getcwd())
+# however and wherever the module is started.
+add_config_roots(sys.argv)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -125,6 +126,10 @@ def run(config, workdir: str) -> int:
     """Trains; a user error prints one line and returns exit status 2."""
     from noisy_flax import train  # heavy imports after flag parsing
 
+    if "study" in config:  # it would train one plain run and ignore every study setting
+        print("error: this is a study config (it has config.study); run it with python -m "
+              "noisy_flax.study --config ... --workdir ...", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
     try:
         train.train_and_evaluate(config, workdir)
     except (*USER_ERRORS, train.TrainingError, train.checkpointing.CheckpointError) as error:

@@ -462,7 +462,7 @@ def main(argv) -> None:
 
     from noisy_flax import cli
 
-    sys.path.insert(0, os.getcwd())  # configs/ lives in the repository root
+    cli.add_config_roots(sys.argv)  # configs/ lives in the repository root
     config_flag = config_flags.DEFINE_config_file("config", None, "Study config file.")
     workdir = flags.DEFINE_string("workdir", None, "Where runs and the report go.")
     flags.mark_flags_as_required(["config", "workdir"])

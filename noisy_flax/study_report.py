@@ -501,7 +501,9 @@ def main(argv=None) -> None:
     import argparse
     import sys
 
-    sys.path.insert(0, os.getcwd())
+    from noisy_flax import cli
+
+    cli.add_config_roots(sys.argv)
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--config", required=True, help="configs/study_fashion_mnist.py[:args]")
     parser.add_argument("--workdir", required=True)

@@ -215,6 +215,15 @@ def test_a_file_where_checkpoints_go_is_refused_before_anything_is_written(
                    rf"{name} is a file, where the run keeps its {name} checkpoints; move it away")
 
 
+def test_a_study_config_is_refused_by_the_training_entry_point(tmp_path, capsys):
+    from configs import study_fashion_mnist
+    config = study_fashion_mnist.get_config("runlocal")
+    expect_refused(capsys, config, tmp_path / "wd",
+                   r"this is a study config \(it has config.study\); run it with python -m "
+                   r"noisy_flax.study")
+    assert not (tmp_path / "wd").exists()
+
+
 def test_a_refused_run_does_not_create_its_workdir(dirs, tmp_path, capsys):
     config = tiny_run.tiny_config(*dirs, **{"noise.type": "optimall"})
     expect_refused(capsys, config, tmp_path / "new" / "wd", r"unknown noise.type")
@@ -563,11 +572,23 @@ def test_command_line_mistakes_print_one_line_and_exit_2(tmp_path, config_arg, e
      "error: unknown config argument 'runlocl' (did you mean 'runlocal'?); this config takes"),
     ("noisy_flax.evaluate", ["--config", "configs/fashion_mnist.py:runlocal", "--per_class=-1"],
      "error: flag --per_class=-1: "),
+    ("noisy_flax.main", ["--config", "configs/common.py"],
+     "error: --config names a file without get_config() (a helper module?); give an experiment "
+     "config such as configs/default.py"),
+    ("noisy_flax.main", ["--config", "configs/transfer.py:model=vit_small"],
+     "error: model='vit_small' must end in its resolution, e.g. vit_small_patch16_224"),
+    # Run from another directory: the config's own repository provides `configs`.
+    ("noisy_flax.main", ["--config", str(ROOT / "configs" / "fashion_mnist.py:runlocal"),
+                         "--config.lrr=1"],
+     "error: unknown config key --config.lrr; did you mean --config.lr?"),
 ], ids=["main, missing config file", "evaluate, parent typo", "study, bad argument",
-        "evaluate, negative per_class"])
+        "evaluate, negative per_class", "main, a helper module", "main, transfer without a size",
+        "main, from another directory"])
 def test_other_entry_points_report_one_line(tmp_path, module, args, expected):
+    elsewhere = any(arg.startswith(str(ROOT)) for arg in args)
     result = subprocess.run([sys.executable, "-m", module, *args, "--workdir", str(tmp_path / "wd")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            cwd=tmp_path if elsewhere else ROOT, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == main.EXIT_USER_ERROR, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(expected), result.stderr[-2000:]
