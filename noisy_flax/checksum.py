@@ -8,7 +8,10 @@ checksums beside the state, and a restore compares them.
 The checksum of an array is the sum, wrapping modulo 2**32, of its elements'
 bit patterns, each multiplied by ``2 * position + 1`` (its row-major index).
 An odd weight times a nonzero difference is nonzero modulo 2**32, so any
-change to a single element changes the checksum. Integer sums wrap the same
+change to a single element of up to 4 bytes changes the checksum. 8-byte
+elements (under ``JAX_ENABLE_X64``) count as two words with their own
+weights; there some changes of both words cancel, as 64 bits cannot all map
+one to one into 32. Integer sums wrap the same
 way in any order, so the result does not depend on how the array is sharded
 or on the backend; it runs as one jitted reduction over the sharded arrays,
 with no copy to the host.

@@ -57,7 +57,7 @@ def environment_with_fast_malloc(
     """``env`` plus TCMalloc (where installed) and the huge-page tunable, or
     None when nothing should change: not glibc, opted out, or both already
     chosen (by an earlier start or by the user)."""
-    if env.get(NO_REEXEC) or platform.libc_ver()[0] != "glibc":
+    if _opted_out(env, NO_REEXEC) or platform.libc_ver()[0] != "glibc":
         return None
     new = dict(env)
     tunables = env.get("GLIBC_TUNABLES", "")
@@ -65,11 +65,25 @@ def environment_with_fast_malloc(
         new["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES
     preload = env.get("LD_PRELOAD", "")
     # Any preloaded *malloc* (tcmalloc, jemalloc, mimalloc) is the user's choice.
-    if not env.get(NO_TCMALLOC) and "malloc" not in preload:
+    if not _opted_out(env, NO_TCMALLOC) and "malloc" not in preload:
         allocator = find_allocator()
         if allocator:
             new["LD_PRELOAD"] = f"{allocator}:{preload}" if preload else allocator
     return None if new == dict(env) else new
+
+
+def _opted_out(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip() not in ("", "0")  # "0" keeps the setting on
+
+
+def started_as_entry_point(orig_argv) -> bool:
+    """``python [options] -m noisy_flax.<module>``: this command may be
+    restarted. A host program that runs the module inside itself (runpy,
+    IPython's %run -m) would restart from its own beginning."""
+    args = list(orig_argv)
+    return any(a == "-m" and i + 1 < len(args) and args[i + 1].startswith("noisy_flax.")
+               for i, a in enumerate(args)) or any(
+        a.startswith("-m") and a[2:].startswith("noisy_flax.") for a in args)
 
 
 def reexec_with_fast_malloc() -> None:
@@ -77,7 +91,7 @@ def reexec_with_fast_malloc() -> None:
     above; returns only when there is nothing to change. Call it first in a
     ``__main__`` block, before any heavy import."""
     env = environment_with_fast_malloc(os.environ)
-    if env is None:
+    if env is None or not started_as_entry_point(sys.orig_argv):
         return
     sys.stdout.flush()
     sys.stderr.flush()

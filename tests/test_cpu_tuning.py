@@ -27,6 +27,16 @@ def test_environment_gains_the_tunable_once_and_keeps_the_others():
     # Already chosen (by us or by the user), or opted out: nothing to do.
     assert _fast({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
     assert _fast({"NOISY_FLAX_NO_REEXEC": "1"}, "libtcmalloc_minimal.so.4") is None
+    # "0" does not opt out (it used to: any value did).
+    assert _fast({"NOISY_FLAX_NO_REEXEC": "0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+def test_only_a_command_started_as_a_noisy_flax_module_restarts_itself():
+    assert cpu_tuning.started_as_entry_point(["python3", "-u", "-m", "noisy_flax.main", "--x"])
+    assert cpu_tuning.started_as_entry_point(["python3", "-mnoisy_flax.study"])
+    # runpy.run_module or IPython's %run -m inside a host program: its own argv.
+    assert not cpu_tuning.started_as_entry_point(["python3", "host.py", "-m", "x"])
+    assert not cpu_tuning.started_as_entry_point(["ipython"])
 
 
 @glibc_only
@@ -38,6 +48,7 @@ def test_environment_preloads_tcmalloc_where_installed_unless_an_allocator_is_ch
     assert _fast({**hugetlb, "LD_PRELOAD": tc}, tc) is None  # the re-executed process
     assert _fast({**hugetlb, "LD_PRELOAD": "/opt/libjemalloc.so.2"}, tc) is None  # the user's
     assert _fast({**hugetlb, "NOISY_FLAX_NO_TCMALLOC": "1"}, tc) is None
+    assert _fast({**hugetlb, "NOISY_FLAX_NO_TCMALLOC": "0"}, tc)["LD_PRELOAD"] == tc
     assert _fast(hugetlb, None) is None  # not installed: glibc with huge pages
 
 
