@@ -43,6 +43,9 @@ rec = dict(prog=name, exe=exe, argv=argv, cwd=os.getcwd(),
                 ("TFDS_DATA_DIR", "XLA_FLAGS", "NOISY_FLAX_DISTRIBUTED")}})
 with open(os.environ["FAKE_RECORD"], "a") as f:
     f.write(json.dumps(rec) + "\n")
+if name == "gcloud" and os.environ.get("FAKE_FAIL") and any(
+        os.environ["FAKE_FAIL"] in a for a in argv):  # a worker refused this command
+    sys.exit(1)
 if name == "gcloud" and "describe" in argv:
     print("ACTIVE" if "queued-resources" in argv else "2")
 if name == "gcloud" and "scp" in argv:  # keep what would be uploaded
@@ -283,9 +286,11 @@ def test_run_starts_main_on_all_workers_with_literal_arguments(local, remote):
     proc = launch(local, "run.sh", *TARGET, "--config", CONFIG, "--workdir", WORKDIR,
                   "--data-dir", DATA_DIR, "--env", "XLA_FLAGS=--a=1 --b", *PAYLOADS, *extra)
     assert proc.returncode == 0, proc.stderr
-    (ssh,) = gcloud_calls(local)
-    assert ssh[:5] == ["compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
-    assert "--worker=all" in ssh and "--zone=us-central2-b" in ssh
+    check, ssh = gcloud_calls(local)
+    for call in (check, ssh):
+        assert call[:5] == ["compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
+        assert "--worker=all" in call and "--zone=us-central2-b" in call
+    assert "still going" in remote_command(check) and "nohup" not in remote_command(check)
     command = remote_command(ssh)
     assert "noisy_flax.main" in command and "nohup" in command
 
@@ -308,19 +313,36 @@ def test_run_starts_main_on_all_workers_with_literal_arguments(local, remote):
     assert (logs / "latest.log").is_symlink() and (logs / "latest.log").exists()
     assert (logs / "latest.pid").read_text().strip().isdigit()
 
-    # A second start while the first is alive (here: this test's pid) is refused.
+    # A second start while the first is alive (here: this test's pid) is refused,
+    # by the check that runs first on every worker and by the start itself.
     remote.clear()
     (logs / "latest.pid").write_text(f"{os.getpid()}\n")
-    proc = run_remotely(remote, command)
-    assert proc.returncode == 1 and "still going" in proc.stderr
+    for each in (remote_command(check), command):
+        proc = run_remotely(remote, each)
+        assert proc.returncode == 1 and "still going" in proc.stderr
     assert remote.records() == []
+    (logs / "latest.pid").write_text("999999999\n")  # a finished run: the check passes
+    assert run_remotely(remote, remote_command(check)).returncode == 0
+    # Where there is no checkout (here: a directory without noisy_flax/), nothing runs.
+    assert run_remotely(remote, remote_command(check), cwd=logs).returncode == 0
+
+
+def test_run_starts_nothing_when_any_worker_still_runs(local):
+    """gcloud's --worker=all fails when one worker's command fails: then no
+    worker may start, or the others would wait for it in jax.distributed."""
+    proc = launch(local, "run.sh", *TARGET, "--config", CONFIG, "--workdir", WORKDIR,
+                  "--data-dir", DATA_DIR, FAKE_FAIL="still going")
+    assert proc.returncode == 1
+    assert "a run is still going on some worker (above); nothing was started" in proc.stderr
+    (check,) = gcloud_calls(local)  # the start was never sent
+    assert "nohup" not in remote_command(check)
 
 
 def test_run_env_can_turn_distributed_start_off(local, remote):
     proc = launch(local, "run.sh", *TARGET, "--config", CONFIG, "--workdir", WORKDIR,
                   "--data-dir", DATA_DIR, "--env", "NOISY_FLAX_DISTRIBUTED=0")
     assert proc.returncode == 0, proc.stderr
-    (ssh,) = gcloud_calls(local)
+    _, ssh = gcloud_calls(local)
     (remote.home / "noisy_flax/.venv/bin").mkdir(parents=True)
     remote.add(remote.home / "noisy_flax/.venv/bin/python")
     proc = run_remotely(remote, remote_command(ssh), wait_for=1)
@@ -333,7 +355,7 @@ def test_run_follow_streams_worker_0(local):
     proc = launch(local, "run.sh", *TARGET, "--config", CONFIG, "--workdir", WORKDIR,
                   "--data-dir", DATA_DIR, "--follow")
     assert proc.returncode == 0, proc.stderr
-    _, follow = gcloud_calls(local)
+    _, _, follow = gcloud_calls(local)
     assert "--worker=0" in follow
     assert remote_command(follow) == "tail -n 100 -F noisy_flax/logs/latest.log"
 

@@ -91,13 +91,22 @@ for kv in "${envs[@]}"; do
 done
 
 main=("$venv/bin/python" -m noisy_flax.main --config "$config" --workdir "$workdir" "${extra[@]}")
+still_going=(
+  "if [ -f logs/latest.pid ] && kill -0 \"\$(cat logs/latest.pid)\" 2>/dev/null; then"
+  "  echo \"\$(hostname): a run is still going (pid \$(cat logs/latest.pid)); stop it with launch/tpu/kill.sh\" >&2; exit 1"
+  "fi"
+)
+# Every worker is checked before any starts: a worker that refused while the
+# others started would leave them waiting for it in jax.distributed.
+check=("cd $(q "$remote_dir") 2>/dev/null || exit 0" "${still_going[@]}")
+if ! ssh_tpu "$worker" "$(printf '%s\n' "${check[@]}")"; then
+  fail "a run is still going on some worker (above); nothing was started"
+fi
 remote=(
   "set -e"
   "cd $(q "$remote_dir")"
   "mkdir -p logs"
-  "if [ -f logs/latest.pid ] && kill -0 \"\$(cat logs/latest.pid)\" 2>/dev/null; then"
-  "  echo \"\$(hostname): a run is still going (pid \$(cat logs/latest.pid)); stop it with launch/tpu/kill.sh\" >&2; exit 1"
-  "fi"
+  "${still_going[@]}"
   "${exports[@]}"
   "log=logs/run-\$(date +%Y%m%d-%H%M%S).log"
   "ln -sfn \"\${log#logs/}\" logs/latest.log"
