@@ -243,7 +243,7 @@ def test_a_per_device_eval_batch_is_resolved_for_the_in_memory_split():
     assert c.eval_batch_size is None  # the caller's config is left as it was
 
 
-def test_end_to_end_on_a_trained_checkpoint(tmp_path):
+def test_end_to_end_on_a_trained_checkpoint(tmp_path, monkeypatch):
     """runlocal training on mock data, then the evaluate entry point."""
     c = _config(noise_type="optimal_q")
     common.apply_runlocal(c)
@@ -251,8 +251,14 @@ def test_end_to_end_on_a_trained_checkpoint(tmp_path):
     c.plot = False
     with tfds.testing.mock_data(num_examples=24):
         train.train_and_evaluate(c, str(tmp_path))
-        result = evaluate.run(c, str(tmp_path), orders=batch_order.ORDERS, batch_size=10,
+        # Batches of 8: the 24 mock labels hold 9 of the 10 classes, too few
+        # for distinct-class batches of 10.
+        result = evaluate.run(c, str(tmp_path), orders=batch_order.ORDERS, batch_size=8,
                               with_entropy=True, probe_steps=10)
+        monkeypatch.setattr(evaluate, "restore_variables", None)  # refused before the restore
+        with pytest.raises(ValueError, match="the labels hold only 9 of the 10"):
+            evaluate.run(c, str(tmp_path), orders=batch_order.ORDERS, batch_size=10,
+                         name="refused")
     assert result["step"] == 2 and result["examples"] == 24
     rows = {(r["order"], r["noise"]): r for r in result["rows"]}
     assert len(rows) == 10
