@@ -55,6 +55,7 @@ def test_eval_counts_every_example_once_with_uneven_last_batch(tmp_path):
     config.input.channels = 1
     config.input.train_crop = "none"
     config.eval_batch_size = 16
+    config.label_smoothing = 0.1  # training only: the loss below is the plain one
     config.noise.update(type="optimal_q", scope="device")
     mesh = train.sharding.create_mesh(config.mesh)
     model = train.build_model(config, mesh)
@@ -218,6 +219,9 @@ def test_gradient_accumulation_averages_the_micro_batches():
     schedule = optax.constant_schedule(1.0)
     state, _ = train.create_train_state(config, model, tx, mesh)
     rng = np.random.default_rng(0)
+    params = jax.device_get(state.params)  # a zero head would hide the noise in equal logits
+    params["head"]["kernel"] = rng.normal(size=params["head"]["kernel"].shape).astype(np.float32)
+    state = state.replace(params=jax.device_put(params, train.sharding.replicated(mesh)))
     batch = {"image": rng.normal(size=(16, 28, 28, 1)).astype(np.float32),
              "label": rng.integers(0, 10, 16).astype(np.int32)}
     single = jax.jit(train.make_train_step(model, tx, schedule, config))
@@ -298,3 +302,69 @@ def test_sgd_steps_match_numpy(nesterov):
             b = 0.7 * b + g
             p = p - 0.01 * (g + 0.7 * b if nesterov else b)
         np.testing.assert_allclose(got["dense"][name], p, rtol=1e-5, atol=1e-6)
+
+
+def _noisy_vit(noise_type="gaussian"):
+    config = common.base_config()
+    config.model = "vit_nano_patch7_28"
+    config.model_kwargs = {"num_layers": 1}
+    config.input.channels = 1
+    config.noise.update(type=noise_type, site="attn_input", scope="global")
+    mesh = train.sharding.create_mesh(config.mesh)
+    model = train.build_model(config, mesh)
+    tx, _ = optim.make_optimizer(config, 10, 0)
+    state, _ = train.create_train_state(config, model, tx, mesh)
+    rng = np.random.default_rng(0)
+    params = jax.device_get(state.params)  # a zero head would hide the noise in equal logits
+    params["head"]["kernel"] = rng.normal(size=params["head"]["kernel"].shape).astype(np.float32)
+    state = state.replace(params=jax.device_put(params, train.sharding.replicated(mesh)))
+    batch = {"image": rng.normal(size=(16, 28, 28, 1)).astype(np.float32),
+             "label": rng.integers(0, 10, 16).astype(np.int32),
+             "mask": np.ones(16, np.float32)}
+    return config, mesh, model, state, batch
+
+
+def test_each_train_step_draws_new_noise():
+    """The step's key is folded with the step: with the parameters held still
+    (SGD at rate 0), the same batch at steps 0 and 1 meets other Gaussian noise."""
+    config, _, model, state, batch = _noisy_vit()
+    step = jax.jit(train.make_train_step(model, optax.sgd(0.0), optax.constant_schedule(0.0),
+                                         config))
+    state = state.replace(opt_state=optax.sgd(0.0).init(state.params))
+    after_one, first = step(state, batch)
+    _, second = step(after_one, batch)
+    jax.tree.map(np.testing.assert_array_equal, after_one.params, state.params)
+    assert abs(float(first["loss"]) - float(second["loss"])) > 1e-6
+
+
+def test_each_eval_batch_draws_new_noise():
+    """Batch i's key is fold_in(PRNGKey(seed + 1), i): the same batch twice
+    meets other Gaussian noise, as a loop over the eval step shows."""
+    config, mesh, model, state, batch = _noisy_vit()
+    config.noise.eval = True
+    eval_step = jax.jit(train.make_eval_step(model, config))
+    result = train.evaluate(eval_step, state, iter([batch, batch]), mesh, seed=3)
+    base = jax.random.PRNGKey(4)
+    sums = [float(eval_step(state.params, state.batch_stats,
+                            train.sharding.global_batch(batch, mesh),
+                            jax.random.fold_in(base, i))["loss_sum"]) for i in (0, 1)]
+    assert abs(sums[0] - sums[1]) > 1e-6
+    assert result["loss"] == pytest.approx(sum(sums) / 32, rel=1e-6)
+
+
+def test_gradients_are_clipped_before_the_optimizer_scales_them():
+    """Global norm 10 clipped to 1, then SGD at 0.01: p - 0.01 g / 10. Clipping
+    the update instead would leave -0.01 g (norm 0.1) unclipped: -0.06, -0.08."""
+    g = {"w": jnp.asarray([6.0, 8.0])}
+    config = _optimizer_config(optimizer="sgd", momentum=0.0, weight_decay=0.0,
+                               grad_clip_norm=1.0, lr=0.01)
+    got = _run_optimizer(config, {"w": jnp.zeros(2)}, [g])
+    np.testing.assert_allclose(got["w"], [-0.006, -0.008], rtol=1e-6)
+
+
+def test_an_epoch_is_the_whole_batches_the_stream_yields():
+    """1,000 examples in batches of 128: the stream drops the last 104, so an
+    epoch is 7 steps and two epochs 14."""
+    config = common.base_config()
+    config.batch_size, config.num_epochs, config.total_steps = 128, 2.0, 0
+    assert train.schedule_lengths(config, 1000)[:2] == (1000 // 128, 2 * (1000 // 128))
