@@ -226,3 +226,45 @@ def test_keys_the_study_sets_per_run_are_refused_on_the_command_line():
             study.check_no_per_run_keys(["study", "--config", "c.py", arg])
     study.check_no_per_run_keys(["study", "--config.noise.scope=global", "--config.study.seeds=(0,)",
                                  "--config.data_dir=/d", "--workdir", "w"])
+
+
+def test_training_batches_flip_left_right_and_keep_pre_training_and_fine_tuning_apart():
+    """Flips mirror the width axis (images are N, H, W, C); stream 0
+    (pre-training) and stream 1 (fine-tuning) draw their own orders, each from
+    default_rng([seed, 7, stream])."""
+    from noisy_flax import evaluate
+    images = np.broadcast_to(np.arange(4.0)[None, None, :, None], (64, 3, 4, 1)).copy()
+    images += np.arange(64.0)[:, None, None, None] * 10  # each image its own offset
+    data = evaluate.EvalData(images, np.arange(64) % 10, 10)
+    batch = next(study.train_batches(data, 16, seed=5, flip=True))
+    mirrored = 0
+    for image in batch["image"]:
+        original = images[int(image[0, 0, 0] // 10)]
+        assert np.array_equal(image, original) or np.array_equal(image, np.flip(original, axis=1))
+        mirrored += not np.array_equal(image, original)
+    assert 0 < mirrored < 16
+    for stream in (0, 1):
+        first = next(study.train_batches(data, 16, seed=5, flip=False, stream=stream))
+        expected = np.random.default_rng([5, 7, stream]).permutation(64)[:16]
+        np.testing.assert_array_equal(first["label"], data.labels[expected])
+
+
+def test_paired_changes_pair_by_seed_when_a_seed_is_missing():
+    """Clean seeds 0, 1, 2 at 80, 82, 84; noisy seeds 1 and 2 at 83 and 90:
+    changes +1 and +6 (seed by seed, not position by position)."""
+    entry = lambda seed, top1: {"seed": seed, "top1": top1}  # noqa: E731
+    c = {("vit", "none", "none", "shuffled"): [entry(0, .80), entry(1, .82), entry(2, .84)],
+         ("vit", "eval_only", "optimal_q", "shuffled"): [entry(1, .83), entry(2, .90)]}
+    deltas = study_report.paired_deltas(c, "vit", "eval_only", "optimal_q", "shuffled")
+    np.testing.assert_allclose(deltas, [1.0, 6.0], atol=1e-9)
+
+
+def test_pre_training_warms_up_over_its_own_steps():
+    """10% of the 60 pre-training steps, not of the 20 fine-tuning steps."""
+    c = study_fashion_mnist.get_config()
+    arch = next(a for a in c.study.archs if a["name"] == "vit")
+    none = next(n for n in c.study.noises if n["label"] == "none")
+    pre = study.run_config(c, arch, none, 0, steps=arch["pretrain_steps"])
+    assert (pre.total_steps, pre.warmup_steps) == (60, 6)
+    fine = study.run_config(c, arch, none, 0)
+    assert (fine.total_steps, fine.warmup_steps) == (20, 2)
