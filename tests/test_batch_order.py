@@ -143,3 +143,13 @@ def test_distinct_class_batches_vary_in_make_up_and_position():
     halves = batch_order.batch_indices(labels, "distinct_class", 5, seed=0, num_classes=10)
     assert len({frozenset(labels[b].tolist()) for b in halves}) > 20  # of C(10, 5) = 252
     assert all(len(set(labels[b])) == len(b) == 5 for b in halves)
+
+
+def test_distinct_class_slots_do_not_follow_the_class_counts():
+    """Class 0 has five times the examples of the others, so it is in every
+    batch for a while; its position in the batch must still vary (a batch in
+    the order the classes were picked would always put it first)."""
+    labels = np.concatenate([np.zeros(100, int), np.repeat(np.arange(1, 10), 20)])
+    batches = batch_order.batch_indices(labels, "distinct_class", 10, seed=0, num_classes=10)
+    slots = [int(np.flatnonzero(labels[b] == 0)[0]) for b in batches if 0 in labels[b]]
+    assert len(set(slots)) >= 8

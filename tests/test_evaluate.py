@@ -283,7 +283,14 @@ def test_streamed_ordered_batches_cover_the_split_once():
         labels = evaluate.split_labels(c)
         batches = list(evaluate.ordered_eval_batches(c))
         reference = list(evaluate.input_pipeline.eval_batches(c))
+        halves = [list(evaluate.ordered_eval_batches(c, process_index=p, process_count=2))
+                  for p in (0, 1)]
     assert len(labels) == 37
+    # Two processes: each holds its half of every batch, in the same batch order.
+    assert len(halves[0]) == len(halves[1]) == len(batches)
+    for whole, first, second in zip(batches, *halves):
+        for key in whole:
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), whole[key])
     # 37 sorted labels in batches of 16: 16 + 16 + 5 real rows, padding masked.
     assert sorted(int(b["mask"].sum()) for b in batches) == [5, 16, 16]
     seen = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
@@ -339,3 +346,15 @@ def test_an_example_left_out_of_the_batches_is_an_error_not_class_zero():
         with pytest.raises(ValueError, match="0 never evaluated, 10 evaluated more than once"):
             evaluate.run_batches(forward, variables, data, batches + batches[:1], mesh,
                                  grouped=fast)
+
+
+def test_per_class_keeps_the_first_examples_of_each_class_in_split_order():
+    c = _config()
+    c.eval_batch_size = 16
+    with tfds.testing.mock_data(num_examples=40):
+        everything = evaluate.load_eval_data(c)
+        kept = evaluate.load_eval_data(c, per_class=2)
+    expected = np.sort(np.concatenate([np.flatnonzero(everything.labels == k)[:2]
+                                       for k in np.unique(everything.labels)]))
+    np.testing.assert_array_equal(kept.labels, everything.labels[expected])
+    np.testing.assert_array_equal(kept.images, everything.images[expected])
