@@ -9,6 +9,7 @@ import os
 import pathlib
 import queue
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -394,6 +395,55 @@ def test_a_changed_config_is_refused_listing_the_keys(tmp_path):
                      'noise.type: "optimal_q" -> "gaussian"', "allow_config_change=True"):
         assert expected in message
     assert tiny_run.snapshot(workdir) == before
+
+
+# Written out here, not imported: what may change on a resume is a decision
+# that a change to workdir.HARMLESS_KEYS must repeat.
+MAY_CHANGE_ON_RESUME = {
+    "data_dir", "download", "input.local_dir", "input.prefetch", "input.cache", "eval_every",
+    "eval_every_epochs", "eval_max_examples", "eval_batch_size", "eval_batch_per_device",
+    "eval_split", "eval_order", "log_every", "checkpoint_every", "keep_checkpoints",
+    "async_checkpoints", "save_best", "plot", "init_from", "init_dont_load", "init_required",
+    "mesh", "sharding", "remat", "cpu_ynnpack", "runlocal", "allow_config_change"}
+
+
+def _leaves(config, prefix=""):
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _other_value(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, tuple) and value and all(isinstance(v, (int, float)) for v in value):
+        return tuple(v + 1 for v in value)
+    return None  # None placeholders and nested tuples: not perturbed here
+
+
+def test_every_key_but_the_listed_ones_refuses_a_resume_when_changed(tmp_path):
+    config = tiny_run.tiny_config("/data", "/idx")
+    workdir = saved_workdir(tmp_path, config)
+    checked = 0
+    for key, value in _leaves(config):
+        new = _other_value(value)
+        if new is None:
+            continue
+        changed = tiny_run.tiny_config("/data", "/idx")
+        tiny_run.set_dotted(changed, key, new)
+        if key in MAY_CHANGE_ON_RESUME:
+            workdir_lib.check_config_unchanged(str(workdir), changed)
+        else:
+            with pytest.raises(ValueError, match=rf"another config \({re.escape(key)}: "):
+                workdir_lib.check_config_unchanged(str(workdir), changed)
+            checked += 1
+    assert checked > 40  # the perturbation reached most keys
 
 
 def test_harmless_changes_and_the_override_are_accepted(tmp_path):
