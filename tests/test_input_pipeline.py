@@ -325,3 +325,12 @@ def test_preparing_alongside_another_process_uses_its_copy(fake_idx_dir, tmp_pat
   builder = fashion_mnist_local.prepare(tmp_path, fake_idx_dir)
   assert builder.is_prepared()
   assert builder.info.splits["train"].num_examples == TRAIN_SIZE
+
+
+def test_each_process_augments_and_shuffles_with_its_own_seeds():
+    """Two processes at the same position of their streams (same seed, same
+    epoch) must not draw the same crops and flips, nor the same shuffle."""
+    position = tf.constant(5, tf.int64)
+    crops = [input_pipeline._example_seed(0, p, position).numpy() for p in (0, 1)]
+    shuffles = [int(input_pipeline._epoch_shuffle_seed(0, p, position)) for p in (0, 1)]
+    assert not np.array_equal(*crops) and shuffles[0] != shuffles[1]

@@ -368,3 +368,27 @@ def test_an_epoch_is_the_whole_batches_the_stream_yields():
     config = common.base_config()
     config.batch_size, config.num_epochs, config.total_steps = 128, 2.0, 0
     assert train.schedule_lengths(config, 1000)[:2] == (1000 // 128, 2 * (1000 // 128))
+
+
+def test_gradient_accumulation_gives_each_micro_batch_its_own_noise():
+    """Micro-batch j (rows j::2) draws its noise from fold_in(step key, j); the
+    step is SGD(1) on the mean of their gradients, here computed again with
+    jax.grad on each micro-batch alone."""
+    config, _, model, state, batch = _noisy_vit()
+    tx = optax.sgd(1.0)
+    state = state.replace(opt_state=tx.init(state.params))
+    config.grad_accum_steps = 2
+    step = jax.jit(train.make_train_step(model, tx, optax.constant_schedule(1.0), config))
+    new, _ = step(state, {"image": batch["image"], "label": batch["label"]})
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss(params, images, labels, key):
+        rngs = dict(zip(("dropout", "noise"), jax.random.split(key)))
+        logits = model.apply({"params": params}, images, train=True, rngs=rngs)
+        return train.cross_entropy(logits, labels, config.num_classes).mean()
+
+    grads = [jax.grad(loss)(state.params, batch["image"][j::2], batch["label"][j::2],
+                            jax.random.fold_in(step_key, j)) for j in (0, 1)]
+    jax.tree.map(lambda got, p, a, b: np.testing.assert_allclose(got, p - (a + b) / 2,
+                                                                 rtol=1e-4, atol=1e-6),
+                 new.params, state.params, *grads)
