@@ -139,6 +139,8 @@ def test_negative_layer_counts_from_end(vit_variables):
     last = tiny_vit({**OPTIMAL, "layer": -1}).apply(vit_variables, x)
     explicit = tiny_vit({**OPTIMAL, "layer": 2}).apply(vit_variables, x)
     np.testing.assert_array_equal(last, explicit)
+    first = tiny_vit({**OPTIMAL, "layer": -3}).apply(vit_variables, x)  # -depth is block 0
+    np.testing.assert_array_equal(first, tiny_vit({**OPTIMAL, "layer": 0}).apply(vit_variables, x))
     middle = tiny_vit({**OPTIMAL, "layer": -2}).apply(vit_variables, x)
     np.testing.assert_array_equal(middle, tiny_vit({**OPTIMAL, "layer": 1}).apply(vit_variables, x))
     assert not np.allclose(middle, last, atol=1e-4)
@@ -216,7 +218,7 @@ def test_remat_gives_same_gradients(vit_variables):
 
 
 def test_stochastic_depth_and_dropout_only_in_training(vit_variables):
-    model = tiny_vit(drop_path_rate=0.5, dropout_rate=0.1)
+    model = tiny_vit(drop_path_rate=0.5, dropout_rate=0.1, attention_dropout_rate=0.1)
     x = images()
     np.testing.assert_array_equal(model.apply(vit_variables, x, train=False),
                                   tiny_vit().apply(vit_variables, x, train=False))
@@ -494,3 +496,96 @@ def test_last_block_on_class_token_alone_saves_its_other_tokens_matmuls():
 def test_impossible_sizes_are_refused_by_name(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         create_model(name, **kwargs)
+
+
+def numpy_mlp(p, x):
+    from scipy.special import erf
+    hidden = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+    hidden = hidden / 2 * (1 + erf(hidden / np.sqrt(2)))
+    return hidden @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+
+def test_whole_vit_matches_numpy():
+    """Patches as one matmul, the class token and the position embedding
+    (class token included), two pre-norm blocks, the final norm, the tanh
+    representation layer and the head, in float64 numpy."""
+    model = create_model("vit_nano_patch4_16", num_classes=5, num_layers=2,
+                         representation_size=16)
+    x = np.asarray(images(3, 16), np.float64)
+    variables = model.init(jax.random.key(0), jnp.asarray(x, jnp.float32), train=False)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    rng = np.random.default_rng(2)  # the zero-initialised cls and head would hide their terms
+    params["cls"] = rng.normal(size=params["cls"].shape)
+    params["head"]["kernel"] = rng.normal(size=params["head"]["kernel"].shape)
+    got = model.apply({"params": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)},
+                      jnp.asarray(x, jnp.float32), train=False)
+    patches = x.reshape(3, 4, 4, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(3, 16, 48)
+    kernel = params["embedding"]["kernel"].reshape(48, -1)  # (4, 4, 3, width), HWIO order
+    h = patches @ kernel + params["embedding"]["bias"]
+    h = np.concatenate([np.repeat(params["cls"], 3, axis=0), h], axis=1)
+    enc = params["Transformer"]
+    h = h + enc["posembed_input"]["pos_embedding"]
+    for i in range(2):
+        p = enc[f"encoderblock_{i}"]
+        h = h + numpy_attention(p["MultiHeadDotProductAttention_1"],
+                                numpy_layer_norm(p["LayerNorm_0"], h))
+        h = h + numpy_mlp(p["MlpBlock_3"], numpy_layer_norm(p["LayerNorm_2"], h))
+    z = numpy_layer_norm(enc["encoder_norm"], h)[:, 0]
+    z = np.tanh(z @ params["pre_logits"]["kernel"] + params["pre_logits"]["bias"])
+    expected = z @ params["head"]["kernel"] + params["head"]["bias"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_stochastic_depth_rescales_kept_branches_by_the_keep_rate():
+    """drop_path_rate=0.5: each sample leaves the block as one of four
+    outcomes (attention branch and MLP branch each dropped or kept at 1/0.5),
+    written out in numpy; all four occur among 64 samples."""
+    from noisy_flax.models.vit import Encoder1DBlock
+    x = np.random.default_rng(6).standard_normal((64, 5, 8))
+    block = Encoder1DBlock(mlp_dim=16, num_heads=2, grid=(2, 2), drop_path_rate=0.5)
+    params = block.init(jax.random.key(0), x.astype(np.float32), False)["params"]
+    out = np.asarray(block.apply({"params": params}, x.astype(np.float32), True,
+                                 rngs={"dropout": jax.random.key(3)}), np.float64)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    seen = set()
+    for b in range(64):
+        attention = numpy_attention(p["MultiHeadDotProductAttention_1"],
+                                    numpy_layer_norm(p["LayerNorm_0"], x[b:b + 1]))
+        outcomes = []
+        for keep_attention in (0.0, 2.0):
+            h = x[b:b + 1] + keep_attention * attention
+            mlp = numpy_mlp(p["MlpBlock_3"], numpy_layer_norm(p["LayerNorm_2"], h))
+            outcomes += [h, h + 2.0 * mlp]
+        matches = [i for i, o in enumerate(outcomes) if np.allclose(out[b], o[0], atol=1e-4)]
+        assert matches, b
+        seen.add(matches[0])
+    assert seen == {0, 1, 2, 3}
+
+
+def test_stochastic_depth_is_zero_in_the_first_block():
+    """timm's schedule: rate * i / (depth - 1), so block 0 never drops."""
+    model = tiny_vit(drop_path_rate=0.5)
+    x = images(32)
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def first_block(train):
+        _, state = model.apply(variables, x, train=train, rngs={"dropout": jax.random.key(1)},
+                               capture_intermediates=True, mutable=["intermediates"])
+        return np.asarray(state["intermediates"]["Transformer"]["encoderblock_0"]["__call__"][0])
+
+    np.testing.assert_array_equal(first_block(True), first_block(False))
+
+
+def test_resnet_head_reads_the_spatial_mean_of_the_last_block():
+    model = create_model("resnet18_small", num_classes=5, width=4)
+    x = images(2, 16)
+    variables = model.init(jax.random.key(0), x, train=False)
+    params = jax.device_get(variables["params"])
+    params["fc"]["kernel"] = np.random.default_rng(1).normal(size=params["fc"]["kernel"].shape)
+    logits, state = model.apply({**variables, "params": params}, x, train=False,
+                                capture_intermediates=True, mutable=["intermediates"])
+    inter = flax.traverse_util.flatten_dict(state["intermediates"])
+    last = [k for k in inter if len(k) == 2 and k[1] == "__call__" and k[0].startswith("layer4")]
+    features = np.asarray(inter[sorted(last)[-1]][0], np.float64).mean(axis=(1, 2))
+    expected = features @ params["fc"]["kernel"] + params["fc"]["bias"]
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)

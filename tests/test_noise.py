@@ -247,6 +247,7 @@ class TestMakeNoise:
         # 0.4 (the CNN script); the published scope is the per-device batch.
         cfg = noise.noise_config()
         assert (cfg.strength, cfg.mean, cfg.std, cfg.alpha, cfg.scope) == (0.1, 0.0, 1.0, 0.4, "device")
+        assert cfg.train is True and cfg.eval is True  # the published CNN: noise in both
 
     def test_make_noise_passes_stop_gradient(self):
         x = jnp.arange(5.0)

@@ -461,3 +461,11 @@ def test_convert_command_line(tmp_path, vit_params, capsys):
     assert variables["params"]["head"]["kernel"].shape == (WIDTH, 3)
     assert pretrained.main(["convert", src, str(dst), "--model", VIT]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_a_training_checkpoint_gives_its_weights_not_their_average():
+    """timm's training checkpoints hold both; the EMA is taken only when it is
+    all there is."""
+    weights, ema = {"w": np.ones(2)}, {"w": np.zeros(2)}
+    assert pretrained._state_dict_in({"state_dict_ema": ema, "state_dict": weights}, "x") is weights
+    assert pretrained._state_dict_in({"state_dict_ema": ema}, "x") is ema
