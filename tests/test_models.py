@@ -589,3 +589,35 @@ def test_resnet_head_reads_the_spatial_mean_of_the_last_block():
     features = np.asarray(inter[sorted(last)[-1]][0], np.float64).mean(axis=(1, 2))
     expected = features @ params["fc"]["kernel"] + params["fc"]["bias"]
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_within_image_noise_on_tokens_mixes_rows_of_the_patch_grid():
+    """At the embedding site the 16 patch tokens are a 4 x 4 grid (row-major,
+    as the patches were cut): each grid row is mixed with the other rows of
+    the same image by (I + Q*) of the grid height; the class token is kept."""
+    model = tiny_vit({"type": "within_image", "site": "embedding", "scope": "global"})
+    x = images(2, 16)
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+    leaves = flax.traverse_util.flatten_dict(state["intermediates"])
+    (before,) = [np.asarray(v[0], np.float64) for k, v in leaves.items() if k[-1] == "noise_input"]
+    (after,) = [np.asarray(v[0]) for k, v in leaves.items() if k[-1] == "noise_output"]
+    grid = before[:, 1:].reshape(2, 4, 4, -1)  # (batch, grid row, grid column, width)
+    mix = np.eye(4) + (np.ones((4, 4)) - 4 * np.eye(4)) / 5  # the paper's Q*, k = 4
+    expected = np.einsum("rs,bswd->brwd", mix, grid).reshape(2, 16, -1)
+    np.testing.assert_allclose(after[:, 1:], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(after[:, 0], before[:, 0])
+
+
+def test_bottleneck_strides_in_its_3x3_convolution():
+    """torchvision's ResNet-50 (v1.5) downsamples in the 3 x 3 convolution of
+    a stage's first block, not in the 1 x 1 before it (v1): at 64 px the
+    second stage's first block keeps 16 x 16 in conv1 and halves it in conv2."""
+    model = create_model("resnet50", num_classes=5, width=4)
+    x = jnp.zeros((1, 64, 64, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, state = model.apply(variables, x, train=False, capture_intermediates=True,
+                           mutable=["intermediates"])
+    block = state["intermediates"]["layer2_0"]
+    assert block["conv1"]["__call__"][0].shape[1:3] == (16, 16)
+    assert block["conv2"]["__call__"][0].shape[1:3] == (8, 8)
