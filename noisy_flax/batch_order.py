@@ -39,10 +39,7 @@ def check_order(order: str) -> None:
 def batch_indices(labels: np.ndarray, order: str, batch_size: int, *, seed: int = 0,
                   num_classes: int | None = None) -> list[np.ndarray]:
     """Index batches (int64 arrays into ``labels``) for one order."""
-    labels = _check_labels(labels)
-    check_order(order)
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    labels = check_batches(labels, order, batch_size, num_classes)
     rng = np.random.default_rng(seed)
     if order == "class_sorted":
         return _consecutive(np.argsort(labels, kind="stable"), batch_size)
@@ -53,7 +50,31 @@ def batch_indices(labels: np.ndarray, order: str, batch_size: int, *, seed: int 
     if order == "same_class":
         return [batch for members in _members_by_class(labels, rng)
                 for batch in _consecutive(members, batch_size)]
-    return _distinct_class(labels, batch_size, rng, num_classes)
+    return _distinct_class(labels, batch_size, rng)
+
+
+def check_batches(labels, order: str, batch_size: int, num_classes: int | None = None
+                  ) -> np.ndarray:
+    """Refuses an order that cannot cut ``labels`` into batches of
+    ``batch_size``, without cutting them; returns the labels as an array."""
+    labels = _check_labels(labels)
+    check_order(order)
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if order != "distinct_class":
+        return labels
+    num_classes = int(num_classes if num_classes is not None else
+                      (labels.max() + 1 if len(labels) else 0))
+    if batch_size > num_classes:
+        raise ValueError(f"distinct_class batches need batch_size <= num_classes, got "
+                         f"batch_size={batch_size} with {num_classes} classes")
+    present = len(np.unique(labels))
+    if len(labels) and batch_size > present:
+        # Else every batch would silently hold fewer examples than asked.
+        raise ValueError(f"distinct_class batches of {batch_size} need {batch_size} classes, "
+                         f"but the labels hold only {present} of the {num_classes}; evaluate a "
+                         f"split with more classes, or pass a batch size <= {present}")
+    return labels
 
 
 def _check_labels(labels) -> np.ndarray:
@@ -77,18 +98,8 @@ def _members_by_class(labels: np.ndarray, rng: np.random.Generator) -> list[np.n
             for c in np.unique(labels)]
 
 
-def _distinct_class(labels, batch_size, rng, num_classes) -> list[np.ndarray]:
-    num_classes = int(num_classes if num_classes is not None else
-                      (labels.max() + 1 if len(labels) else 0))
-    if batch_size > num_classes:
-        raise ValueError(f"distinct_class batches need batch_size <= num_classes, got "
-                         f"batch_size={batch_size} with {num_classes} classes")
-    present = len(np.unique(labels))
-    if len(labels) and batch_size > present:
-        # Else every batch would silently hold fewer examples than asked.
-        raise ValueError(f"distinct_class batches of {batch_size} need {batch_size} classes, "
-                         f"but the labels hold only {present} of the {num_classes}; evaluate a "
-                         f"split with more classes, or pass a batch size <= {present}")
+def _distinct_class(labels, batch_size, rng) -> list[np.ndarray]:
+    """Batches checked possible by check_batches."""
     queues = {int(c): list(m) for c, m in zip(np.unique(labels), _members_by_class(labels, rng))}
     batches = []
     while queues:

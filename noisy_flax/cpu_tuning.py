@@ -81,9 +81,9 @@ def started_as_entry_point(orig_argv) -> bool:
     restarted. A host program that runs the module inside itself (runpy,
     IPython's %run -m) would restart from its own beginning."""
     args = list(orig_argv)
-    return any(a == "-m" and i + 1 < len(args) and args[i + 1].startswith("noisy_flax.")
-               for i, a in enumerate(args)) or any(
-        a.startswith("-m") and a[2:].startswith("noisy_flax.") for a in args)
+    modules = [b for a, b in zip(args, args[1:]) if a == "-m"]  # "-m module"
+    modules += [a[2:] for a in args if a.startswith("-m")]  # "-mmodule"
+    return any(m.startswith("noisy_flax.") for m in modules)
 
 
 def reexec_with_fast_malloc() -> None:

@@ -479,8 +479,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, orders: Sequence[str
     mesh = sharding.create_mesh(config.mesh)
     data = load_eval_data(config, split=split, per_class=per_class, max_examples=max_examples)
     for order in orders:  # an impossible order fails here, not after the others ran
-        batch_order.batch_indices(data.labels, order, batch_size, seed=seed,
-                                  num_classes=data.num_classes)
+        batch_order.check_batches(data.labels, order, batch_size, data.num_classes)
     model, variables, step = restore_variables(config, workdir, mesh)
     result = evaluate_checkpoint_orders(model, variables, data, config.noise, orders=orders,
                                         batch_size=batch_size, mesh=mesh, seed=seed,

@@ -407,11 +407,17 @@ def _scope_text(scope: str, devices: int, batch: int) -> str:
             f"device's {-(-batch // devices)} rows of a test batch separately")
 
 
+def _feature_set(arch: str, entry: dict, order: str) -> tuple:
+    """Which features an entry's estimates were fit on: a setting that no
+    order changes (noise off) is one pass shared by every order."""
+    return arch, entry["file"], entry["pass_"] if entry["pass_"] == "shared_pass" else order
+
+
 def _probe_caveat(c: dict, h_y: float) -> str:
     """Says so when the probe does worse than predicting the label prior."""
     # A setting that no order changes (noise off) is one pass shared by every
     # order: count its features once, not once per order.
-    clean = {(arch, e["file"], e["pass_"] if e["pass_"] == "shared_pass" else order):
+    clean = {_feature_set(arch, e, order):
              e["H_probe_pre_logits"] for (arch, protocol, _, order), entries in c.items()
              if protocol == "none" for e in entries if "H_probe_pre_logits" in e}
     above = sum(v > h_y for v in clean.values())
@@ -443,8 +449,8 @@ def _probe_noise_note(c: dict, noises) -> str:
                 if key in e and key in clean.get(e["seed"], {}):
                     moves[method].append(abs(e[key] - clean[e["seed"]][key]))
     # A fit shared by every order (noise off) is counted once.
-    fits = {(e["file"], e["pass_"] if e["pass_"] == "shared_pass" else order, site):
-            e[f"probe_capped_{site}"] for (_, _, _, order), entries in c.items()
+    fits = {(_feature_set(arch, e, order), site):
+            e[f"probe_capped_{site}"] for (arch, _, _, order), entries in c.items()
             for e in entries for site in ("pre_logits", "noise_site")
             if f"probe_capped_{site}" in e}
     lines = []

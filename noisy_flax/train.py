@@ -385,6 +385,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       save_every=config.checkpoint_every,
                                       async_save=config.async_checkpoints)
     abstract = checkpointing.abstract_with_shardings(state, state_shardings)
+    # Saved with every step: resuming on other devices regroups device-scoped noise.
+    saved_with = {"batch_devices": mesh.size}
     restored_step, restored = ckpt.restore_latest(abstract)
     if restored is not None:
         try:
@@ -482,8 +484,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # The checkpoint first: an evaluation that fails (out of memory,
             # say) must not cost the steps since the last one.
             if must_save:
-                ckpt.save(step, state, force=is_last or preempted,
-                          meta={"batch_devices": mesh.size})
+                ckpt.save(step, state, force=is_last or preempted, meta=saved_with)
                 last_saved = step
                 if is_last:  # committed before the last evaluation, which may fail or be killed
                     ckpt.wait()
@@ -496,7 +497,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 except EvaluationStopped:  # save this step now, within the grace period
                     eval_stopped, preempted, eval_result = True, True, None
                     if last_saved != step:
-                        ckpt.save(step, state, force=True, meta={"batch_devices": mesh.size})
+                        ckpt.save(step, state, force=True, meta=saved_with)
                         last_saved = step
                 if eval_result is not None and config.save_best and \
                         eval_result["top1"] > best_top1:
