@@ -87,22 +87,29 @@ def resize(image: tf.Tensor, size: int | Sequence[int],
 
 def resize_shorter_side(image: tf.Tensor, side: int,
                         method: str = "bilinear") -> tf.Tensor:
-  """Resizes keeping the aspect ratio so that the shorter side becomes `side`."""
+  """Resizes keeping the aspect ratio so that the shorter side becomes `side`.
+
+  The longer side is int(side * long / short), truncated, as torchvision's
+  Resize(int) computes it.
+  """
   shape = tf.shape(image)
-  h = tf.cast(shape[0], tf.float32)
-  w = tf.cast(shape[1], tf.float32)
-  scale = tf.cast(side, tf.float32) / tf.minimum(h, w)
-  new_h = tf.cast(tf.round(h * scale), tf.int32)
-  new_w = tf.cast(tf.round(w * scale), tf.int32)
+  short = tf.minimum(shape[0], shape[1])
+  new_h = side * shape[0] // short
+  new_w = side * shape[1] // short
   image = tf.cast(image, tf.float32)
   return tf.image.resize(image, [new_h, new_w], method=method, antialias=True)
 
 
 def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Takes the centre size x size window (image must be at least that big)."""
+  """Takes the centre size x size window (image must be at least that big).
+
+  The offsets are round(margin / 2) with halves to even, as torchvision's
+  CenterCrop computes them with Python's round (tf.round also rounds half to
+  even): a margin of 7 starts at 4, not 3.
+  """
   shape = tf.shape(image)
-  top = (shape[0] - size) // 2
-  left = (shape[1] - size) // 2
+  top = tf.cast(tf.round((shape[0] - size) / 2), tf.int32)
+  left = tf.cast(tf.round((shape[1] - size) / 2), tf.int32)
   return tf.image.crop_to_bounding_box(image, top, left, size, size)
 
 

@@ -39,6 +39,13 @@ def test_class_sorted_is_sorted_and_consecutive():
     assert set(LABELS[batches[1]]) == {0, 1}
 
 
+def test_batch_sizes_summary_by_hand():
+    # 31 examples in batches of 4: seven full batches and one of 3.
+    batches = batch_order.batch_indices(LABELS, "class_sorted", 4)
+    assert batch_order.batch_sizes_summary(batches) == {
+        "num_batches": 8, "examples": 31, "max_batch": 4, "min_batch": 3}
+
+
 def test_published_layout_gives_one_class_per_batch():
     # ImageNet validation: 50 per class, batch 10 -> every batch one class.
     labels = np.random.default_rng(0).permutation(np.repeat(np.arange(20), 50))
@@ -76,6 +83,13 @@ def test_distinct_class_uses_the_fewest_batches_possible():
         batches = batch_order.batch_indices(labels, "distinct_class", batch_size, seed=case,
                                             num_classes=num_classes)
         assert len(batches) == max(math.ceil(counts.sum() / batch_size), counts.max())
+
+
+def test_distinct_class_counts_classes_from_the_labels_when_not_told():
+    # Labels 0..4: five classes, so batches of five are possible.
+    labels = np.repeat(np.arange(5), 3)
+    batches = batch_order.batch_indices(labels, "distinct_class", 5)
+    assert [sorted(labels[b].tolist()) for b in batches] == [[0, 1, 2, 3, 4]] * 3
 
 
 def test_distinct_class_rejects_batches_larger_than_the_classes():

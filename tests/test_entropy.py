@@ -105,6 +105,16 @@ def test_scalar_conditional_entropy_hand_value():
     assert entropy.gaussian_noise_entropy_change(1.0, rho, 1.0, noise_var) == pytest.approx(after - before)
 
 
+@pytest.mark.parametrize("noise_cov", [0.7, [0.1, 0.5, 2.0]], ids=["scalar", "diagonal"])
+def test_scalar_and_vector_noise_mean_isotropic_and_diagonal_noise(noise_cov):
+    joint = _random_joint_cov(np.random.default_rng(3), 5)
+    syy, syx, sxx = joint[3:, 3:], joint[3:, :3], joint[:3, :3]
+    noisy = sxx + np.diag(np.broadcast_to(noise_cov, 3))  # sigma^2 I, or diag(v)
+    conditional = lambda xx: _gaussian_entropy(syy - syx @ np.linalg.inv(xx) @ syx.T)
+    expected = conditional(noisy) - conditional(sxx)
+    assert entropy.gaussian_noise_entropy_change(syy, syx, sxx, noise_cov) == pytest.approx(expected, abs=1e-9)
+
+
 def test_gaussian_noise_never_lowers_conditional_entropy():
     rng = np.random.default_rng(1234)
     for _ in range(200):
@@ -289,6 +299,53 @@ def test_probe_matches_a_float64_scipy_fit(l2):
     assert result.value == pytest.approx(nll.mean(), abs=2e-4)
     assert result.stderr == pytest.approx(scipy.stats.sem(nll), rel=1e-2)
     assert result.settings["l2"] == l2
+
+
+def test_probe_stops_at_the_gradient_tolerance():
+    split = _overlapping_split()
+    # L-BFGS on this small convex problem reaches |grad| <= 1e-6 well before
+    # the 500-step cap; a tolerance above any gradient stops after one step.
+    assert entropy.probe_conditional_entropy(*split, l2=0.3).settings["steps_run"] < 500
+    assert entropy.probe_conditional_entropy(*split, tol=1e30).settings["steps_run"] == 1
+
+
+def test_test_features_are_standardised_with_training_statistics():
+    """A test set of classes 0 and 1 only has other means and spreads than
+    the training set; both references standardise it with the train ones."""
+    z_train, y_train, z_test, y_test, _ = _overlapping_split()
+    keep = y_test < 2
+    split = (z_train, y_train, z_test[keep], y_test[keep], CLASSES)
+    probe = entropy.probe_conditional_entropy(*split, l2=0.3)
+    nll = _per_example_nll(_probe_reference(*split[:4], 0.3), split[3])
+    assert probe.value == pytest.approx(nll.mean(), abs=2e-4)
+    gaussian = entropy.gaussian_class_conditional_entropy(*split, shrinkage=0.3)
+    nll = _per_example_nll(_gaussian_reference(*split[:4], "shared", 0.3), split[3])
+    assert gaussian.value == pytest.approx(nll.mean(), rel=1e-9)
+
+
+@pytest.mark.parametrize("value", (2.0, 3.7))  # a mean exact in float64, and one that is not
+@pytest.mark.parametrize("covariance", ("shared", "per_class"))
+def test_a_constant_feature_changes_no_estimate(covariance, value):
+    """A feature with one value everywhere says nothing about the label: the
+    estimate equals the reference on the other features."""
+    split = _overlapping_split()
+    with_constant = [np.column_stack([z, np.full(len(z), value)]) if i in (0, 2) else z
+                     for i, z in enumerate(split)]
+    result = entropy.gaussian_class_conditional_entropy(*with_constant, covariance=covariance,
+                                                        shrinkage=0.3)
+    nll = _per_example_nll(_gaussian_reference(*split[:4], covariance, 0.3), split[3])
+    assert result.value == pytest.approx(nll.mean(), rel=1e-9)
+
+
+def test_a_feature_on_a_tiny_scale_is_standardised_like_any_other():
+    # Standard deviation ~1e-4 is small, not constant: scaling it changes nothing.
+    z_train, y_train, z_test, y_test, _ = _overlapping_split()
+    scale = np.array([1e-4, 1, 1, 1, 1, 1])
+    split = (z_train * scale, y_train, z_test * scale, y_test, CLASSES)
+    result = entropy.gaussian_class_conditional_entropy(*split, shrinkage=0.3)
+    nll = _per_example_nll(_gaussian_reference(z_train, y_train, z_test, y_test, "shared", 0.3),
+                           y_test)
+    assert result.value == pytest.approx(nll.mean(), rel=1e-6)
 
 
 def test_gaussian_estimate_rejects_test_class_unseen_in_training():

@@ -206,7 +206,8 @@ def test_resnet_features_and_orders():
 
 @pytest.mark.parametrize("model_name, kwargs", [
     ("resnet18_small", {}), ("vit_nano_patch7_28", {}),
-    ("vit_nano_patch7_28", {"representation_size": 8})])
+    ("vit_nano_patch7_28", {"representation_size": 8}),
+    ("vit_nano_patch7_28", {"last_block_all_tokens": True})])  # class token among all tokens
 def test_pre_logits_are_what_the_head_reads(model_name, kwargs):
     """The head applied to the pre-logits features gives the logits back."""
     c = _config(noise_type="gaussian", model=model_name)
@@ -220,6 +221,20 @@ def test_pre_logits_are_what_the_head_reads(model_name, kwargs):
     head = variables["params"]["head" if "head" in variables["params"] else "fc"]
     np.testing.assert_allclose(out["pre_logits"] @ head["kernel"] + head["bias"], out["logits"],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_noise_site_features_leave_out_the_class_token():
+    """ViT tokens: the mean over the patch tokens 1.., not token 0 (which the
+    noise never touches); feature maps: the mean over height and width."""
+    rng = np.random.default_rng(0)
+    c = _config()
+    model = train.build_model(c, sharding.create_mesh(c.mesh))
+    tokens = rng.normal(size=(3, 17, 8)).astype(np.float32)
+    np.testing.assert_allclose(features.pool_site(model, jnp.asarray(tokens)),
+                               tokens[:, 1:].mean(axis=1), rtol=1e-6, atol=1e-6)
+    maps = rng.normal(size=(3, 4, 5, 8)).astype(np.float32)
+    np.testing.assert_allclose(features.pool_site(model, jnp.asarray(maps)),
+                               maps.mean(axis=(1, 2)), rtol=1e-6, atol=1e-6)
 
 
 def test_in_memory_route_refuses_huge_splits(monkeypatch):

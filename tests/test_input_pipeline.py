@@ -85,6 +85,25 @@ def test_parse_idx_rejects_truncated_payload_and_wrong_rank():
     fashion_mnist_local.parse_idx(data, ndim=3)
 
 
+def test_idx_labels_must_be_fashion_mnist_classes_one_per_image(tmp_path):
+  images_name, labels_name = fashion_mnist_local.IDX_FILES["train"]
+  write_idx(tmp_path / (images_name + ".gz"), fake_images(3, 0))
+  write_idx(tmp_path / (labels_name + ".gz"), np.array([0, 9, 10]))  # ten classes: 0..9
+  with pytest.raises(fashion_mnist_local.IdxFormatError, match="label 10 out of range"):
+    fashion_mnist_local.load_idx_split(tmp_path, "train")
+  for labels in ([0, 9], [0, 9, 1, 2]):
+    write_idx(tmp_path / (labels_name + ".gz"), np.array(labels))
+    with pytest.raises(fashion_mnist_local.IdxFormatError,
+                       match=f"3 images but {len(labels)} labels"):
+      fashion_mnist_local.load_idx_split(tmp_path, "train")
+
+
+def test_local_class_names_are_tfds_fashion_mnist_names(tmp_path):
+  # tfds's own builder knows its label names without any data prepared.
+  names = tfds.builder("fashion_mnist", data_dir=str(tmp_path)).info.features["label"].names
+  assert list(fashion_mnist_local.CLASS_NAMES) == names
+
+
 def test_corrupt_gzip_is_a_clear_error(tmp_path):
   (tmp_path / "bad.gz").write_bytes(b"not gzip at all")
   with pytest.raises(fashion_mnist_local.IdxFormatError, match="bad.gz"):
@@ -166,6 +185,19 @@ def test_each_epoch_is_a_permutation_of_the_process_slice(local_config):
   for batch in (first, second):
     assert sorted(batch["label"].tolist()) == sorted((np.arange(13) % 10).tolist())
   assert first["label"].tolist() != second["label"].tolist()  # reshuffled
+
+
+def test_each_example_draws_its_own_flip(local_config):
+  # The marker pixel (0, 0) ends up in column 27 when an example is flipped;
+  # with a seed per example, one epoch of 13 holds both cases.
+  config = make_config(data_dir=local_config.data_dir, batch_size=13,
+                       input={"local_dir": local_config.input.local_dir,
+                              "train_crop": "none", "flip": True, "channels": 1})
+  images = next(input_pipeline.train_iterator(config))["image"][..., 0]
+  marker = 255 / 127.5 - 1
+  flipped = images[:, 0, 27] == marker
+  assert np.all(flipped | (images[:, 0, 0] == marker))
+  assert 0 < flipped.sum() < 13
 
 
 def test_train_batch_shapes_dtypes_and_range(local_config):
@@ -283,6 +315,36 @@ def test_default_input_config_is_complete():
   for key in ("channels", "train_crop", "crop_area", "flip", "eval_resize",
               "crop_fraction", "normalize", "shuffle_buffer", "cache", "prefetch"):
     assert key in inp
+
+
+def test_default_crop_settings_are_torchvision_and_timm_defaults():
+  inp = input_pipeline.default_input_config()
+  assert tuple(inp.crop_area) == (0.08, 1.0)  # RandomResizedCrop(scale=(0.08, 1.0))
+  assert inp.crop_fraction == 0.875  # timm DEFAULT_CROP_PCT
+
+
+def test_a_crop_fraction_of_one_is_accepted():
+  # crop_pct = 1.0 (timm's setting for e.g. ViT at 384): resize, no crop margin.
+  input_pipeline.check_input_config(make_config(input={"crop_fraction": 1.0}))
+
+
+@pytest.mark.parametrize("eval_resize", ["resize", "resize_crop"])
+def test_eval_preprocess_uses_the_configured_interpolation_and_crop_fraction(eval_resize):
+  """Nearest-neighbour upscaling by 2 repeats every pixel twice. 'resize':
+  8x8 -> 16x16. 'resize_crop' at crop_fraction 0.5 to 8: the shorter side
+  becomes 8 / 0.5 = 16, so 8x12 -> 16x24, and the centre keeps rows 4:12,
+  cols 8:16."""
+  width = 8 if eval_resize == "resize" else 12
+  image = np.random.default_rng(2).integers(0, 256, (8, width, 1), dtype=np.uint8)
+  size = 16 if eval_resize == "resize" else 8
+  config = make_config(dataset="cifar10", image_size=size, input={
+      "channels": 1, "eval_resize": eval_resize, "crop_fraction": 0.5,
+      "interpolation": "nearest", "normalize": "minus_one_to_one"})
+  eval_preprocess = input_pipeline.make_eval_preprocess(config, 1)
+  got = eval_preprocess({"image": tf.constant(image), "label": tf.constant(3)})["image"].numpy()
+  doubled = image.repeat(2, axis=0).repeat(2, axis=1).astype(np.float32)
+  expected = doubled if eval_resize == "resize" else doubled[4:12, 8:16]
+  np.testing.assert_allclose(got, expected / 127.5 - 1, atol=1e-6)
 
 
 @pytest.mark.parametrize("before_crop", [False, True])

@@ -60,6 +60,15 @@ def test_rgb_to_grayscale_uses_itu_r_601_luma():
   np.testing.assert_allclose(got[..., 0], want, atol=0.1)
 
 
+def test_rgba_drops_alpha_first():
+  image = _random_image(4, 6, 4)
+  got = preprocess.to_channels(tf.constant(image), 3).numpy()
+  np.testing.assert_array_equal(got, image[..., :3])
+  gray = preprocess.to_channels(tf.constant(image), 1).numpy()
+  np.testing.assert_allclose(gray[..., 0], image[..., :3] @ np.array([0.299, 0.587, 0.114]),
+                             atol=0.1)
+
+
 def test_matching_channels_pass_through():
   image = _random_image(2, 2, 3)
   np.testing.assert_array_equal(preprocess.to_channels(tf.constant(image), 3), image)
@@ -107,6 +116,14 @@ def test_inception_crop_window_never_fails_when_every_draw_fits():
     assert int(h) * int(w) <= 0.5 * 48 * 64 + (int(h) + int(w)) / 2 + 0.25
 
 
+def test_inception_crop_aspect_is_width_over_height():
+  # torchvision's ratio is w / h: a range above 1 gives wide windows only.
+  for i in range(50):
+    _, _, h, w = (int(v) for v in preprocess.random_resized_crop_window(
+        tf.constant(60), tf.constant(60), _seed(i), (0.1, 0.4), (1.5, 2.0)))
+    assert 1.5 * (1 - 1 / h) <= w / h <= 2.0 * (1 + 1 / h)
+
+
 def test_inception_crop_fallback_is_centred_and_ratio_clamped():
   # An impossible area range forces the fallback: on a 30x100 (wide) image
   # torchvision keeps the full height and width = round(30 * 4/3) = 40.
@@ -147,6 +164,16 @@ def test_resize_shorter_side_matches_pil_bilinear():
   np.testing.assert_allclose(got, _pil_bilinear(image, 48, 120), atol=1e-2)
 
 
+def test_resize_shorter_side_truncates_the_longer_side_like_torchvision():
+  # torchvision Resize(36) on 60x91: the long side is int(36 * 91 / 60) = int(54.6) = 54.
+  image = _random_image(60, 91, 3)
+  got = preprocess.resize_shorter_side(tf.constant(image), 36).numpy()
+  assert got.shape == (36, 54, 3)
+  np.testing.assert_allclose(got, _pil_bilinear(image, 36, 54), atol=1e-2)
+  tall = preprocess.resize_shorter_side(tf.constant(image.transpose(1, 0, 2)), 36)
+  assert tall.shape == (54, 36, 3)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_inception_crop_is_its_window_resized(seed):
   image = _random_image(50, 70, 3)
@@ -162,6 +189,14 @@ def test_central_crop_matches_numpy_slice():
   np.testing.assert_array_equal(got, image[3:7, 4:8])
 
 
+def test_central_crop_rounds_half_margins_to_even_like_torchvision():
+  # torchvision's CenterCrop: top = int(round((h - size) / 2)) in Python,
+  # which rounds halves to even. Margins 7 and 5 give offsets 4 and 2.
+  image = _random_image(11, 9, 3)
+  got = preprocess.central_crop(tf.constant(image), 4).numpy()
+  np.testing.assert_array_equal(got, image[4:8, 2:6])
+
+
 def test_resize_and_central_crop_shape():
   image = tf.constant(_random_image(60, 90, 3))
   out = preprocess.resize_and_central_crop(image, 32, 0.875)
@@ -169,6 +204,17 @@ def test_resize_and_central_crop_shape():
   # The shorter side became floor(32 / 0.875) = 36 before the crop.
   resized = preprocess.resize_shorter_side(image, math.floor(32 / 0.875))
   assert tuple(resized.shape) == (36, 54, 3)
+
+
+def test_resize_and_central_crop_matches_pil_resize_then_numpy_slice():
+  # timm's eval: shorter side to floor(size / crop_pct), then the centre
+  # size x size. 60x90 at 0.875: 36x54 (exact), crop rows 2:34, cols 11:43.
+  image = _random_image(60, 90, 3)
+  got = preprocess.resize_and_central_crop(tf.constant(image), 32, 0.875).numpy()
+  np.testing.assert_allclose(got, _pil_bilinear(image, 36, 54)[2:34, 11:43], atol=1e-2)
+  # crop_fraction 0.5: shorter side 64, i.e. 64x96, crop rows 16:48, cols 32:64.
+  got = preprocess.resize_and_central_crop(tf.constant(image), 32, 0.5).numpy()
+  np.testing.assert_allclose(got, _pil_bilinear(image, 64, 96)[16:48, 32:64], atol=1e-2)
 
 
 def test_resize_of_a_constant_image_is_constant():
@@ -205,6 +251,89 @@ def test_randaugment_keeps_shape_and_uint8_range(channels):
 def test_randaugment_rejects_magnitude_out_of_range():
   with pytest.raises(ValueError, match="magnitude"):
     preprocess.randaugment(tf.zeros([4, 4, 3]), _seed(0), 2, 31)
+
+
+def _shift(image, dy, dx):
+  """Content moved by (dy, dx) whole pixels, zeros where nothing lands."""
+  out = np.zeros_like(image)
+  h, w = image.shape[:2]
+  out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+      image[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+  return out
+
+
+def _shear_x_reference(image, m):
+  """Nearest neighbour of x_in = x_out + m * y_out, fill 0."""
+  h, w = image.shape[:2]
+  ys, xs = np.mgrid[0:h, 0:w]
+  src = np.round(xs + m * ys).astype(int)
+  inside = (src >= 0) & (src < w)
+  return np.where(inside[..., None], image[ys, np.clip(src, 0, w - 1)], 0)
+
+
+def _sharpness_reference(image, factor):
+  """torchvision: 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13 on the interior,
+  rounded, border kept; then the truncating blend, in float32 as torchvision
+  blends (on the border f * x + (1 - f) * x may land just below x)."""
+  kernel = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13.0
+  h, w = image.shape[:2]
+  blurred = image.astype(np.float64).copy()
+  for y in range(1, h - 1):
+    for x in range(1, w - 1):
+      blurred[y, x] = np.round(np.einsum("ij,ijc->c", kernel, image[y - 1:y + 2, x - 1:x + 2]))
+  f = np.float32(factor)
+  return np.floor(np.clip(f * image + (np.float32(1) - f) * blurred.astype(np.float32), 0, 255))
+
+
+@pytest.mark.parametrize("magnitude, sign", [(9, 1.0), (13, -1.0)])
+def test_randaugment_ops_use_torchvision_magnitudes(magnitude, sign):
+  """Each op at bin `magnitude` of torchvision's RandAugment._augmentation_space
+  (31 bins): shear linspace(0, 0.3), translate linspace(0, 150/331 * size)
+  truncated by int(), rotate linspace(0, 30) degrees, enhance factors
+  1 +- linspace(0, 0.9), posterize 8 - round(bin / 7.5) bits, solarize
+  threshold linspace(255, 0). Ops in torchvision's order."""
+  h, w = 12, 20  # 150/331 * 20 * 9/30 = 2.72: truncation and rounding differ
+  image = _random_image(h, w, 3, seed=6)
+  ops = preprocess._randaugment_ops(tf.constant(image), magnitude, tf.constant(sign))
+  got = [op().numpy() for op in ops]
+  assert len(got) == 14
+  shear = sign * np.linspace(0.0, 0.3, 31)[magnitude]
+  dx = int(sign * np.linspace(0.0, 150.0 / 331.0 * w, 31)[magnitude])
+  dy = int(sign * np.linspace(0.0, 150.0 / 331.0 * h, 31)[magnitude])
+  degrees = sign * np.linspace(0.0, 30.0, 31)[magnitude]
+  factor = 1.0 + sign * np.linspace(0.0, 0.9, 31)[magnitude]
+  bits = 8 - int(np.round(np.arange(31) / (30 / 4))[magnitude])
+  threshold = np.linspace(255.0, 0.0, 31)[magnitude]
+  gray = np.floor(image.astype(np.float64) @ [0.2989, 0.587, 0.114])[..., None]  # uint8 luma
+
+  np.testing.assert_array_equal(got[0], image)
+  np.testing.assert_array_equal(got[1], _shear_x_reference(image, shear))
+  np.testing.assert_array_equal(
+      got[2], _shear_x_reference(image.transpose(1, 0, 2), shear).transpose(1, 0, 2))
+  np.testing.assert_array_equal(got[3], _shift(image, 0, dx))
+  np.testing.assert_array_equal(got[4], _shift(image, dy, 0))
+  np.testing.assert_array_equal(got[5], preprocess._rotate(tf.constant(image), tf.constant(degrees, tf.float32)))
+  blend = lambda degenerate: np.floor(np.clip(factor * image + (1 - factor) * degenerate, 0, 255))
+  np.testing.assert_array_equal(got[6], blend(0.0))
+  np.testing.assert_array_equal(got[7], blend(gray))
+  np.testing.assert_array_equal(got[8], blend(gray.mean()))
+  np.testing.assert_array_equal(got[9], _sharpness_reference(image, factor))
+  np.testing.assert_array_equal(got[10], image.astype(np.uint8) & (0xFF << (8 - bits) & 0xFF))
+  np.testing.assert_array_equal(got[11], np.where(image >= threshold, 255 - image, image))
+
+
+def test_randaugment_draws_both_signs():
+  # A flat image is first rounded to whole values as a uint8 image would be
+  # (100.6 -> 101); brightness at bin 9 of 31 then gives floor(101 * 1.27) = 128
+  # or floor(101 * 0.73) = 73, and no other op gives those on a flat image.
+  # One op per call: each sign has probability 1/28.
+  image = tf.fill([8, 8, 3], 100.6)
+  flat = set()
+  for i in range(200):
+    out = preprocess.randaugment(image, _seed(i), 1, 9).numpy()
+    if np.ptp(out) == 0:
+      flat.add(float(out[0, 0, 0]))
+  assert {73.0, 128.0} <= flat
 
 
 def test_posterize_and_solarize_closed_forms():
@@ -246,6 +375,15 @@ def test_equalize_flattens_a_two_level_histogram():
   want_20 = min(255, (n // 2 + step // 2) // step)
   assert set(np.unique(got[:32])) == {0.0}
   assert set(np.unique(got[32:])) == {float(want_20)}
+
+
+def test_equalize_matches_pil_on_a_skewed_histogram():
+  # Unequal counts: PIL's step uses the count of the last non-empty bin.
+  from PIL import Image, ImageOps
+  rng = np.random.default_rng(3)
+  image = rng.choice([10, 20, 30, 200], size=(32, 32, 3), p=[0.1, 0.2, 0.2, 0.5]).astype(np.uint8)
+  got = preprocess._equalize(tf.constant(image, tf.float32)).numpy()
+  np.testing.assert_array_equal(got, np.asarray(ImageOps.equalize(Image.fromarray(image))))
 
 
 def test_rotation_by_ninety_degrees_matches_numpy_rot90():

@@ -117,6 +117,15 @@ def test_impossible_settings_fail_before_anything_is_written(tmp_path, change, p
     assert not workdir.exists()
 
 
+def test_distinct_class_accepts_a_test_batch_of_every_class():
+    # The published test batch, 10, on Fashion-MNIST's 10 classes: one of each.
+    from noisy_flax import sharding
+    c = _tiny_config()
+    c.unlock()
+    c.study.update({"orders": ("distinct_class",), "eval_batch_size": 10})
+    study.check_study(c, sharding.create_mesh(c.mesh))
+
+
 def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")
@@ -196,6 +205,35 @@ def _record(seed, train_noise, eval_noise, switch, top1_by_order):
                        for order, top1 in top1_by_order.items()}}
 
 
+def test_each_evaluation_maps_to_its_protocol():
+    """Trained without / tested without: none; without / with: eval only;
+    with / without: train only; with / with: train + eval."""
+    def protocol(train_noise, eval_noise, switch):
+        return study_report.protocol_of(_record(0, train_noise, eval_noise, switch, {}))
+    assert protocol("none", "none", "off") == "none"
+    assert protocol("none", "optimal_q", "on") == "eval_only"
+    assert protocol("optimal_q", "optimal_q", "off") == "train_only"
+    assert protocol("optimal_q", "optimal_q", "on") == "both"
+    with pytest.raises(ValueError, match="another noise"):
+        protocol("optimal_q", "gaussian_1.0", "on")
+
+
+def test_cells_mark_probe_fits_that_ran_into_the_step_cap():
+    """500 of 500 steps: stopped by the cap; 40 of 500: by the tolerance."""
+    def estimates(steps_run):
+        probe = {"value": 1.0, "label_entropy": 2.3, "n_train": 50, "n_test": 50,
+                 "settings": {"steps_run": steps_run, "max_steps": 500}}
+        return {"probe": probe, "gaussian": {"value": 1.1}}
+    record = _record(0, "none", "none", "off", {"shuffled": 0.8})
+    record["orders"]["shuffled"]["entropy"] = {"pre_logits": estimates(500),
+                                               "noise_site": estimates(40)}
+    record["protocol"] = study_report.protocol_of(record)
+    (entry,) = study_report.cells([record])[("vit", "none", "none", "shuffled")]
+    assert entry["probe_capped_pre_logits"] is True
+    assert entry["probe_capped_noise_site"] is False
+    assert (entry["H_probe_pre_logits"], entry["H_gaussian_noise_site"]) == (1.0, 1.1)
+
+
 def test_report_tables_hold_the_means_spreads_and_paired_changes_by_hand():
     """Three seeds; clean top-1 80 / 82 / 84 under both orders, optimal Q at
     test time only 79 / 80 / 84 shuffled and 85 / 86 / 90 class-sorted.
@@ -249,6 +287,22 @@ def test_training_batches_flip_left_right_and_keep_pre_training_and_fine_tuning_
         np.testing.assert_array_equal(first["label"], data.labels[expected])
 
 
+def test_training_batches_use_each_example_once_per_epoch_and_flip_half():
+    """64 examples in batches of 16: every 4 batches are one permutation. Over
+    256 draws a fair coin flips 128 +- 8 (one sd) images."""
+    from noisy_flax import evaluate
+    images = np.broadcast_to(np.arange(4.0)[None, None, :, None], (64, 3, 4, 1)).copy()
+    images += np.arange(64.0)[:, None, None, None] * 10  # image i: 10 i + column
+    data = evaluate.EvalData(images, np.arange(64) % 10, 10)
+    stream = study.train_batches(data, 16, seed=3, flip=True)
+    flipped = 0
+    for _ in range(4):
+        first_pixels = np.concatenate([next(stream)["image"][:, 0, 0, 0] for _ in range(4)])
+        assert sorted((first_pixels // 10).astype(int).tolist()) == list(range(64))
+        flipped += int(np.sum(first_pixels % 10 == 3))  # column 3 moved to column 0
+    assert 128 - 3 * 8 < flipped < 128 + 3 * 8
+
+
 def test_paired_changes_pair_by_seed_when_a_seed_is_missing():
     """Clean seeds 0, 1, 2 at 80, 82, 84; noisy seeds 1 and 2 at 83 and 90:
     changes +1 and +6 (seed by seed, not position by position)."""
@@ -268,3 +322,5 @@ def test_pre_training_warms_up_over_its_own_steps():
     assert (pre.total_steps, pre.warmup_steps) == (60, 6)
     fine = study.run_config(c, arch, none, 0)
     assert (fine.total_steps, fine.warmup_steps) == (20, 2)
+    # 10% of 27 steps is 2.7: the nearest whole step, 3.
+    assert study.run_config(c, arch, none, 0, steps=27).warmup_steps == 3
