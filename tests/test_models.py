@@ -56,6 +56,42 @@ def test_vit_parameter_names_follow_augreg_layout():
     assert q.shape == (64, 4, 16)  # (width, heads, head_dim) as in augreg files
 
 
+@pytest.mark.parametrize("variant,width,heads", [
+    ("tiny", 192, 3), ("small", 384, 6), ("base", 768, 12), ("large", 1024, 16), ("huge", 1280, 16)])
+def test_vit_head_counts_are_the_published_ones(variant, width, heads):
+    """Heads do not change the parameter count: the query kernel's
+    (width, heads, head_dim) shape tells them (ViT paper Table 1; timm's
+    Ti and S)."""
+    model = create_model(f"vit_{variant}_patch16_224", num_classes=10, num_layers=1)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+    attention = shapes["params"]["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]
+    assert attention["query"]["kernel"].shape == (width, heads, width // heads)
+
+
+def test_vit_initialisation_follows_vit_jax():
+    """vit_jax's initialisers: zero class token and head, position embedding
+    N(0, 0.02^2), MLP biases N(0, 1e-6^2), attention and MLP kernels
+    Glorot-uniform on the flattened (fan_in, fan_out) matrix, whose bound is
+    sqrt(6 / (fan_in + fan_out)) and standard deviation bound / sqrt(3)."""
+    model = create_model("vit_tiny_patch16_224", num_classes=10, num_layers=1)
+    params = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"])
+    np.testing.assert_array_equal(params["cls"], 0)
+    np.testing.assert_array_equal(params["head"]["kernel"], 0)
+    np.testing.assert_array_equal(params["head"]["bias"], 0)
+    posemb = params["Transformer"]["posembed_input"]["pos_embedding"]  # 197 x 192 draws
+    assert np.std(posemb) == pytest.approx(0.02, rel=0.03)
+    block = params["Transformer"]["encoderblock_0"]
+    for dense in block["MlpBlock_3"].values():
+        assert 0 < np.std(dense["bias"]) < 2e-6
+    kernels = {"query": (192, 192), "out": (192, 192), "Dense_0": (192, 768), "Dense_1": (768, 192)}
+    for name, (fan_in, fan_out) in kernels.items():
+        layer = block["MlpBlock_3" if name.startswith("Dense") else "MultiHeadDotProductAttention_1"]
+        kernel = layer[name]["kernel"]
+        bound = np.sqrt(6 / (fan_in + fan_out))
+        assert bound * 0.99 < np.max(np.abs(kernel)) <= bound, name
+        assert np.std(kernel) == pytest.approx(bound / np.sqrt(3), rel=0.03), name
+
+
 def tiny_vit(noise_cfg=None, **kw):
     return create_model("vit_nano_patch4_16", num_classes=5, num_layers=3,
                         noise=noise_cfg, **kw)
@@ -248,12 +284,20 @@ def test_image_size_not_divisible_by_patch(vit_variables):
         tiny_vit().init(jax.random.key(0), jnp.zeros((1, 18, 18, 3)))
 
 
+def test_image_width_not_divisible_by_patch():
+    with pytest.raises(ValueError, match="16x18 is not divisible by the patch size 4"):
+        tiny_vit().init(jax.random.key(0), jnp.zeros((1, 16, 18, 3)))
+    with pytest.raises(ValueError, match="18x16 is not divisible by the patch size 4"):
+        tiny_vit().init(jax.random.key(0), jnp.zeros((1, 18, 16, 3)))
+
+
 @pytest.mark.parametrize("name", ["vit_nano_patch4_16", "resnet18_small"])
 def test_channels_first_images_are_named_as_such(name):
     model = create_model(name, num_classes=5)
     with pytest.raises(ValueError, match=r"look channels-first \(NCHW\); the models take NHWC"):
         model.init(jax.random.key(0), jnp.zeros((2, 3, 16, 16)), train=False)
     model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False)  # NHWC is fine
+    model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 4)), train=False)  # with any channel count
 
 
 def test_unknown_model_name_suggests():
@@ -333,6 +377,90 @@ def test_resnet_batch_stats_follow_pytorch_momentum(resnet_setup):
     np.testing.assert_allclose(state["batch_stats"]["bn1"]["mean"], expected, rtol=1e-5, atol=1e-6)
     _, unchanged = model.apply(resnet_setup, x, train=False, mutable=["batch_stats"])
     np.testing.assert_array_equal(unchanged["batch_stats"]["bn1"]["mean"], old)
+
+
+def numpy_conv(x, kernel, stride, pad):
+    """Cross-correlation of NHWC x with an HWIO kernel, zero padding ``pad`` on every side."""
+    size = kernel.shape[0]
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out_h = (padded.shape[1] - size) // stride + 1
+    out_w = (padded.shape[2] - size) // stride + 1
+    out = np.zeros((x.shape[0], out_h, out_w, kernel.shape[3]))
+    for i in range(size):
+        for j in range(size):
+            window = padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+            out += window @ kernel[i, j]
+    return out
+
+
+def numpy_max_pool_3x3_stride2_pad1(x):
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    out_h, out_w = (padded.shape[1] - 3) // 2 + 1, (padded.shape[2] - 3) // 2 + 1
+    return np.stack([np.stack([padded[:, 2 * r:2 * r + 3, 2 * c:2 * c + 3].max(axis=(1, 2))
+                               for c in range(out_w)], 1) for r in range(out_h)], 1)
+
+
+def test_resnet_stem_matches_torchvision_in_numpy():
+    """torchvision's stem: 7x7 conv, stride 2, padding 3 on every side; BatchNorm
+    with eps 1e-5 (running statistics in evaluation); ReLU; 3x3 max-pool,
+    stride 2, padding 1. At 30 px the stem's map is 15 px (odd), so the pool
+    reads its bottom and right padding too. The pool's output is read where
+    block_input noise in layer1_0 records its input."""
+    model = create_model("resnet18", num_classes=3, width=4,
+                         noise={"type": "optimal_q", "site": "block_input", "stage": 1,
+                                "layer": 0, "scope": "global"})
+    # Small images and running variances of the order of eps, where eps 1e-5
+    # and e.g. 1e-3 or 1e-6 give different outputs.
+    x = 1e-3 * np.asarray(images(2, 30), np.float64)
+    variables = jax.device_get(model.init(jax.random.key(0), jnp.asarray(x, jnp.float32)))
+    rng = np.random.default_rng(3)
+    stats = variables["batch_stats"]["bn1"]
+    stats["mean"] = 1e-3 * rng.normal(size=4).astype(np.float32)
+    stats["var"] = np.array([1e-5, 3e-5, 1e-4, 2e-6], np.float32)
+    bn = variables["params"]["bn1"]
+    bn["scale"], bn["bias"] = rng.normal(size=(2, 4)).astype(np.float32)
+    _, state = model.apply(variables, jnp.asarray(x, jnp.float32), train=False,
+                           capture_intermediates=True, mutable=["intermediates"])
+    inter = state["intermediates"]
+    conv = numpy_conv(x, np.asarray(variables["params"]["conv1"]["kernel"], np.float64), 2, 3)
+    assert conv.shape == (2, 15, 15, 4)
+    np.testing.assert_allclose(inter["conv1"]["__call__"][0], conv, rtol=1e-4, atol=1e-7)
+    normed = ((conv - stats["mean"]) / np.sqrt(np.asarray(stats["var"], np.float64) + 1e-5)
+              * bn["scale"] + bn["bias"])
+    np.testing.assert_allclose(inter["bn1"]["__call__"][0], normed, rtol=1e-3, atol=1e-4)
+    pooled = numpy_max_pool_3x3_stride2_pad1(np.maximum(normed, 0))
+    assert pooled.shape == (2, 8, 8, 4)
+    np.testing.assert_allclose(inter["noise_input"][0], pooled, rtol=1e-3, atol=1e-4)
+
+
+def test_resnet_strided_3x3_convolution_pads_one_on_every_side():
+    """PyTorch pads a 3x3, stride-2 convolution by 1 on each side; 'SAME'
+    would pad an even map by 0 on the top and left and 1 on the bottom and
+    right, shifting every output by one pixel."""
+    model = create_model("resnet18_small", num_classes=3, width=4)
+    x = images(2, 16)
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, state = model.apply(variables, x, train=False, capture_intermediates=True,
+                           mutable=["intermediates"])
+    inter = state["intermediates"]
+    before = np.asarray(inter["layer1_1"]["__call__"][0], np.float64)  # 16 x 16
+    kernel = np.asarray(variables["params"]["layer2_0"]["conv1"]["kernel"], np.float64)
+    expected = numpy_conv(before, kernel, 2, 1)
+    assert expected.shape == (2, 8, 8, 8)
+    np.testing.assert_allclose(inter["layer2_0"]["conv1"]["__call__"][0], expected,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_resnet_kernels_follow_torchvisions_kaiming_fan_out():
+    """torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu'),
+    std sqrt(2 / (k * k * out_channels)), for every convolution, the 1x1
+    projections too."""
+    model = create_model("resnet18_small", num_classes=3, width=16)
+    params = jax.device_get(model.init(jax.random.key(0), images(1, 16), train=False)["params"])
+    for conv in ("conv1", "downsample_conv"):
+        kernel = params["layer2_0"][conv]["kernel"]  # (k, k, 16, 32)
+        fan_out = kernel.shape[0] * kernel.shape[1] * kernel.shape[3]
+        assert np.std(kernel) == pytest.approx(np.sqrt(2 / fan_out), rel=0.1), conv
 
 
 def numpy_attention(params, x):
@@ -534,6 +662,35 @@ def test_whole_vit_matches_numpy():
     z = np.tanh(z @ params["pre_logits"]["kernel"] + params["pre_logits"]["bias"])
     expected = z @ params["head"]["kernel"] + params["head"]["bias"]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norms_use_timms_epsilon_on_tiny_variance_tokens():
+    """timm's ViT LayerNorms take eps 1e-6. On tokens whose feature variance
+    is ~1e-6, eps 1e-5 would shrink the normalised values by ~2.3x, so the
+    block (attention output scaled down to keep the stream tiny for
+    LayerNorm_2) and the final norm are checked in numpy with eps 1e-6."""
+    from noisy_flax.models.vit import Encoder, Encoder1DBlock
+    x = 1e-3 * np.random.default_rng(5).standard_normal((2, 5, 8))
+    block = Encoder1DBlock(mlp_dim=16, num_heads=2, grid=(2, 2))
+    params = jax.device_get(block.init(jax.random.key(0), x.astype(np.float32), False)["params"])
+    attn = params["MultiHeadDotProductAttention_1"]
+    attn["out"]["kernel"] = attn["out"]["kernel"] * 1e-3  # the stream stays ~1e-3 after it
+    got = block.apply({"params": params}, x.astype(np.float32), False)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    h = x + numpy_attention(attn, numpy_layer_norm(p["LayerNorm_0"], x))
+    expected = h + numpy_mlp(p["MlpBlock_3"], numpy_layer_norm(p["LayerNorm_2"], h))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+    # The final norm: blocks whose residual branches are zero pass the tokens on.
+    encoder = Encoder(num_layers=1, mlp_dim=16, num_heads=2, grid=(2, 2))
+    params = jax.device_get(encoder.init(jax.random.key(0), x.astype(np.float32), train=False)["params"])
+    block = params["encoderblock_0"]
+    for branch in (block["MultiHeadDotProductAttention_1"]["out"], block["MlpBlock_3"]["Dense_1"]):
+        branch["kernel"], branch["bias"] = np.zeros_like(branch["kernel"]), np.zeros_like(branch["bias"])
+    params["posembed_input"]["pos_embedding"] = np.zeros_like(params["posembed_input"]["pos_embedding"])
+    got = encoder.apply({"params": params}, x.astype(np.float32), train=False)
+    norm = jax.tree.map(lambda a: np.asarray(a, np.float64), params["encoder_norm"])
+    np.testing.assert_allclose(got, numpy_layer_norm(norm, x[:, :1]), rtol=1e-4, atol=1e-5)
 
 
 def test_stochastic_depth_rescales_kept_branches_by_the_keep_rate():

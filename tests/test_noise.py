@@ -264,6 +264,14 @@ class TestMakeNoise:
         x = jnp.arange(6.0).reshape(3, 2)
         np.testing.assert_allclose(n.fn(x, key=jax.random.key(0)), np.arange(6.0).reshape(3, 2) + 6.0)
 
+    def test_make_noise_passes_within_image_circulant_alpha(self):
+        # 0.3, not the default 0.4: rows of each sample mixed as in eq. 17.
+        n = noise.make_noise({"type": "within_image", "q": "circulant", "alpha": 0.3,
+                              "scope": "global"})
+        x = np.random.default_rng(4).normal(size=(2, 5, 3, 2)).astype(np.float32)
+        expected = np.swapaxes(numpy_circulant(np.swapaxes(x, 0, 1), 0.3), 0, 1)
+        np.testing.assert_allclose(n.fn(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-6)
+
     @pytest.mark.parametrize("prob", [0.0, 1.0])
     def test_make_noise_passes_salt_pepper_prob(self, prob):
         n = noise.make_noise({"type": "salt_pepper", "prob": prob, "scope": "global"})
@@ -279,6 +287,7 @@ class TestMakeNoise:
         ({"type": "salt_pepper", "prob": 1.5}, "prob"),
         ({"type": "gaussian", "site": "head"}, "site"),
         ({"type": "gaussian", "scope": "host"}, "scope"),
+        ({"type": "optimal_q", "site": "block_input", "stage": 0}, "numbered from 1"),
     ])
     def test_bad_config_is_one_clear_error(self, cfg, message):
         with pytest.raises(ValueError, match=message):

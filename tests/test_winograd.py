@@ -96,6 +96,7 @@ def test_choice_rules():
     assert not choose(input_shape=(32, 7, 7, 127))       # fewer than 128 channels
     assert not choose(input_shape=(31, 7, 7, 128))       # 124 tiles
     assert choose(input_shape=(16, 14, 14, 256))         # 16 x 4 x 4 = 256 tiles
+    assert not choose(input_shape=(7, 16, 16, 128))      # 7 x 4 x 4 = 112 tiles
     assert not choose(input_shape=(16, 7, 7, 512))       # ResNet-50's last stage at batch 16
     assert not choose(stride=2)
     assert not choose(kernel_size=1)
