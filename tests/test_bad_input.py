@@ -139,6 +139,9 @@ CASES = {
     "negative warm-up": ({"warmup_steps": -3}, r"config.warmup_steps=-3 must be >= 0"),
     "label smoothing of one or more": ({"label_smoothing": 1.5},
                                        r"config.label_smoothing=1.5 must be below 1"),
+    # Smoothing 1 makes every target uniform: nothing left to learn.
+    "label smoothing of exactly one": ({"label_smoothing": 1.0},
+                                       r"config.label_smoothing=1.0 must be below 1"),
     "learning rate not a number": ({"lr": float("nan")}, r"config.lr=nan must be a finite number"),
     "unknown normalisation": ({"input.normalize": "foo"},
                               r"unknown config.input.normalize 'foo'; use one of"),
@@ -203,6 +206,17 @@ CASES = {
 def test_config_mistake_is_one_line_and_touches_nothing(case, dirs, workdir, capsys):
     overrides, pattern = CASES[case]
     expect_refused(capsys, tiny_run.tiny_config(*dirs, **overrides), workdir, pattern)
+
+
+def test_a_distinct_class_batch_of_every_class_once_is_accepted(dirs):
+    """eval_batch_size == num_classes is the largest batch the order can build
+    (each class once, as batch_order shows); only a larger one is refused."""
+    from noisy_flax import batch_order, validation
+    config = tiny_run.tiny_config(*dirs, eval_order="distinct_class", eval_batch_size=10)
+    validation.check_choices(config)
+    labels = np.repeat(np.arange(10), 3)
+    for batch in batch_order.batch_indices(labels, "distinct_class", 10, num_classes=10):
+        assert sorted(labels[batch]) == list(range(10))
 
 
 @pytest.mark.parametrize("name", ["checkpoints", "best"])

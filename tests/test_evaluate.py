@@ -72,6 +72,15 @@ def test_top5_counts_labels_ranked_fifth_but_not_sixth():
     assert m["correct_top1"] == 1
 
 
+def test_top5_breaks_ties_as_top1_does():
+    """Equal logits (a zero head): argmax takes class 0, so top-5 must be
+    classes 0-4, the lower index first as in jax.lax.top_k (the training
+    evaluation's rule); every top-1 hit is then a top-5 hit."""
+    labels = np.array([0, 0, 4, 9])
+    m = evaluate.order_metrics(np.zeros((4, 10)), labels, [np.arange(4)])
+    assert m["correct_top1"] == 2 and m["correct_top5"] == 3
+
+
 @pytest.mark.parametrize("scope", ["device", "global"])
 def test_padded_sharded_batches_match_unsharded_reference(scope):
     """Batch 10 on 8 devices is padded to 16. Global scope must mix exactly
@@ -159,6 +168,9 @@ def test_single_order_makes_optimal_q_the_identity():
     off = evaluate.evaluate_setting(model, variables, data, c.noise, on=False, orders=("single",),
                                     batch_size=10, mesh=mesh, with_features=True)
     assert on["single"]["metrics"]["pass_"] == "direct"
+    for result in (on, off):  # one example per batch, whatever --batch_size says
+        assert result["single"]["metrics"]["batch_size"] == 1
+        assert result["single"]["metrics"]["num_batches"] == len(data.labels)
     np.testing.assert_allclose(on["single"]["features"]["pre_logits"],
                                off["single"]["features"]["pre_logits"], rtol=1e-5, atol=1e-6)
 

@@ -551,6 +551,16 @@ def test_the_best_checkpoint_is_only_replaced_by_a_better_one_across_a_resume(tm
         assert [r["step"] for r in records if r["split"] == split] == [1, 2, 3, 4]
 
 
+def test_a_tied_score_never_replaces_the_best_checkpoint(tmp_path, monkeypatch):
+    """Only a strictly higher top-1 replaces the kept best: a tie keeps the
+    earlier step, within a run (step 2) and against the score kept across a
+    resume (step 4)."""
+    scores = {1: 0.9, 2: 0.9, 3: 0.5, 4: 0.9}
+    saved_at = run_with_scripted_scores(tmp_path, monkeypatch, scores, scores, crash_at=3)
+    assert saved_at == [1]
+    assert finished_steps(tmp_path / "run" / "best") == [1]
+
+
 def test_a_best_step_kept_before_a_crash_is_not_saved_again(tmp_path, monkeypatch):
     """A crash after step 3's best save and before any checkpoint: the
     resumed run replays step 3; saving best/3 again would fail in orbax on
@@ -643,6 +653,22 @@ def test_a_resume_that_would_regroup_device_scoped_noise_is_refused(tmp_path, mo
         train.train_and_evaluate(config(), str(workdir))
     summary = train.train_and_evaluate(config(allow_config_change=True), str(workdir))
     assert summary["steps"] == 4
+
+
+def test_a_resume_keeps_the_records_up_to_its_step_and_owes_a_rerun_evaluation(tmp_path):
+    """A resume from step 2 drops the records of steps 3 on (they run again)
+    and the last line a crash cut short; re-evaluating step 2 drops its eval
+    record too. The last train record kept is step 2's."""
+    from noisy_flax import reporting
+    records = [{"step": s, "split": split, "loss": float(s)}
+               for s in (1, 2, 3) for split in ("train", "eval")]
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "spl')
+    reporter = reporting.MetricsReporter(str(tmp_path), start_step=2, reevaluating=True)
+    reporter.close()
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in kept] == [(1, "train"), (1, "eval"), (2, "train")]
+    assert reporter.last_train == {"step": 2, "split": "train", "loss": 2.0}
 
 
 def test_workdir_files_go_through_a_remote_file_system(monkeypatch):

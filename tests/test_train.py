@@ -95,6 +95,29 @@ def test_eval_counts_every_example_once_with_uneven_last_batch(tmp_path):
     assert clean_result["loss"] == pytest.approx(loss, rel=1e-5)
 
 
+def test_top5_of_a_three_class_model_holds_every_label():
+    """With fewer than five classes, top-5 is top-3 here: every real row is
+    counted, padded rows are not; top-1 is numpy's argmax of the logits."""
+    config = common.base_config()
+    config.model, config.model_kwargs = "vit_nano_patch7_28", {"num_layers": 1}
+    config.input.channels, config.num_classes = 1, 3
+    mesh = train.sharding.create_mesh(config.mesh)
+    model = train.build_model(config, mesh)
+    state, _ = train.create_train_state(config, model, optim.make_optimizer(config, 10, 0)[0],
+                                        mesh)
+    rng = np.random.default_rng(0)
+    params = jax.device_get(state.params)
+    params["head"]["kernel"] = rng.normal(size=params["head"]["kernel"].shape).astype(np.float32)
+    batch = {"image": rng.normal(size=(8, 28, 28, 1)).astype(np.float32),
+             "label": rng.integers(0, 3, 8).astype(np.int32),
+             "mask": np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)}
+    out = jax.jit(train.make_eval_step(model, config))(
+        params, state.batch_stats, train.sharding.global_batch(batch, mesh), jax.random.key(0))
+    assert float(out["count"]) == float(out["correct_top5"]) == 6
+    logits = np.asarray(model.apply({"params": params}, batch["image"], train=False))
+    assert float(out["correct_top1"]) == np.sum((np.argmax(logits, -1) == batch["label"])[:6])
+
+
 def test_summarize_eval_reports_both_metrics():
     per_batch = [{"correct_top1": 9.0, "correct_top5": 10.0, "loss_sum": 1.0, "count": 10.0},
                  {"correct_top1": 1.0, "correct_top5": 2.0, "loss_sum": 2.0, "count": 2.0}]
@@ -102,6 +125,11 @@ def test_summarize_eval_reports_both_metrics():
     assert result["top1"] == pytest.approx(10 / 12)          # correct / total
     assert result["batch_mean_top1"] == pytest.approx((0.9 + 0.5) / 2)  # published running mean
     assert result["top5"] == pytest.approx(1.0)
+    assert result["loss"] == pytest.approx(3.0 / 12)  # per example, not per batch
+    # A batch of padding only (a process with fewer examples) counts nowhere.
+    padded = train.summarize_eval(per_batch + [{"correct_top1": 0.0, "correct_top5": 0.0,
+                                                "loss_sum": 0.0, "count": 0.0}])
+    assert padded == result
 
 
 def test_warmup_from_zero_then_cosine():
@@ -135,6 +163,17 @@ def test_schedule_per_epoch_holds_each_epochs_first_value():
     config.schedule_unit = "steps"
     with pytest.raises(ValueError, match="unknown config.schedule_unit 'steps'"):
         optim.learning_rate_schedule(config, total_steps=10, warmup_steps=0)
+
+
+def test_linear_decay_ends_at_end_lr_and_warmup_starts_at_warmup_init_lr():
+    config = common.base_config()
+    config.lr, config.end_lr, config.warmup_init_lr = 1e-3, 1e-4, 2e-4
+    config.schedule = "linear"
+    schedule = optim.learning_rate_schedule(config, total_steps=110, warmup_steps=10)
+    assert float(schedule(0)) == pytest.approx(2e-4)
+    assert float(schedule(5)) == pytest.approx((2e-4 + 1e-3) / 2)
+    assert float(schedule(60)) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert float(schedule(110)) == pytest.approx(1e-4)
 
 
 def test_evaluation_interval_in_steps_or_epochs():
@@ -321,6 +360,29 @@ def _noisy_vit(noise_type="gaussian"):
     return config, mesh, model, state, batch
 
 
+def test_train_step_logs_the_smoothed_loss_over_micro_batches_and_the_rate_it_used():
+    """No noise, no dropout: training mode computes the eval-mode logits, so
+    the logged loss is numpy's label-smoothed cross-entropy over all 16 rows
+    (two equal micro-batches average to it), and the logged rate is the one
+    the first update used, schedule(0)."""
+    config, _, model, state, batch = _noisy_vit("none")
+    config.label_smoothing, config.grad_accum_steps = 0.1, 2
+    schedule = optax.linear_schedule(0.5, 1.0, 10)
+    tx = optax.sgd(schedule)
+    state = state.replace(opt_state=tx.init(state.params))
+    step = jax.jit(train.make_train_step(model, tx, schedule, config))
+    _, metrics = step(state, {"image": batch["image"], "label": batch["label"]})
+    logits = np.asarray(model.apply({"params": state.params}, batch["image"], train=False),
+                        np.float64)
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    targets = 0.9 * np.eye(10)[batch["label"]] + 0.1 / 10
+    assert float(metrics["loss"]) == pytest.approx(-(targets * log_p).sum(-1).mean(), rel=1e-5)
+    assert float(metrics["accuracy"]) == pytest.approx(np.mean(np.argmax(logits, -1) ==
+                                                               batch["label"]))
+    assert float(metrics["lr"]) == pytest.approx(0.5)
+
+
 def test_each_train_step_draws_new_noise():
     """The step's key is folded with the step: with the parameters held still
     (SGD at rate 0), the same batch at steps 0 and 1 meets other Gaussian noise."""
@@ -349,6 +411,38 @@ def test_each_eval_batch_draws_new_noise():
     assert result["loss"] == pytest.approx(sum(sums) / 32, rel=1e-6)
 
 
+def test_evaluation_is_deterministic_and_independent_of_the_batch_split():
+    """Noise on in training only: an evaluation must run the model as at test
+    time, so the same state scores the same in one order of batches of 16 and
+    in reversed batches of 8, and as the noise-free model (numpy metrics)."""
+    config, mesh, _, state, _ = _noisy_vit()
+    config.noise.update(train=True, eval=False)
+    model = train.build_model(config, mesh)
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(32, 28, 28, 1)).astype(np.float32)
+    labels = rng.integers(0, 10, 32).astype(np.int32)
+    split = lambda size, order: [{"image": images[i:i + size], "label": labels[i:i + size],
+                                  "mask": np.ones(size, np.float32)}
+                                 for i in order(range(0, 32, size))]
+    eval_step = jax.jit(train.make_eval_step(model, config))
+    runs = [train.evaluate(eval_step, state, iter(split(16, list)), mesh),
+            train.evaluate(eval_step, state, iter(split(16, list)), mesh),
+            train.evaluate(eval_step, state, iter(split(8, reversed)), mesh)]
+    logits = np.asarray(model.clone(noise=None).apply({"params": state.params}, images,
+                                                      train=False), np.float64)
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    for result in runs:
+        assert result["count"] == 32
+        assert result["top1"] == np.mean(np.argmax(logits, -1) == labels)
+        assert result["loss"] == pytest.approx(-np.mean(log_p[np.arange(32), labels]), rel=1e-5)
+    assert runs[0] == runs[1]
+    # eval_max_examples=16 at batch 16 scores the first batch only.
+    capped = train.evaluate(eval_step, state, iter(split(16, list)), mesh, max_batches=1)
+    assert capped["count"] == 16
+    assert capped["top1"] == np.mean(np.argmax(logits[:16], -1) == labels[:16])
+
+
 def test_gradients_are_clipped_before_the_optimizer_scales_them():
     """Global norm 10 clipped to 1, then SGD at 0.01: p - 0.01 g / 10. Clipping
     the update instead would leave -0.01 g (norm 0.1) unclipped: -0.06, -0.08."""
@@ -365,6 +459,18 @@ def test_an_epoch_is_the_whole_batches_the_stream_yields():
     config = common.base_config()
     config.batch_size, config.num_epochs, config.total_steps = 128, 2.0, 0
     assert train.schedule_lengths(config, 1000)[:2] == (1000 // 128, 2 * (1000 // 128))
+
+
+def test_fractional_epochs_and_a_warmup_longer_than_the_run():
+    """7 steps an epoch: 1.5 epochs train 11 steps (10.5 rounded up, never
+    short of the asked epochs), 0.5 warm-up epochs are round(3.5) = 4 steps,
+    and a warm-up longer than the run ends with it."""
+    config = common.base_config()
+    config.batch_size, config.num_epochs, config.total_steps = 128, 1.5, 0
+    config.warmup_epochs = 0.5
+    assert train.schedule_lengths(config, 1000) == (7, 11, 4)
+    config.warmup_epochs, config.warmup_steps = 0.0, 50
+    assert train.schedule_lengths(config, 1000) == (7, 11, 11)
 
 
 def test_gradient_accumulation_gives_each_micro_batch_its_own_noise():
