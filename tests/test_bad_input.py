@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -608,6 +609,39 @@ def test_other_entry_points_report_one_line(tmp_path, module, args, expected):
     assert len(errors) == 1 and errors[0].startswith(expected), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["main", "--config={repo}/configs/x.py:runlocal", "--workdir", "w"],
+    ["main", "--workdir", "w", "--config", "{repo}/configs/x.py:init_from=/data/ckpt"],
+], ids=["--config=FILE", "an argument with a path"])
+def test_the_config_files_repository_comes_first_on_sys_path(tmp_path, monkeypatch, argv):
+    """`from configs import common` must find the config's own repository
+    before any `configs` package in the working directory."""
+    from noisy_flax import cli
+    repo, cwd = tmp_path / "repo", tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "path", ["/lib", str(repo)])
+    cli.add_config_roots([a.format(repo=repo) for a in argv])
+    assert sys.path == [str(repo), str(cwd), "/lib"]
+
+
+def test_a_trailing_config_flag_without_a_file_adds_only_the_working_directory(
+        tmp_path, monkeypatch):
+    from noisy_flax import cli
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", ["/lib"])
+    cli.add_config_roots(["main", "--workdir", "w", "--config"])  # absl reports the flag
+    assert sys.path == [str(tmp_path), "/lib"]
+
+
+def test_an_unknown_nested_key_suggests_the_closest_key_under_its_parent():
+    from ml_collections import ConfigDict
+    from noisy_flax import cli
+    holder = types.SimpleNamespace(value=ConfigDict({"lr": 1.0, "noise": {"type": "none"}}))
+    assert "did you mean --config.noise.type?" in cli.unknown_key_message(holder, "noise.typ")
+    assert "did you mean --config.lr?" in cli.unknown_key_message(holder, "lrr")
 
 
 @pytest.mark.parametrize("args, expected", [

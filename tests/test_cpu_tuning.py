@@ -29,6 +29,10 @@ def test_environment_gains_the_tunable_once_and_keeps_the_others():
     assert _fast({"NOISY_FLAX_NO_REEXEC": "1"}, "libtcmalloc_minimal.so.4") is None
     # "0" does not opt out (it used to: any value did).
     assert _fast({"NOISY_FLAX_NO_REEXEC": "0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    # Values are read as a shell user writes them: spaces around do not count.
+    assert _fast({"NOISY_FLAX_NO_REEXEC": " 1 "}) is None
+    assert _fast({"NOISY_FLAX_NO_REEXEC": " 0 "})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert _fast({"NOISY_FLAX_NO_REEXEC": " "})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
 
 
 def test_only_a_command_started_as_a_noisy_flax_module_restarts_itself():
@@ -37,6 +41,21 @@ def test_only_a_command_started_as_a_noisy_flax_module_restarts_itself():
     # runpy.run_module or IPython's %run -m inside a host program: its own argv.
     assert not cpu_tuning.started_as_entry_point(["python3", "host.py", "-m", "x"])
     assert not cpu_tuning.started_as_entry_point(["ipython"])
+
+
+def test_only_an_entry_point_is_replaced_by_the_fast_malloc_command(monkeypatch):
+    """The same interpreter, options and arguments, with the new environment;
+    nothing at all inside a host program."""
+    calls = []
+    monkeypatch.setattr(cpu_tuning, "environment_with_fast_malloc", lambda env: {"NEW": "1"})
+    monkeypatch.setattr(os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(sys, "orig_argv", ["python3", "host.py", "-m", "x"])
+    cpu_tuning.reexec_with_fast_malloc()
+    assert calls == []
+    command = ["python3", "-u", "-m", "noisy_flax.main", "--workdir", "w"]
+    monkeypatch.setattr(sys, "orig_argv", command)
+    cpu_tuning.reexec_with_fast_malloc()
+    assert calls == [(sys.executable, command, {"NEW": "1"})]
 
 
 @glibc_only

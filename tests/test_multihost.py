@@ -483,6 +483,8 @@ def test_plain_single_host_run_never_initializes_distributed(initialize_calls, m
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "only-worker")
     monkeypatch.setenv("NOISY_FLAX_DISTRIBUTED", "0")
     main.initialize_distributed()
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "only-worker,")  # one name, a stray comma
+    main.initialize_distributed()
     assert calls == []
 
 
@@ -548,9 +550,18 @@ BAD_CLUSTER = {
     "coordinator without port": (
         {"coordinator_address": "10.0.0.1", "num_processes": 2, "process_id": 0}, {},
         r"--coordinator_address '10.0.0.1' must be HOST:PORT"),
+    "coordinator without host": (
+        {"coordinator_address": ":1234", "num_processes": 2, "process_id": 0}, {},
+        r"--coordinator_address ':1234' must be HOST:PORT"),
     "process id out of range": (
         {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 2}, {},
         r"--process_id 2 must be from 0 to 1"),
+    "negative process id": (
+        {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": -1}, {},
+        r"--process_id -1 must be from 0 to 1"),
+    "no processes": (
+        {"coordinator_address": "10.0.0.1:1234", "num_processes": 0, "process_id": 0}, {},
+        r"--num_processes 0 must be at least 1"),
     "process count without coordinator": (
         {"num_processes": 2, "process_id": 0}, {},
         r"--num_processes and --process_id need --coordinator_address"),

@@ -1,7 +1,9 @@
 """noisy_flax.pretrained without torch: files written here in each layout,
 loaded back and checked against where the values must land."""
+import contextlib
 import json
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -219,6 +221,21 @@ def test_checkpoint_at_another_resolution_is_resampled(tmp_path, vit_params):
     assert logits.shape == (1, 10)
 
 
+def test_image_size_sets_the_grid_the_posemb_is_resampled_to(tmp_path, vit_params):
+    """A model built for 32 px that will see 48 px images (fine-tuning at a
+    higher resolution): the grid follows image_size, not the model name."""
+    model = create_model(VIT, num_classes=10)
+    variables = pretrained.load_params(_augreg_npz(tmp_path, vit_params), model, image_size=48)
+    posemb = variables["params"]["Transformer"]["posembed_input"]["pos_embedding"]
+    source = vit_params["Transformer/posembed_input/pos_embedding"]
+    side = 48 // PATCH
+    assert posemb.shape == (1, 1 + side * side, WIDTH)
+    grid = np.asarray(source[0, 1:], np.float64).reshape(GRID, GRID, WIDTH)
+    expected = scipy.ndimage.zoom(grid, (side / GRID, side / GRID, 1), order=1)
+    np.testing.assert_array_equal(posemb[0, :1], source[0, :1])
+    np.testing.assert_allclose(posemb[0, 1:].reshape(expected.shape), expected, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------
 # Head, representation layer, dont_load
 # ---------------------------------------------------------------------------
@@ -279,6 +296,33 @@ def test_dont_load_keeps_the_initial_values(tmp_path, vit_params):
         pretrained.load_params(path, model, dont_load=["Transformer/encoderblock_99/.*"])
 
 
+def test_dont_load_patterns_match_whole_names(tmp_path, vit_params):
+    """'head' is not 'head/.*': a pattern that only begins a name matches nothing."""
+    with pytest.raises(pretrained.CheckpointError, match=r"patterns \['head'\] match no name"):
+        pretrained.load_params(_augreg_npz(tmp_path, vit_params),
+                               create_model(VIT, num_classes=10), dont_load=["head"])
+
+
+def test_dont_load_skips_file_names_that_have_no_place(tmp_path):
+    """A timm name we have no layer for (LayerScale) is ignored when dont_load names it."""
+    state = dict(_timm_vit_state(np.random.default_rng(3)),
+                 **{"blocks.0.ls1.gamma": np.ones(WIDTH, np.float32)})
+    path = _write_safetensors(tmp_path / "timm.safetensors", state)
+    params = pretrained.load_params(path, create_model(VIT, num_classes=10),
+                                    dont_load=[r"blocks\.0\.ls1\..*"])["params"]
+    np.testing.assert_array_equal(params["cls"], state["cls_token"])
+
+
+def test_half_precision_checkpoint_loads_in_the_models_dtype(tmp_path, vit_params):
+    """float16 files (timm and HF hubs publish them) become the model's float32."""
+    half = {name: value.astype(np.float16) for name, value in vit_params.items()}
+    loaded = _flat(pretrained.load_params(_augreg_npz(tmp_path, half),
+                                          create_model(VIT, num_classes=10))["params"])
+    for name, value in half.items():
+        assert loaded[name].dtype == np.float32, name
+        np.testing.assert_array_equal(loaded[name], value.astype(np.float32), err_msg=name)
+
+
 # ---------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------
@@ -324,6 +368,10 @@ def test_unknown_files_are_refused(tmp_path):
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(pretrained.CheckpointError, match="neither"):
         pretrained.load_params(str(junk), create_model(VIT, num_classes=10))
+    # A '{' at byte 8 after no plausible header size is not a cut-off .safetensors either.
+    junk.write_bytes(b"\xff" * 8 + b"{ not a checkpoint")
+    with pytest.raises(pretrained.CheckpointError, match="neither"):
+        pretrained.read_checkpoint(str(junk))
     with pytest.raises(pretrained.CheckpointError, match="no checkpoint"):
         pretrained.load_params(str(tmp_path / "absent.npz"), create_model(VIT, num_classes=10))
 
@@ -335,6 +383,61 @@ def test_torch_file_without_torch_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails
     with pytest.raises(pretrained.CheckpointError, match="needs torch"):
         pretrained.load_params(str(path), create_model(VIT, num_classes=10))
+
+
+class _Tensor:
+    """What the loader uses of a torch tensor."""
+
+    def __init__(self, array):
+        self.array, self.dtype = array, array.dtype
+
+    def detach(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def numpy(self):
+        return self.array
+
+
+def _stand_in_torch(loaded):
+    """A torch module whose torch.load returns ``loaded`` (or raises it)."""
+    def load(path, map_location, weights_only):
+        assert weights_only is True
+        if isinstance(loaded, Exception):
+            raise loaded
+        return loaded
+    serialization = types.SimpleNamespace(safe_globals=lambda names: contextlib.nullcontext())
+    return types.SimpleNamespace(load=load, serialization=serialization, bfloat16="bfloat16")
+
+
+def test_a_data_parallel_training_checkpoint_loads_without_its_module_prefix(
+        tmp_path, monkeypatch):
+    """torch.nn.DataParallel saves every name under 'module.'; timm's training
+    checkpoints wrap the weights with their epoch and arguments."""
+    state = _timm_vit_state(np.random.default_rng(7))
+    wrapped = {"epoch": 3, "state_dict": {f"module.{k}": _Tensor(v) for k, v in state.items()}}
+    monkeypatch.setitem(sys.modules, "torch", _stand_in_torch(wrapped))
+    path = tmp_path / "train.pth"
+    path.write_bytes(b"\x80\x02")  # torch's legacy (pickle) format starts so
+    params = _flat(pretrained.load_params(str(path), create_model(VIT, num_classes=10))["params"])
+    np.testing.assert_array_equal(params["cls"], state["cls_token"])
+    np.testing.assert_array_equal(params["head/kernel"], state["head.weight"].T)
+
+
+def test_a_torch_file_with_python_objects_is_refused_with_the_reason(tmp_path, monkeypatch):
+    refusal = pickle.UnpicklingError("Weights only load failed. This file can still be loaded, "
+                                     "to do so you have two options")  # torch 2's words
+    monkeypatch.setitem(sys.modules, "torch", _stand_in_torch(refusal))
+    path = tmp_path / "evil.pth"
+    path.write_bytes(b"\x80\x02")
+    with pytest.raises(pretrained.CheckpointError, match="holds Python objects besides tensors"):
+        pretrained.read_checkpoint(str(path))
+    monkeypatch.setitem(sys.modules, "torch", _stand_in_torch(EOFError("Ran out of input")))
+    with pytest.raises(pretrained.CheckpointError,
+                       match=r"could not be read as a PyTorch file \(Ran out of input\)"):
+        pretrained.read_checkpoint(str(path))
 
 
 # ---------------------------------------------------------------------------
@@ -365,11 +468,30 @@ def test_timm_vit_values_land_where_they_belong(tmp_path):
     np.testing.assert_array_equal(params["cls"], state["cls_token"])
 
 
+def test_timm_representation_layer_lands_in_pre_logits(tmp_path):
+    """Older timm ViTs (representation_size) name it pre_logits.fc, a Linear (out, in)."""
+    rng = np.random.default_rng(6)
+    state = dict(_timm_vit_state(rng),
+                 **{"pre_logits.fc.weight": rng.standard_normal((WIDTH, WIDTH)).astype(np.float32),
+                    "pre_logits.fc.bias": rng.standard_normal(WIDTH).astype(np.float32)})
+    path = _write_safetensors(tmp_path / "timm.safetensors", state)
+    params = _flat(pretrained.load_params(
+        path, create_model(VIT, num_classes=10, representation_size=WIDTH))["params"])
+    np.testing.assert_array_equal(params["pre_logits/kernel"], state["pre_logits.fc.weight"].T)
+    np.testing.assert_array_equal(params["pre_logits/bias"], state["pre_logits.fc.bias"])
+
+
 def test_unknown_timm_names_are_unexpected(tmp_path):
     state = dict(_timm_vit_state(np.random.default_rng(3)),
                  **{"blocks.0.ls1.gamma": np.ones(WIDTH, np.float32)})
     path = _write_safetensors(tmp_path / "timm.safetensors", state)
     with pytest.raises(pretrained.CheckpointError, match="unexpected:\n  blocks.0.ls1.gamma"):
+        pretrained.load_params(path, create_model(VIT, num_classes=10))
+    # A name that only begins like one of ours (CLIP's norm_pre) is listed as the file has it.
+    state = dict(_timm_vit_state(np.random.default_rng(3)),
+                 **{"norm_pre.weight": np.ones(WIDTH, np.float32)})
+    path = _write_safetensors(tmp_path / "clip.safetensors", state)
+    with pytest.raises(pretrained.CheckpointError, match="unexpected:\n  norm_pre.weight"):
         pretrained.load_params(path, create_model(VIT, num_classes=10))
 
 
@@ -400,6 +522,12 @@ def test_safetensors_dtypes_decode(tmp_path, dtype):
     np.testing.assert_array_equal(arrays["b"], array[0])
 
 
+def test_a_safetensors_file_of_empty_tensors_ends_with_its_header(tmp_path):
+    path = _write_safetensors(tmp_path / "e.safetensors", {"e": np.zeros((0, 3), np.float32)})
+    arrays = pretrained.read_checkpoint(path)
+    assert list(arrays) == ["e"] and arrays["e"].shape == (0, 3)
+
+
 def test_a_truncated_safetensors_file_says_so(tmp_path):
     path = _write_safetensors(tmp_path / "a.safetensors", {"a": np.ones((64, 64), np.float32)})
     data = open(path, "rb").read()
@@ -410,6 +538,24 @@ def test_a_truncated_safetensors_file_says_so(tmp_path):
                        match=rf"is a truncated .safetensors file \(its header alone needs "
                              rf"{header + 8} bytes, the file has {header // 2}\)"):
         pretrained.read_checkpoint(str(cut))
+
+
+def test_a_safetensors_file_cut_in_its_data_or_with_wrong_offsets_is_corrupt(tmp_path):
+    path = _write_safetensors(tmp_path / "a.safetensors", {"a": np.ones((64, 64), np.float32)})
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:-100])  # the download stopped inside the tensor data
+    with pytest.raises(pretrained.CheckpointError,
+                       match=r"corrupt: tensor 'a' should take 16384 bytes but its offsets are "
+                             r"0\.\.16384 of 16284"):
+        pretrained.read_checkpoint(str(cut))
+    # A header whose offsets disagree with the shape: 64 * 64 float32 are 16384 bytes.
+    header_size = int.from_bytes(data[:8], "little")
+    header = data[8:8 + header_size].replace(b"[0, 16384]", b"[0, 16000]")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(data[:8] + header + data[8 + header_size:])
+    with pytest.raises(pretrained.CheckpointError, match=r"offsets are 0\.\.16000 of 16384"):
+        pretrained.read_checkpoint(str(bad))
 
 
 def test_safetensors_reader_agrees_with_the_safetensors_package(tmp_path):
@@ -433,6 +579,16 @@ def test_convert_round_trips_through_orbax(tmp_path, vit_params):
     from_orbax = pretrained.load_variables(dst, model, num_classes=10)
     from_npz = pretrained.load_params(src, model)
     jax.tree.map(np.testing.assert_array_equal, from_orbax, from_npz)
+
+
+def test_convert_gives_the_head_the_class_count_asked_for(tmp_path, vit_params):
+    """--num_classes 3 for a 10-class file: the written head is a new one of 3."""
+    dst = str(tmp_path / "converted")
+    assert pretrained.main(["convert", _augreg_npz(tmp_path, vit_params), dst, "--model", VIT,
+                            "--num_classes", "3"]) == 0
+    written = pretrained.read_checkpoint(dst)
+    np.testing.assert_array_equal(written["params/head/kernel"], np.zeros((WIDTH, 3)))
+    np.testing.assert_array_equal(written["params/cls"], vit_params["cls"])
 
 
 def test_convert_keeps_batch_statistics(tmp_path):
