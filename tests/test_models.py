@@ -8,6 +8,7 @@ import pytest
 from noisy_flax import noise
 from noisy_flax.models import create_model, input_size
 from noisy_flax.models.vit import VisionTransformer
+from test_pooling import numpy_max_pool
 
 # Published parameter counts for 1000 classes (timm / torchvision model cards),
 # BatchNorm running statistics not counted.
@@ -393,13 +394,6 @@ def numpy_conv(x, kernel, stride, pad):
     return out
 
 
-def numpy_max_pool_3x3_stride2_pad1(x):
-    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
-    out_h, out_w = (padded.shape[1] - 3) // 2 + 1, (padded.shape[2] - 3) // 2 + 1
-    return np.stack([np.stack([padded[:, 2 * r:2 * r + 3, 2 * c:2 * c + 3].max(axis=(1, 2))
-                               for c in range(out_w)], 1) for r in range(out_h)], 1)
-
-
 def test_resnet_stem_matches_torchvision_in_numpy():
     """torchvision's stem: 7x7 conv, stride 2, padding 3 on every side; BatchNorm
     with eps 1e-5 (running statistics in evaluation); ReLU; 3x3 max-pool,
@@ -428,7 +422,7 @@ def test_resnet_stem_matches_torchvision_in_numpy():
     normed = ((conv - stats["mean"]) / np.sqrt(np.asarray(stats["var"], np.float64) + 1e-5)
               * bn["scale"] + bn["bias"])
     np.testing.assert_allclose(inter["bn1"]["__call__"][0], normed, rtol=1e-3, atol=1e-4)
-    pooled = numpy_max_pool_3x3_stride2_pad1(np.maximum(normed, 0))
+    pooled = numpy_max_pool(np.maximum(normed, 0), (3, 3), (2, 2), ((1, 1), (1, 1)))
     assert pooled.shape == (2, 8, 8, 4)
     np.testing.assert_allclose(inter["noise_input"][0], pooled, rtol=1e-3, atol=1e-4)
 

@@ -15,7 +15,7 @@ SETTINGS = [((3, 3), (2, 2), ((1, 1), (1, 1))),   # the ResNet stem
             ((3, 2), (1, 2), ((0, 1), (1, 0)))]
 
 
-def _numpy_max_pool(x, window, strides, padding):
+def numpy_max_pool(x, window, strides, padding):
     padded = np.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-np.inf)
     out_h = (padded.shape[1] - window[0]) // strides[0] + 1
     out_w = (padded.shape[2] - window[1]) // strides[1] + 1
@@ -48,7 +48,7 @@ def _numpy_first_max_grad(x, window, strides, padding, grad):
 def test_values_and_gradients(window, strides, padding, ties):
     x = (RNG.integers(0, 3, (2, 9, 8, 3)) if ties else RNG.standard_normal((2, 9, 8, 3))).astype(np.float32)
     out, vjp = jax.vjp(lambda x: max_pool(x, window, strides, padding), jnp.asarray(x))
-    np.testing.assert_array_equal(out, _numpy_max_pool(x, window, strides, padding))
+    np.testing.assert_array_equal(out, numpy_max_pool(x, window, strides, padding))
     grad = RNG.standard_normal(out.shape).astype(np.float32)
     (got,) = vjp(jnp.asarray(grad))
     np.testing.assert_allclose(got, _numpy_first_max_grad(x, window, strides, padding, grad),

@@ -20,6 +20,12 @@ from noisy_flax import optim, train
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def numpy_log_softmax(logits):
+    """log softmax over the last axis, shifted by the maximum for stability."""
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
 def test_main_runlocal_end_to_end(tmp_path):
     """`python -m noisy_flax.main` as a user runs it, on mock data."""
     script = textwrap.dedent("""
@@ -89,9 +95,7 @@ def test_eval_counts_every_example_once_with_uneven_last_batch(tmp_path):
     top5 = np.argsort(-logits, axis=-1)[:, :5]
     assert clean_result["top5"] == pytest.approx(np.mean((top5 == labels[:, None]).any(-1)),
                                                  abs=1e-9)
-    log_softmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
-        -1, keepdims=True)) - logits.max(-1, keepdims=True)
-    loss = -np.mean(log_softmax[np.arange(37), labels])
+    loss = -np.mean(numpy_log_softmax(logits)[np.arange(37), labels])
     assert clean_result["loss"] == pytest.approx(loss, rel=1e-5)
 
 
@@ -374,8 +378,7 @@ def test_train_step_logs_the_smoothed_loss_over_micro_batches_and_the_rate_it_us
     _, metrics = step(state, {"image": batch["image"], "label": batch["label"]})
     logits = np.asarray(model.apply({"params": state.params}, batch["image"], train=False),
                         np.float64)
-    log_p = logits - logits.max(-1, keepdims=True)
-    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    log_p = numpy_log_softmax(logits)
     targets = 0.9 * np.eye(10)[batch["label"]] + 0.1 / 10
     assert float(metrics["loss"]) == pytest.approx(-(targets * log_p).sum(-1).mean(), rel=1e-5)
     assert float(metrics["accuracy"]) == pytest.approx(np.mean(np.argmax(logits, -1) ==
@@ -430,8 +433,7 @@ def test_evaluation_is_deterministic_and_independent_of_the_batch_split():
             train.evaluate(eval_step, state, iter(split(8, reversed)), mesh)]
     logits = np.asarray(model.clone(noise=None).apply({"params": state.params}, images,
                                                       train=False), np.float64)
-    log_p = logits - logits.max(-1, keepdims=True)
-    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    log_p = numpy_log_softmax(logits)
     for result in runs:
         assert result["count"] == 32
         assert result["top1"] == np.mean(np.argmax(logits, -1) == labels)
