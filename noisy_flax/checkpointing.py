@@ -30,7 +30,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+import traceback
+import types
 from typing import Any, Optional
 
 import jax
@@ -201,6 +204,7 @@ class Checkpointer:
         # before the checksums' collective runs.
         restored, problem = None, None
         handler = ocp.StandardCheckpointHandler()
+        _drop_noise_of_abandoned_reads()
         try:
             # Twice: a transient read error (a reset connection to gs://) is
             # not damage, and must not set a good checkpoint aside.
@@ -248,6 +252,41 @@ def state_differences(saved_tree: Any, abstract_state: Any) -> list[str]:
 def _shapes_by_name(tree: Any) -> dict[str, tuple]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {sharding.path_name(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _drop_noise_of_abandoned_reads() -> None:
+    """Keeps what orbax's abandoned shard reads raise out of the log, for good.
+
+    When one shard read fails, orbax 0.12 stops waiting for the others
+    and closes its event loop. Each abandoned read raises again when it is
+    closed (orbax wraps the read in ``except BaseException``), and a read
+    that TensorStore finishes later tries to wake the closed loop. Python
+    prints both as "Exception ignored in ..." with their tracebacks, at any
+    later moment, long after the one-line report of the damage. The hook
+    installed here drops those two and passes every other unraisable
+    exception on; it stays, since the reads outlive the restore.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_orbax_reads", False):
+        return
+
+    def hook(unraisable):
+        if not _is_abandoned_orbax_read(unraisable):
+            previous(unraisable)
+
+    hook.drops_abandoned_orbax_reads = True
+    sys.unraisablehook = hook
+
+
+def _is_abandoned_orbax_read(unraisable) -> bool:
+    error, source = unraisable.exc_value, unraisable.object
+    if isinstance(source, types.CoroutineType):  # closed while waiting for its read
+        return ("orbax" in source.cr_code.co_filename
+                and isinstance(getattr(error, "__cause__", None), GeneratorExit))
+    frames = traceback.extract_tb(unraisable.exc_traceback, limit=1)
+    return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+            and bool(frames) and frames[0].name == "call_soon_threadsafe"
+            and "asyncio" in frames[0].filename)
 
 
 def describe(error: Exception) -> str:

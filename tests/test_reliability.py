@@ -3,6 +3,8 @@ an uninterrupted run; damaged checkpoints are named, set aside and skipped;
 a workdir refuses a changed config. CPU only, fake Fashion-MNIST."""
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -280,6 +283,72 @@ def test_damaged_latest_checkpoint_is_named_set_aside_and_skipped(tmp_path, capl
     again = checkpointing.Checkpointer(str(directory), keep=5, save_every=1)
     assert again.restore_latest(ABSTRACT)[0] == 3
     again.close()
+
+
+def test_a_damaged_read_leaves_no_exception_ignored_trace(tmp_path, monkeypatch):
+    """orbax's abandoned shard reads raise again when closed, or when
+    TensorStore finishes them after orbax closed its event loop; Python
+    printed each as "Exception ignored in ..." with its tracebacks, after
+    the one-line report of the damage."""
+    directory = tmp_path / "checkpoints"
+    write_three_steps(directory)
+    for step in ("2", "3"):  # four failed reads: whether one abandons another is a race
+        truncate_array_file(directory / step)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    checkpointer = checkpointing.Checkpointer(str(directory), keep=5, save_every=1)
+    assert checkpointer.restore_latest(ABSTRACT)[0] == 1
+    checkpointer.close()
+    time.sleep(0.5)  # abandoned reads finish, and are collected, after the restore
+    gc.collect()
+    assert [u.exc_value for u in unraisable] == []
+
+
+class _Pending:
+    def __await__(self):
+        yield
+
+
+async def _raises_again_when_closed():
+    """Suspended, then closed, it raises as orbax's reads do: another module's."""
+    try:
+        await _Pending()
+    except BaseException as error:
+        raise Exception("abandoned") from error
+
+
+def test_only_orbaxs_abandoned_reads_are_dropped(monkeypatch):
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    checkpointing._drop_noise_of_abandoned_reads()
+    checkpointing._drop_noise_of_abandoned_reads()  # once: not a hook around a hook
+    assert sys.unraisablehook.__closure__[0].cell_contents == unraisable.append
+    coroutine = _raises_again_when_closed()
+    coroutine.send(None)
+    del coroutine
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as error:
+        closed_loop = error
+    try:
+        raise RuntimeError("other")
+    except RuntimeError as error:
+        other = error
+
+    def report(error, traceback):
+        sys.unraisablehook(types.SimpleNamespace(
+            exc_type=type(error), exc_value=error, exc_traceback=traceback, err_msg=None,
+            object=None))
+
+    # Dropped: a closed loop woken from outside Python, as TensorStore's thread does
+    # (the traceback starts in asyncio). Kept: the same raised from Python code, and others.
+    report(closed_loop, closed_loop.__traceback__.tb_next)
+    report(closed_loop, closed_loop.__traceback__)
+    report(other, other.__traceback__)
+    kept = [str(u.exc_value) for u in unraisable]
+    assert kept == ["abandoned", "Event loop is closed", "other"]
 
 
 def test_a_read_that_fails_once_is_tried_again_and_sets_nothing_aside(tmp_path, monkeypatch,
