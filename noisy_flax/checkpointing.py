@@ -21,6 +21,10 @@ What orbax 0.12 does on its own, and what is added here:
   find a step damaged that another reads fine. Here they agree before going
   on: a step any process cannot read is skipped by all, so every process
   resumes from the same step.
+* After a failed read, orbax leaves its other reads of the step behind, and
+  Python prints what each raises when it is collected ("Exception ignored
+  in ...", with tracebacks) at some later moment. Here those two kinds of
+  message are dropped; the damage itself is reported in one line.
 * A healthy checkpoint of another model, optimizer or input (the state's
   names or shapes differ) makes orbax's restore raise too; here that is told
   apart from damage by the saved metadata, and refused with the differences,
