@@ -46,6 +46,14 @@ def test_batch_sizes_summary_by_hand():
         "num_batches": 8, "examples": 31, "max_batch": 4, "min_batch": 3}
 
 
+def test_batch_sizes_summary_of_an_empty_split():
+    # No examples: no batches, and zeros rather than an error from max([]).
+    batches = batch_order.batch_indices(np.array([], np.int64), "class_sorted", 4)
+    assert batches == []
+    assert batch_order.batch_sizes_summary(batches) == {
+        "num_batches": 0, "examples": 0, "max_batch": 0, "min_batch": 0}
+
+
 def test_published_layout_gives_one_class_per_batch():
     # ImageNet validation: 50 per class, batch 10 -> every batch one class.
     labels = np.random.default_rng(0).permutation(np.repeat(np.arange(20), 50))
@@ -144,6 +152,22 @@ def test_order_inside_a_class_is_seeded(order):
 def test_unknown_order_names_the_choices():
     with pytest.raises(ValueError, match="did you mean 'shuffled'"):
         batch_order.batch_indices(LABELS, "shuffle", 4)
+
+
+@pytest.mark.parametrize("order", batch_order.ORDERS)
+@pytest.mark.parametrize("batch_size", [0, -4, 2.5])
+def test_batch_size_must_be_a_positive_integer(order, batch_size):
+    # A batch of 0 would cut nothing (distinct_class would never finish).
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        batch_order.batch_indices(LABELS, order, batch_size, num_classes=5)
+
+
+@pytest.mark.parametrize("labels", [np.array([0, -1, 2]), np.array([[0, 1], [1, 0]]),
+                                    np.array([0.0, 1.0]), np.array(3)],
+                         ids=["negative", "2-D", "float", "scalar"])
+def test_labels_must_be_non_negative_integers_in_one_dimension(labels):
+    with pytest.raises(ValueError, match="labels must be"):
+        batch_order.batch_indices(labels, "class_sorted", 2)
 
 
 def test_distinct_class_batches_vary_in_make_up_and_position():

@@ -99,6 +99,27 @@ def test_unknown_noise_is_refused():
     assert benchmark.parse_noises("all")[0] == "none"
 
 
+def test_model_kwargs_are_json_values_or_else_strings():
+    assert benchmark.parse_model_kwargs(
+        ["num_layers=2", "dropout_rate=0.1", "last_block_all_tokens=true",
+         "attention_implementation=cudnn", "patch_size=[4, 4]"]) == {
+        "num_layers": 2, "dropout_rate": 0.1, "last_block_all_tokens": True,
+        "attention_implementation": "cudnn", "patch_size": [4, 4]}
+
+
+def test_noises_tolerate_spaces_and_empty_items():
+    assert benchmark.parse_noises(" gaussian , ,none,") == ["none", "gaussian"]
+    assert benchmark.parse_noises("none") == ["none"]
+
+
+@pytest.mark.parametrize("model, site", [("resnet18", "block_input"),
+                                         ("vit_tiny_patch16_224", "attn_input"),
+                                         ("vit_nano_patch4_28", "attn_input")])
+def test_default_noise_site_is_the_published_one(model, site):
+    # NoisyResNet perturbs a block's input; NoisyViT the last block's attention input.
+    assert benchmark.benchmark_config(model, 2, 32, noise="gaussian").noise.site == site
+
+
 def test_flops_count_the_whole_batch_on_every_device_count(fast_compile):
     """XLA counts a partitioned program per device: the 8-device step must
     still report the FLOPs of the one-device step, the reference (the train
@@ -138,6 +159,22 @@ def test_cpu_matmul_peak_is_positive():
     assert benchmark.measure_matmul_peak(n=128, repeats=2) > 0
 
 
+def test_matmul_case_counts_two_flops_per_multiply_add():
+    case = benchmark.matmul_case(64)
+    assert case.name == "matmul_64" and case.info["flops"] == 2 * 64 ** 3
+    case.run()
+
+
+def test_matmul_peak_is_the_fastest_repeat(monkeypatch):
+    import types
+    monkeypatch.setattr(benchmark, "matmul_case",
+                        lambda n, dtype: benchmark.Case("m", lambda: None, {"flops": 6.0}))
+    # Repeats of 3 s, 2 s and 4 s: 6 FLOPs in the fastest, 2 s.
+    clock = iter([0.0, 3.0, 10.0, 12.0, 20.0, 24.0])
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert benchmark.measure_matmul_peak(n=8, repeats=3) == 3.0
+
+
 def test_published_peaks_by_device_kind():
     class Device:
         def __init__(self, kind):
@@ -154,6 +191,98 @@ def test_a_mesh_peak_counts_every_chip():
     assert benchmark.mesh_peak(H200(), "bfloat16", 1) == (989e12, "published")
     assert benchmark.mesh_peak(H200(), "bfloat16", 8) == (8 * 989e12, "published, x 8 chips")
     assert benchmark.mesh_peak(jax.devices()[0], "float32", 8) == (None, "published")
+
+
+def test_published_fp32_peaks_are_the_dense_tf32_figures():
+    """NVIDIA's datasheets: A100 TF32 156 TFLOPS dense; H100 SXM 989 and PCIe
+    756 TFLOPS TF32 with 2:4 sparsity, so half that dense. TPUs publish none."""
+    class Device:
+        def __init__(self, kind):
+            self.device_kind = kind
+    assert benchmark.published_peak(Device("NVIDIA A100-SXM4-80GB"), "float32") == 156e12
+    assert benchmark.published_peak(Device("NVIDIA H100 80GB HBM3"), "float32") == \
+        pytest.approx(989e12 / 2, rel=0.002)
+    assert benchmark.published_peak(Device("NVIDIA H100 PCIe"), "float32") == \
+        pytest.approx(756e12 / 2, rel=0.002)
+    assert benchmark.published_peak(Device("TPU v4"), "float32") is None
+
+
+def test_interleave_rotates_the_order_and_runs_each_round_once_untimed():
+    calls = []
+    a = benchmark.Case("a", lambda: calls.append("a"))
+    b = benchmark.Case("b", lambda: calls.append("b"))
+    benchmark.interleave([a, b], steps=3, warmup=1, chunk=2)
+    # Warm-up a, b; round 1: a then b, each 1 untimed + 2 timed; round 2: b
+    # first, each 1 untimed + the 1 step left.
+    assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["b"] * 2 + ["a"] * 2
+    assert len(a.times) == len(b.times) == 3
+    assert a.rounds == b.rounds == [1, 1, 2]
+
+
+def test_paired_ratio_is_the_median_of_per_round_median_ratios():
+    case = benchmark.Case("x", lambda: None, times=[2, 4, 9, 3, 5, 7], rounds=[1, 1, 1, 2, 3, 4])
+    ref = benchmark.Case("r", lambda: None, times=[1, 3, 2, 2, 1, 1], rounds=[1, 1, 1, 2, 3, 5])
+    # Shared rounds 1-3: 4/2, 3/2, 5/1 -> median of (2, 1.5, 5) = 2.
+    assert benchmark.paired_ratio(case, ref) == 2.0
+    lone = benchmark.Case("y", lambda: None, times=[1.0], rounds=[9])
+    assert benchmark.paired_ratio(lone, ref) is None
+
+
+def test_summarize_by_hand():
+    case = benchmark.Case("x", lambda: None, {"flops": 2e9}, times=[0.5, 0.1, 0.3, 0.2, 0.4])
+    row = benchmark.summarize(case, 6, 1e10)
+    # Sorted 0.1..0.5: median 0.3; linear-interpolated p10 = 0.14, p90 = 0.46.
+    assert row["step_ms"] == [500, 100, 300, 200, 400]
+    assert row["step_ms_median"] == pytest.approx(300)
+    assert row["step_ms_p10"] == pytest.approx(140) and row["step_ms_p90"] == pytest.approx(460)
+    assert row["spread_pct"] == pytest.approx(100 * 0.32 / 0.3)
+    assert row["images_per_s"] == pytest.approx(20)
+    assert row["flops_per_s"] == pytest.approx(2e9 / 0.3)
+    assert row["utilisation"] == pytest.approx(2e9 / 0.3 / 1e10)
+    assert "utilisation" not in benchmark.summarize(case, 6, None)
+
+
+def test_run_steps_ratios_from_set_step_times(monkeypatch):
+    """Every case stubbed, with step times set per round: the ratios,
+    overheads and the peak follow from those times by hand."""
+    times = {"jax train noise=none": [0.100, 0.100, 0.100],
+             "jax train noise=gaussian": [0.110, 0.120, 0.160],
+             "noise op gaussian (fwd+bwd)": [0.020, 0.030, 0.025],
+             "jax eval noise=none": [0.040, 0.050, 0.060],
+             "matmul_64": [0.001] * 3, "matmul_96": [0.002] * 3}
+    nbytes = {"jax train noise=none": 1000.0, "jax train noise=gaussian": 1500.0}
+
+    def train_case(config, mesh, name):
+        return benchmark.Case(name, lambda: None, {"flops": 1e9, "bytes_accessed": nbytes[name]})
+
+    def interleave(cases, steps, warmup, chunk):
+        for case in cases:
+            case.times, case.rounds = list(times[case.name]), [1, 2, 3]
+    monkeypatch.setattr(benchmark, "train_case", train_case)
+    monkeypatch.setattr(benchmark, "noise_op_case",
+                        lambda config, mesh, name: benchmark.Case(name, lambda: None))
+    monkeypatch.setattr(benchmark, "eval_case",
+                        lambda config, mesh, name: benchmark.Case(name, lambda: None, {"flops": 3e8}))
+    monkeypatch.setattr(benchmark, "matmul_case", lambda n, *a: benchmark.Case(
+        f"matmul_{n}", lambda: None, {"flops": 2.0 * n ** 3}))
+    monkeypatch.setattr(benchmark, "interleave", interleave)
+    rows = benchmark.run_steps(benchmark.parse_args(TINY + ["--noise", "gaussian", "--eval"]))
+    ref, noisy, op, ev = rows
+    assert [r["name"] for r in rows] == list(times)[:4]
+    # Noisy step: median 0.12 s against 0.1 s; per round 1.1, 1.2, 1.6.
+    assert noisy["ratio"] == pytest.approx(1.2) and noisy["overhead_pct"] == pytest.approx(20)
+    assert noisy["ratio_paired"] == pytest.approx(1.2) and noisy["bytes_ratio"] == 1.5
+    assert ref["ratio"] == 1.0 and ref["overhead_pct"] == 0
+    # The noise alone: 25 ms of the 100 ms step.
+    assert op["ratio"] == pytest.approx(0.25) and op["overhead_pct"] == pytest.approx(25)
+    # The eval step is paired with itself.
+    assert ev["ratio_paired"] == 1.0 and "ratio" not in ev
+    # Peak: 2 * 96^3 FLOPs in 2 ms beats 2 * 64^3 in 1 ms.
+    peak = 2 * 96 ** 3 / 0.002
+    assert ref["peak_flops_per_s"] == pytest.approx(peak)
+    assert ref["peak_source"] == "measured: fastest matmul (matmul_96)"
+    assert ref["utilisation"] == pytest.approx(1e9 / 0.1 / peak)
+    assert ev["utilisation"] == pytest.approx(3e8 / 0.05 / peak)
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -241,6 +370,36 @@ def test_models_that_differ_are_refused():
             benchmark.check_same_model(jax_case, benchmark.Case("torch", lambda: None, info))
 
 
+def test_decayed_params_count_kernels_only():
+    # Kernels 4*4*1*8 + 8*10 = 208 values; biases, the class token, position
+    # embeddings and norm scales (8 + 8 + 40 + 8) are not decayed.
+    params = {"embedding": {"kernel": np.ones((4, 4, 1, 8)), "bias": np.ones(8)},
+              "cls": np.ones((1, 1, 8)),
+              "Transformer": {"posembed_input": {"pos_embedding": np.ones((1, 5, 8))},
+                              "encoder_norm": {"scale": np.ones(8)}},
+              "head": {"kernel": np.ones((8, 10))}}
+    assert benchmark.decayed_params(params) == 208
+
+
+def test_compiled_memory_subtracts_donated_buffers():
+    import types
+
+    class Compiled:
+        def __init__(self, analysis):
+            self.analysis = analysis
+
+        def memory_analysis(self):
+            if isinstance(self.analysis, Exception):
+                raise self.analysis
+            return self.analysis
+    # A donated 30-byte state is both an argument and an output: counted once.
+    m = types.SimpleNamespace(argument_size_in_bytes=100, output_size_in_bytes=40,
+                              temp_size_in_bytes=10, alias_size_in_bytes=30)
+    assert benchmark.compiled_memory_bytes(Compiled(m)) == 120
+    assert benchmark.compiled_memory_bytes(Compiled(None)) is None
+    assert benchmark.compiled_memory_bytes(Compiled(NotImplementedError())) is None
+
+
 @pytest.mark.parametrize("name, resolution", [("resnet18", 32), ("vit_tiny_patch16_224", 224),
                                               ("vit_tiny_patch16_224", 96)])
 def test_torch_reference_is_the_same_model_with_the_same_decay(name, resolution):
@@ -308,6 +467,33 @@ def test_resolution_defaults_to_the_models_own(model, side):
     assert benchmark.parse_args(["--model", model, "--resolution", "64"]).resolution == 64
 
 
+@pytest.mark.parametrize("resolution, crop", [(28, "none"), (32, "resize")])
+def test_input_config_reads_fashion_mnist_as_its_experiment_config_does(resolution, crop):
+    import argparse
+    from configs import fashion_mnist
+    args = argparse.Namespace(model="vit_nano_patch4_28", batch=8, resolution=resolution,
+                              input="fashion_mnist")
+    got, experiment = benchmark.input_config(args), fashion_mnist.get_config()
+    for key in ("dataset", "num_classes"):
+        assert got[key] == experiment[key], key
+    for key in ("channels", "cache"):
+        assert got.input[key] == experiment.input[key], key
+    # Stored images are 28 x 28: any other side must be resized.
+    assert got.image_size == resolution and got.input.train_crop == crop
+    imagenet = benchmark.input_config(argparse.Namespace(
+        model="resnet18", batch=8, resolution=224, input="mock_imagenet"))
+    # ImageNet-1k: 1000 classes of RGB photographs.
+    assert (imagenet.dataset, imagenet.num_classes, imagenet.input.channels) == \
+        ("imagenet2012", 1000, 3)
+
+
+def test_time_iterator_skips_the_warm_up_batches():
+    import itertools
+    stream = itertools.count()
+    assert len(benchmark.time_iterator(stream, 4, skip=3)) == 4
+    assert next(stream) == 7  # 3 skipped + 4 timed
+
+
 def test_fused_attention_flops_are_added_in_closed_form():
     """XLA's cost analysis counts cuDNN's fused attention as nothing. ViT-B/16
     at 224 px, batch 4, HLO with 11 forward and 11 backward calls (the last
@@ -339,3 +525,17 @@ def test_fused_attention_flops_read_the_query_and_key_lengths_of_each_call():
     class_token = 4 * 4 * 1 * 197 * 768
     assert benchmark.fused_attention_flops(hlo, model, 4, 224) == \
         11 * 3 * self_attention + 3 * class_token
+
+
+def test_fused_attention_flops_skip_other_custom_calls_and_unreadable_operands():
+    """A cuBLAS GEMM custom call is XLA's to count, not attention. An fmha
+    call whose operands are not (batch, tokens, heads, head_dim) is taken as
+    self-attention over all 197 tokens of ViT-B/16 at 224 px."""
+    from noisy_flax.models import create_model
+    model = create_model("vit_base_patch16_224", num_classes=10)
+    gemm = ('%g = (f32[4,768]{1,0}, s8[0]{0}) custom-call(f32[4,768]{1,0} %a, '
+            'f32[768,768]{1,0} %b), custom_call_target="__cublas$gemm"')
+    assert benchmark.fused_attention_flops(gemm, model, 4, 224) == 0
+    folded = ('%c = bf16[788,12,64]{2,1,0} custom-call(bf16[788,12,64]{2,1,0} %q, '
+              'bf16[788,12,64]{2,1,0} %k), custom_call_target="__cudnn$fmhaSoftmax"')
+    assert benchmark.fused_attention_flops(folded, model, 4, 224) == 4 * 4 * 197 ** 2 * 768

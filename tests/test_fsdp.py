@@ -98,6 +98,51 @@ def test_fsdp_warns_about_large_arrays_it_cannot_split(caplog):
                         "8 devices and stay whole on every device"]
 
 
+def test_one_device_fsdp_does_not_warn(caplog):
+    """On one device nothing is split, and nothing is lost by not splitting."""
+    import logging
+    mesh = sharding.create_mesh(devices=jax.devices()[:1])
+    tree = {"odd": jax.ShapeDtypeStruct((3, 3, 7283), jnp.float32)}
+    with caplog.at_level(logging.WARNING):
+        shardings = sharding.param_shardings(tree, mesh, "fsdp")
+    assert shardings["odd"].spec == P()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_rules_take_precedence_over_the_strategy():
+    """A rule matches the '/'-joined path: it keeps the head whole under FSDP,
+    and splits a kernel that 'replicate' would leave whole."""
+    mesh = sharding.create_mesh()
+    tree = {"head": {"kernel": jax.ShapeDtypeStruct((8, 8192), jnp.float32)},
+            "body": {"kernel": jax.ShapeDtypeStruct((8, 8192), jnp.float32)}}
+    fsdp = sharding.param_shardings(tree, mesh, "fsdp", rules=[("head/kernel", P())])
+    assert fsdp["head"]["kernel"].spec == P()
+    assert fsdp["body"]["kernel"].spec == P(None, sharding.BATCH_AXES)
+    split = sharding.param_shardings(tree, mesh, "replicate", rules=[("body/", P("data"))])
+    assert split["body"]["kernel"].spec == P("data") and split["head"]["kernel"].spec == P()
+
+
+def test_bytes_per_device_use_each_leafs_own_dtype():
+    # bf16 (8, 8192) split 8 ways: 8 * 8192 * 2 / 8 = 16,384 bytes; the int8
+    # (8192,) vector is under the FSDP minimum, so whole: 8,192 bytes.
+    mesh = sharding.create_mesh()
+    tree = {"w": jax.ShapeDtypeStruct((8, 8192), jnp.bfloat16),
+            "b": jax.ShapeDtypeStruct((8192,), jnp.int8)}
+    shardings = sharding.param_shardings(tree, mesh, "fsdp")
+    assert sharding.bytes_per_device(shardings, tree) == 16_384 + 8_192
+
+
+@pytest.mark.parametrize("axes, message", [
+    ([("data", -1), ("fsdp", -1)], "at most one axis may have size -1"),
+    ([("data", -1), ("fsdp", 3)], "does not divide the 8 devices"),
+    ([("data", 2), ("model", 4)], r"unknown mesh axis \['model'\]"),
+    ([("data", 2), ("fsdp", 2)], "uses 4 devices but 8 are present"),
+])
+def test_a_bad_mesh_names_its_mistake(axes, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.create_mesh(axes)
+
+
 def test_unknown_strategy_is_a_clear_error():
     with pytest.raises(ValueError, match="config.sharding"):
         sharding.param_shardings({"w": jnp.zeros((4,))}, sharding.create_mesh(), "zero3")
