@@ -416,8 +416,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     has_entropy = any("entropy" in r for r in result["rows"])
     header = ["order", "noise", "batches", "top-1", "top-5", "batch-mean top-1 (published)"]
     if has_entropy:
-        header += ["H(Y|Z) probe, site", "H(Y|Z) probe, pre-logits",
-                   "H(Y|Z) gauss, site", "H(Y|Z) gauss, pre-logits"]
+        # An unescaped '|' would split the cell and unmake the table.
+        header += ["H(Y\\|Z) probe, site", "H(Y\\|Z) probe, pre-logits",
+                   "H(Y\\|Z) gauss, site", "H(Y\\|Z) gauss, pre-logits"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in result["rows"]:
         cells = [r["order"], r["noise"], str(r["num_batches"]),

@@ -101,6 +101,17 @@ CASES = {
     "batch not divisible by devices": ({"batch_size": 12},
                                        r"batch_size=12 is not divisible by the 8 devices; use a multiple of 8"),
     "eval batch not divisible": ({"eval_batch_size": 20}, r"eval_batch_size=20 is not divisible"),
+    "no gradient accumulation steps": ({"grad_accum_steps": 0},
+                                       r"config.grad_accum_steps=0 must be >= 1"),
+    # 16 rows on 8 devices in 4 micro-batches: half a row per device.
+    "batch not divisible by devices x accumulation steps": (
+        {"grad_accum_steps": 4},
+        r"config.batch_size=16 must be divisible by devices x grad_accum_steps = 32"),
+    # Each micro-batch is mixed on its own: 32 / 2 steps / 8 devices = 2 rows.
+    "circulant alpha=0.5 on micro-batches of even size": (
+        {"noise.type": "circulant", "noise.alpha": 0.5, "noise.scope": "device",
+         "noise.eval": False, "batch_size": 32, "grad_accum_steps": 2},
+        r"alpha=0.5 with an even batch k=2 makes I\+Q singular"),
     "eval batch and eval batch per device disagree": (
         {"eval_batch_size": 32, "eval_batch_per_device": 2},
         r"eval_batch_size=32 and config.eval_batch_per_device=2 \(16 on 8 devices\) disagree"),
@@ -136,6 +147,14 @@ CASES = {
                                r"init_from=/nonexistent/ViT-B_16.npz does not exist"),
     "log_every zero": ({"log_every": 0}, r"config.log_every=0 must be >= 1"),
     "no checkpoint kept": ({"keep_checkpoints": 0}, r"config.keep_checkpoints=0 must be >= 1"),
+    "checkpoint_every zero": ({"checkpoint_every": 0}, r"config.checkpoint_every=0 must be >= 1"),
+    "negative eval_max_examples": ({"eval_max_examples": -1},
+                                   r"config.eval_max_examples=-1 must be >= 0"),
+    "negative weight decay": ({"weight_decay": -0.1}, r"config.weight_decay=-0.1 must be >= 0"),
+    "negative gradient clipping norm": ({"grad_clip_norm": -1.0},
+                                        r"config.grad_clip_norm=-1.0 must be >= 0"),
+    "negative label smoothing": ({"label_smoothing": -0.1},
+                                 r"config.label_smoothing=-0.1 must be >= 0"),
     "negative eval_every": ({"eval_every": -1}, r"config.eval_every=-1 must be >= 0"),
     "negative warm-up": ({"warmup_steps": -3}, r"config.warmup_steps=-3 must be >= 0"),
     "label smoothing of one or more": ({"label_smoothing": 1.5},
@@ -181,6 +200,10 @@ CASES = {
     "negative prefetch": ({"input.prefetch": -5}, r"config.input.prefetch=-5 must be >= 0"),
     "first moment decay of 2": ({"b1": 2.0}, r"config.b1=2.0 must be in \[0, 1\)"),
     "negative second moment decay": ({"b2": -1.0}, r"config.b2=-1.0 must be in \[0, 1\)"),
+    # A decay of exactly 1 never forgets; a dropout rate of 1 drops everything.
+    "first moment decay of exactly 1": ({"b1": 1.0}, r"config.b1=1.0 must be in \[0, 1\)"),
+    "dropout rate of 1": ({"model_kwargs.dropout_rate": 1.0},
+                          r"config.model_kwargs.dropout_rate=1.0 must be in \[0, 1\)"),
     "negative epsilon": ({"eps": -1.0}, r"config.eps=-1.0 must be >= 0"),
     "negative momentum": ({"optimizer": "sgd", "momentum": -3.0},
                           r"config.momentum=-3.0 must be >= 0"),

@@ -1,6 +1,7 @@
 """Evaluation under batch orders: metrics by hand, padding and scope against
 unsharded references, the feature path, and the CLI on a trained checkpoint."""
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
 from configs import common
-from noisy_flax import batch_order, evaluate, features, optim, sharding, train
+from noisy_flax import batch_order, evaluate, features, noise, optim, sharding, train
 
 
 def _config(noise_type="optimal_q", scope="device", model="vit_nano_patch7_28"):
@@ -81,6 +82,61 @@ def test_top5_breaks_ties_as_top1_does():
     assert m["correct_top1"] == 2 and m["correct_top5"] == 3
 
 
+def test_top5_ties_among_a_thousand_classes_follow_lax_top_k():
+    """numpy's default sort is not stable beyond a handful of elements: with
+    ImageNet's 1000 classes, tied logits must still rank the lower index first."""
+    logits = np.tile((np.arange(1000) % 7).astype(np.float64), (6, 1))  # ties at 6, 13, 20, ...
+    labels = np.array([6, 13, 20, 27, 34, 41])  # the six lowest-index tied classes
+    _, reference = jax.lax.top_k(jnp.asarray(logits, jnp.float32), 5)
+    expected = int(np.sum(np.any(np.asarray(reference) == labels[:, None], axis=1)))
+    m = evaluate.order_metrics(logits, labels, [np.arange(6)])
+    assert expected == 5
+    assert m["correct_top5"] == expected and m["correct_top1"] == 1
+
+
+def test_loss_stays_finite_for_large_logits():
+    # log-softmax of [1000, 0, 0]: -log(1 + 2 e^-1000) ~ 0 at class 0, -1000 elsewhere.
+    logits = np.array([[1000.0, 0.0, 0.0], [1000.0, 0.0, 0.0]])
+    m = evaluate.order_metrics(logits, np.array([0, 1]), [np.arange(2)])
+    assert m["loss"] == pytest.approx((0.0 + 1000.0) / 2)
+
+
+def test_an_empty_batch_does_not_enter_the_running_average():
+    labels = np.array([0, 1, 2, 0, 1])
+    logits = np.eye(3)[[0, 1, 0, 0, 2]]  # right for 0, 1, 3
+    batches = [np.array([0, 1, 2]), np.array([], np.int64), np.array([3, 4])]
+    m = evaluate.order_metrics(logits, labels, batches)
+    assert m["batch_mean_top1"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m["num_batches"] == 2
+
+
+def test_markdown_table_cells_by_hand():
+    """Percentages with their counts, and the entropy cells under their headers.
+    A markdown table splits cells at every unescaped '|' and is only a table
+    when the header and the delimiter row have the same number of cells."""
+    def estimate(value):
+        return {"value": value, "stderr": 0.01, "n_train": 3, "n_test": 2, "label_entropy": 1.0}
+    entropy = {"noise_site": {"probe": estimate(0.1), "gaussian": estimate(0.2)},
+               "pre_logits": {"probe": estimate(0.3), "gaussian": estimate(0.4)}}
+    row = {"order": "shuffled", "noise": "on", "num_batches": 2, "top1": 3 / 5, "top5": 4 / 5,
+           "correct_top1": 3, "correct_top5": 4, "count": 5, "batch_mean_top1": 7 / 12,
+           "entropy": entropy}
+    def cells_of(table):
+        return ([c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+                for line in table.splitlines()[:3])
+    plain = {k: v for k, v in row.items() if k != "entropy"}
+    assert [len(c) for c in cells_of(evaluate.markdown_table({"rows": [plain]}))] == [6, 6, 6]
+    header, delimiter, first = cells_of(evaluate.markdown_table({"rows": [row]}))
+    assert len(header) == len(delimiter) == len(first) == 10
+    cells = dict(zip(header, first))
+    assert cells["top-1"] == "60.00% (3/5)" and cells["top-5"] == "80.00% (4/5)"
+    assert cells["batch-mean top-1 (published)"] == "58.33%"
+    assert cells["H(Y|Z) probe, site"] == "0.100 ± 0.010"
+    assert cells["H(Y|Z) probe, pre-logits"] == "0.300 ± 0.010"
+    assert cells["H(Y|Z) gauss, site"] == "0.200 ± 0.010"
+    assert cells["H(Y|Z) gauss, pre-logits"] == "0.400 ± 0.010"
+
+
 @pytest.mark.parametrize("scope", ["device", "global"])
 def test_padded_sharded_batches_match_unsharded_reference(scope):
     """Batch 10 on 8 devices is padded to 16. Global scope must mix exactly
@@ -135,6 +191,18 @@ def test_noise_off_is_eval_false_and_orders_share_it():
     np.testing.assert_allclose(direct["logits"], logits, rtol=1e-4, atol=1e-5)
 
 
+def test_within_image_noise_is_scored_from_one_shared_pass():
+    """within_image mixes the rows of each image alone: the same output in
+    any batch, so every order is scored from one pass; batch mixing is not."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 7, 7, 2)).astype(np.float32))
+    alone = np.concatenate([np.asarray(noise.within_image_noise(x[i:i + 1])) for i in range(4)])
+    np.testing.assert_allclose(np.asarray(noise.within_image_noise(x)), alone, rtol=1e-6, atol=1e-6)
+    assert evaluate.order_independent(noise.noise_config(type="within_image"), on=True)
+    assert not evaluate.order_independent(noise.noise_config(type="optimal_q"), on=True)
+    assert evaluate.order_independent(noise.noise_config(type="optimal_q"), on=False)
+
+
 @pytest.mark.parametrize("noise_type", ["optimal_q", "gaussian"])
 def test_one_device_grouped_path_matches_the_loop(noise_type):
     """On one device, many test batches run per call (vmapped): the path that
@@ -155,6 +223,20 @@ def test_one_device_grouped_path_matches_the_loop(noise_type):
     clean = model.clone(noise=None).apply({"params": variables["params"]}, data.images,
                                           train=False)
     assert not np.allclose(loop["logits"], clean, atol=1e-3)  # the noise did act
+
+
+def test_grouped_path_runs_a_batch_larger_than_its_group():
+    """A test batch above group_examples (--batch_size 1000 on one GPU) still
+    runs, one batch per call. A row-wise forward: logits are the image sums."""
+    def forward(params, batch_stats, images, mask, key):
+        return {"logits": jnp.where(mask[:, None], images.reshape(len(images), -1)[:, :3], 0.0)}
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+    data = _data()
+    batches = batch_order.batch_indices(data.labels, "shuffled", 7, seed=1)
+    grouped = jax.jit(jax.vmap(forward, in_axes=(None, None, 0, 0, 0)))
+    out = evaluate.run_batches(jax.jit(forward), {"params": {}, "batch_stats": {}}, data, batches,
+                               mesh, grouped=grouped, group_examples=5)
+    np.testing.assert_allclose(out["logits"], data.images.reshape(len(data.labels), -1)[:, :3])
 
 
 def test_single_order_makes_optimal_q_the_identity():
@@ -254,7 +336,9 @@ def test_in_memory_route_refuses_huge_splits(monkeypatch):
     monkeypatch.setattr(evaluate.input_pipeline, "num_eval_examples", lambda *a, **k: 50_000)
     c.image_size = 384
     c.input.channels = 3
-    with pytest.raises(ValueError, match="holds the split in memory"):
+    # float32 images: 50,000 x 384 x 384 x 3 x 4 bytes.
+    gib = 50_000 * np.zeros((384, 384, 3), np.float32).nbytes / 2 ** 30
+    with pytest.raises(ValueError, match=rf"holds the split in memory.* needs {gib:.1f} GiB > 4 GiB"):
         evaluate.load_eval_data(c)
 
 
@@ -334,6 +418,18 @@ def test_streamed_ordered_batches_cover_the_split_once():
     assert sorted(distance.argmin(axis=1).tolist()) == list(range(37))  # one to one
 
 
+def test_streamed_single_order_puts_one_example_in_each_padded_batch():
+    c = _config()
+    c.eval_batch_size = 8
+    c.eval_order = "single"
+    with tfds.testing.mock_data(num_examples=5):
+        batches = list(evaluate.ordered_eval_batches(c))
+        with pytest.raises(ValueError, match="eval_batch_size=8 is not divisible by 3 processes"):
+            list(evaluate.ordered_eval_batches(c, process_count=3))
+    assert len(batches) == 5
+    assert all(b["mask"].shape == (8,) and b["mask"].sum() == 1 for b in batches)
+
+
 def test_training_evaluates_in_the_configured_order(tmp_path):
     c = _config(noise_type="optimal_q")
     common.apply_runlocal(c)
@@ -358,6 +454,27 @@ def test_entropy_split_is_independent_of_the_batch_order(order):
     one_sided = sum(bool(in_fit[b].all() or (~in_fit[b]).all()) for b in batches)
     assert one_sided <= 1
     assert sorted(np.concatenate([fit, held]).tolist()) == list(range(len(labels)))
+
+
+def test_the_odd_member_of_a_class_goes_to_the_fit_half():
+    labels = np.array([0, 0, 0, 1, 2, 2, 2, 2, 2])  # classes of 3, 1 and 5
+    fit, held = evaluate.stratified_halves(labels, seed=4)
+    assert np.bincount(labels[fit], minlength=3).tolist() == [2, 1, 3]
+    assert np.bincount(labels[held], minlength=3).tolist() == [1, 0, 2]
+
+
+def test_rows_name_the_noise_setting_that_produced_them(monkeypatch):
+    """Each row's 'noise' is the on/off setting whose outputs it reports."""
+    def fake_setting(model, variables, data, noise_config, *, on, orders, **kwargs):
+        return {o: {"metrics": {"top1": 1.0 if on else 0.0, "pass_": "direct"}, "features": {}}
+                for o in orders}
+    monkeypatch.setattr(evaluate, "evaluate_setting", fake_setting)
+    result = evaluate.evaluate_checkpoint_orders(
+        None, {}, _data(n_per_class=1), {"type": "gaussian"}, orders=("shuffled", "single"),
+        batch_size=4, mesh=None)
+    assert {(r["order"], r["noise"]): r["top1"] for r in result["rows"]} == {
+        ("shuffled", "on"): 1.0, ("single", "on"): 1.0,
+        ("shuffled", "off"): 0.0, ("single", "off"): 0.0}
 
 
 def test_an_example_left_out_of_the_batches_is_an_error_not_class_zero():
@@ -385,3 +502,15 @@ def test_per_class_keeps_the_first_examples_of_each_class_in_split_order():
                                        for k in np.unique(everything.labels)]))
     np.testing.assert_array_equal(kept.labels, everything.labels[expected])
     np.testing.assert_array_equal(kept.images, everything.images[expected])
+
+
+def test_max_examples_keeps_the_first_examples_in_split_order():
+    c = _config()
+    c.eval_batch_size = 16
+    with tfds.testing.mock_data(num_examples=40):
+        everything = evaluate.load_eval_data(c)
+        kept = evaluate.load_eval_data(c, max_examples=7)
+        with pytest.raises(ValueError, match="max_examples=-1 must be >= 0"):
+            evaluate.load_eval_data(c, max_examples=-1)
+    np.testing.assert_array_equal(kept.labels, everything.labels[:7])
+    np.testing.assert_array_equal(kept.images, everything.images[:7])

@@ -740,6 +740,18 @@ def test_a_resume_keeps_the_records_up_to_its_step_and_owes_a_rerun_evaluation(t
     assert reporter.last_train == {"step": 2, "split": "train", "loss": 2.0}
 
 
+def test_a_resume_that_does_not_rerun_its_evaluation_keeps_that_record(tmp_path):
+    """Step 2's evaluation finished before the crash: only steps 3 on run again."""
+    from noisy_flax import reporting
+    records = [{"step": s, "split": split, "loss": float(s)}
+               for s in (1, 2, 3) for split in ("train", "eval")]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    reporting.MetricsReporter(str(tmp_path), start_step=2).close()
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in kept] == [(1, "train"), (1, "eval"), (2, "train"),
+                                                       (2, "eval")]
+
+
 def test_workdir_files_go_through_a_remote_file_system(monkeypatch):
     """gs:// workdirs (what launch/tpu/run.sh asks for): config.json,
     metrics.jsonl, parameters.txt and curves.png through tf.io.gfile, here on
@@ -770,3 +782,19 @@ def test_workdir_files_go_through_a_remote_file_system(monkeypatch):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with workdir_lib.open_file(f"{workdir}/parameters.txt") as f:
         assert "(2, 3)" in f.read()
+
+
+def test_curves_plot_train_and_eval_series_in_their_panels(tmp_path, monkeypatch):
+    """Loss panel: train and eval loss; accuracy panel: train accuracy and eval top-1."""
+    from noisy_flax import plotting
+    records = [{"step": 1, "split": "train", "loss": 2.0, "accuracy": 0.1},
+               {"step": 2, "split": "train", "loss": 1.5, "accuracy": 0.3},
+               {"step": 2, "split": "eval", "loss": 1.7, "top1": 0.25, "top5": 0.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    figures = []
+    monkeypatch.setattr(plotting.plt, "close", figures.append)
+    plotting.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
+    plotted = [{line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                for line in ax.lines} for ax in figures[0].axes]
+    assert plotted == [{"train loss": ([1, 2], [2.0, 1.5]), "eval loss": ([2], [1.7])},
+                       {"train accuracy": ([1, 2], [0.1, 0.3]), "eval top-1": ([2], [0.25])}]
