@@ -72,7 +72,8 @@ def check_workdir(workdir: str) -> None:
         raise ValueError(f"--workdir {workdir} cannot be created: {existing} is a file; "
                          "choose another directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        what = "is not writable" if existing == workdir else f"cannot be created ({existing} is not writable)"
+        what = ("is not writable" if existing == os.path.abspath(workdir)
+                else f"cannot be created ({existing} is not writable)")
         raise ValueError(f"--workdir {workdir} {what}; choose a writable directory")
 
 

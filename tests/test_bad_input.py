@@ -347,14 +347,36 @@ def test_workdir_that_is_a_file(dirs, tmp_path, capsys):
     expect_refused(capsys, tiny_run.tiny_config(*dirs), path, r"--workdir .*a_file is a file")
 
 
-def test_workdir_without_write_permission(dirs, workdir, capsys, monkeypatch):
+def test_workdir_inside_a_file(dirs, tmp_path, capsys):
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    expect_refused(capsys, tiny_run.tiny_config(*dirs), path / "wd",
+                   r"--workdir .*a_file/wd cannot be created: .*a_file is a file")
+
+
+@pytest.mark.parametrize("denied", ["write", "search"])
+def test_workdir_without_write_permission(dirs, workdir, capsys, monkeypatch, denied):
     """Tests run as root, which ignores permissions: os.access is patched to
-    say what it would say for another user on a read-only directory."""
+    say what it would say for another user on a read-only directory, or on
+    one without the search (x) bit, in which no file can be created either."""
     real_access = main.os.access
-    monkeypatch.setattr("os.access", lambda path, mode, **kw: False if str(path) == str(workdir)
+    bit = main.os.W_OK if denied == "write" else main.os.X_OK
+    monkeypatch.setattr("os.access", lambda path, mode, **kw: False
+                        if str(path) == str(workdir) and mode & bit
                         else real_access(path, mode, **kw))
     expect_refused(capsys, tiny_run.tiny_config(*dirs), workdir,
                    r"--workdir .* is not writable; choose a writable directory")
+
+
+def test_a_relative_workdir_without_write_permission_is_not_called_uncreatable(
+        dirs, workdir, capsys, monkeypatch):
+    """It exists: the message must not say it cannot be created."""
+    real_access = main.os.access
+    monkeypatch.setattr("os.access", lambda path, mode, **kw: False if str(path) == str(workdir)
+                        else real_access(path, mode, **kw))
+    monkeypatch.chdir(workdir.parent)
+    expect_refused(capsys, tiny_run.tiny_config(*dirs), pathlib.Path(workdir.name),
+                   r"--workdir wd is not writable; choose a writable directory")
 
 
 # ---------------------------------------------------------------------------

@@ -72,6 +72,8 @@ def test_names_follow_the_tree_and_mismatches_name_the_leaf():
     tree["c"][1] = np.arange(4.0) + np.array([0, 0, 1e-6, 0])
     assert checksum.mismatches(sums, tree) == ["c/1"]
     assert checksum.mismatches({**sums, "gone": 1}, tree) == ["c/1", "gone"]
+    tree["new"] = np.zeros(1, np.float32)  # a leaf the checksums never saw
+    assert checksum.mismatches(sums, tree) == ["c/1", "new"]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])

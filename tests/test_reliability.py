@@ -253,13 +253,24 @@ def flip_one_byte(step_dir):
     victim.write_bytes(bytes(data))
 
 
+def delete_item_commit_marker(step_dir):
+    (step_dir / "state" / checkpointing.COMMIT_MARKER).unlink()
+
+
 def interrupted_write(step_dir):
     """What a kill mid-save leaves: the step only under its temporary name."""
     step_dir.rename(step_dir.parent / f"{step_dir.name}{checkpointing.TMP_SUFFIX}")
 
 
+def interrupted_timestamped_write(step_dir):
+    """The temporary name with the timestamp other orbax versions append."""
+    step_dir.rename(step_dir.parent / f"{step_dir.name}{checkpointing.TMP_SUFFIX}-1700000000")
+
+
 @pytest.mark.parametrize("damage", [truncate_array_file, delete_array_file, flip_one_byte,
-                                    delete_commit_marker, truncate_manifest, interrupted_write])
+                                    delete_commit_marker, delete_item_commit_marker,
+                                    truncate_manifest, interrupted_write,
+                                    interrupted_timestamped_write])
 def test_damaged_latest_checkpoint_is_named_set_aside_and_skipped(tmp_path, caplog, damage):
     directory = tmp_path / "checkpoints"
     write_three_steps(directory)
@@ -283,6 +294,88 @@ def test_damaged_latest_checkpoint_is_named_set_aside_and_skipped(tmp_path, capl
     again = checkpointing.Checkpointer(str(directory), keep=5, save_every=1)
     assert again.restore_latest(ABSTRACT)[0] == 3
     again.close()
+
+
+@pytest.mark.parametrize("damage", [truncate_array_file, delete_commit_marker,
+                                    interrupted_timestamped_write])
+def test_a_read_only_restore_skips_damage_and_moves_nothing(tmp_path, damage):
+    """Tools that read a run another process may be writing leave it as it is."""
+    directory = tmp_path / "checkpoints"
+    write_three_steps(directory)
+    damage(directory / "3")
+    before = tiny_run.snapshot(tmp_path)
+    checkpointer = checkpointing.Checkpointer(str(directory), keep=5, save_every=1)
+    try:
+        step, state = checkpointer.restore_latest(ABSTRACT, read_only=True)
+    finally:
+        checkpointer.close()
+    assert step == 2 and float(state["a"][1]) == 2.0
+    assert tiny_run.snapshot(tmp_path) == before
+
+
+def test_damage_set_aside_within_one_second_keeps_every_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpointing.time, "strftime", lambda *args: "20250101-000000")
+    step_dir = tmp_path / "checkpoints" / "3"
+    targets = []
+    for copy in range(3):
+        step_dir.mkdir(parents=True)
+        (step_dir / "data").write_text(str(copy))
+        targets.append(checkpointing.set_aside(checkpointing.epath.Path(step_dir)))
+    assert not step_dir.exists()
+    kept = sorted((tmp_path / "checkpoints.damaged").iterdir())
+    assert len(kept) == 3 and len(set(targets)) == 3
+    assert sorted(p.joinpath("data").read_text() for p in kept) == ["0", "1", "2"]
+
+
+def test_only_finished_steps_count_as_checkpoints(tmp_path):
+    directory = tmp_path / "checkpoints"
+    assert not checkpointing.has_checkpoints(str(directory))
+    directory.mkdir()
+    (directory / f"4{checkpointing.TMP_SUFFIX}").mkdir()
+    (directory / "notes.txt").write_text("x")
+    assert not checkpointing.has_checkpoints(str(directory))
+    (directory / "4").mkdir()
+    assert checkpointing.has_checkpoints(str(directory))
+
+
+def test_only_every_save_every_th_step_is_saved_unless_forced(tmp_path):
+    saver = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=5, save_every=3,
+                                       async_save=False)
+    try:
+        saved = [saver.save(step, {"a": jnp.ones(2) * step}) for step in range(1, 8)]
+        saved.append(saver.save(8, {"a": jnp.ones(2) * 8}, force=True))
+        assert saved == [False, False, True, False, False, True, False, True]
+        assert saver.all_steps() == [3, 6, 8]
+    finally:
+        saver.close()
+
+
+def test_a_checkpoint_of_other_names_or_shapes_is_refused_and_left_in_place(tmp_path):
+    """Another model's healthy checkpoint is not damage: refused, never set aside."""
+    directory = tmp_path / "checkpoints"
+    write_three_steps(directory)
+    before = tiny_run.snapshot(tmp_path)
+    other = {"a": jax.ShapeDtypeStruct((999,), jnp.float32),
+             "c": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    checkpointer = checkpointing.Checkpointer(str(directory), keep=5, save_every=1)
+    try:
+        with pytest.raises(checkpointing.CheckpointError, match="another model") as error:
+            checkpointer.restore_latest(other)
+    finally:
+        checkpointer.close()
+    assert not isinstance(error.value, checkpointing.DamagedCheckpointError)
+    assert "3 names or shapes differ" in str(error.value)
+    assert tiny_run.snapshot(tmp_path) == before
+
+
+def test_state_differences_name_every_missing_extra_and_reshaped_leaf():
+    saved = {"a": np.zeros((2, 3)), "b": np.zeros(4), "n": {"w": np.zeros(1)}}
+    wanted = {"a": jax.ShapeDtypeStruct((3, 2), jnp.float32), "n": {"w": np.zeros(1)},
+              "c": jax.ShapeDtypeStruct((5,), jnp.float32)}
+    assert checkpointing.state_differences(saved, wanted) == [
+        "c: not in the checkpoint", "b: only in the checkpoint",
+        "a: checkpoint (2, 3), now (3, 2)"]
+    assert checkpointing.state_differences(saved, saved) == []
 
 
 def test_a_damaged_read_leaves_no_exception_ignored_trace(tmp_path, monkeypatch):
@@ -524,6 +617,11 @@ def test_harmless_changes_and_the_override_are_accepted(tmp_path):
     workdir_lib.check_config_unchanged(str(workdir), harmless)
     overridden = tiny_run.tiny_config("/data", "/idx", batch_size=64, allow_config_change=True)
     workdir_lib.check_config_unchanged(str(workdir), overridden)
+    # A config without the override key does not override.
+    without = type(config)({k: v for k, v in config.items() if k != "allow_config_change"})
+    without.batch_size = 64
+    with pytest.raises(ValueError, match=r"batch_size: 16 -> 64"):
+        workdir_lib.check_config_unchanged(str(workdir), without)
 
 
 def test_every_key_of_the_config_is_compared(tmp_path):
@@ -532,6 +630,11 @@ def test_every_key_of_the_config_is_compared(tmp_path):
     new = {"model": "a", "noise": {"type": "x", "alpha": 0.3}, "log_every": 5}
     assert workdir_lib.config_differences(saved, new) == [
         "new_knob: 1 -> (absent)", "noise.alpha: 0.4 -> 0.3"]
+    # A harmless key holding a mapping: its nested keys are harmless too.
+    assert workdir_lib.config_differences({"input": {"cache": {"dir": "a"}}},
+                                          {"input": {"cache": {"dir": "b"}}}) == []
+    # Only the listed names: "plot" is harmless, "plotting" is not.
+    assert workdir_lib.config_differences({"plotting": 1}, {"plotting": 2}) == ["plotting: 1 -> 2"]
 
 
 def test_a_run_saved_before_a_key_existed_resumes_while_the_key_keeps_the_old_behaviour(tmp_path):
@@ -545,6 +648,19 @@ def test_a_run_saved_before_a_key_existed_resumes_while_the_key_keeps_the_old_be
     changed = tiny_run.tiny_config("/data", "/idx", warmup_prefix=False)
     with pytest.raises(ValueError, match=r"warmup_prefix: \(absent\) -> false"):
         workdir_lib.check_config_unchanged(str(workdir), changed)
+    # A run saved with the key at the other value does not resume with the old one.
+    saved["warmup_prefix"] = False
+    (workdir / workdir_lib.CONFIG_FILE).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"warmup_prefix: false -> true"):
+        workdir_lib.check_config_unchanged(str(workdir), config)
+
+
+def test_an_unreadable_saved_config_is_one_message_not_a_traceback(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / workdir_lib.CONFIG_FILE).write_text('{"model": "vit')  # cut by a crash
+    with pytest.raises(ValueError, match=r"config.json cannot be read .*allow_config_change=True"):
+        workdir_lib.check_config_unchanged(str(workdir), tiny_run.tiny_config("/data", "/idx"))
 
 
 def test_each_added_key_at_its_listed_value_does_what_its_absence_does():
