@@ -351,6 +351,80 @@ def test_vs_torch_compares_train_with_train_and_eval_with_eval(monkeypatch, fast
     assert set(jax_train["matmul_flops_per_s"]) == {"matmul_64", "matmul_96", "torch.mm 96"}
 
 
+def test_vs_torch_rows_from_set_step_times(monkeypatch):
+    """Every case stubbed, with step times set per round: which PyTorch cases
+    run, with which arguments, and their ratios follow from those times by hand."""
+    from noisy_flax import benchmark_torch
+    times = {"jax train noise=none": [0.100, 0.100, 0.100],
+             "jax eval noise=none": [0.040, 0.050, 0.060],
+             "torch train": [0.200, 0.250, 0.300],
+             "torch train compiled": [0.150, 0.150, 0.150],
+             "torch eval": [0.050, 0.060, 0.100],
+             "matmul_64": [0.001] * 3, "matmul_96": [0.002] * 3, "torch.mm 96": [0.002] * 3}
+    same = {"params": 10, "decayed_params": 8}
+    calls = []
+
+    def torch_case(name, info=same):
+        def make(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            return benchmark.Case(name, lambda: None, dict(info))
+        return make
+
+    def interleave(cases, steps, warmup, chunk):
+        for case in cases:
+            case.times, case.rounds = list(times[case.name]), [1, 2, 3]
+    monkeypatch.setattr(benchmark, "train_case",
+                        lambda config, mesh, name: benchmark.Case(name, lambda: None, dict(same)))
+    monkeypatch.setattr(benchmark, "eval_case",
+                        lambda config, mesh, name: benchmark.Case(name, lambda: None))
+    monkeypatch.setattr(benchmark, "matmul_case", lambda n, *a: benchmark.Case(
+        f"matmul_{n}", lambda: None, {"flops": 2.0 * n ** 3}))
+    monkeypatch.setattr(benchmark, "interleave", interleave)
+    monkeypatch.setattr(benchmark_torch, "available", lambda: True)
+    monkeypatch.setattr(benchmark_torch, "train_case", torch_case("torch train"))
+    monkeypatch.setattr(benchmark_torch, "compiled_train_case", torch_case("torch train compiled"))
+    monkeypatch.setattr(benchmark_torch, "eval_case", torch_case("torch eval"))
+    monkeypatch.setattr(benchmark_torch, "matmul_case", lambda n: benchmark.Case(
+        f"torch.mm {n}", lambda: None, {"flops": 2.0 * n ** 3}))
+
+    rows = benchmark.run_steps(benchmark.parse_args(TINY_PUBLISHED + ["--vs-torch", "--eval"]))
+    by_name = {row["name"]: row for row in rows}
+    assert list(by_name) == ["jax train noise=none", "jax eval noise=none", "torch train",
+                             "torch eval"]
+    # Each PyTorch case at the JAX step's model, batch, resolution and dtype.
+    for name, args, kwargs in calls:
+        assert args == ("vit_nano_patch4_28", 8, 28) and kwargs == {"dtype": "float32"}, name
+    jax_train, jax_eval = by_name["jax train noise=none"], by_name["jax eval noise=none"]
+    torch_train, torch_eval = by_name["torch train"], by_name["torch eval"]
+    # Train against train: medians 100 ms and 250 ms; per round 2, 2.5, 3.
+    assert torch_train["ratio"] == pytest.approx(2.5)
+    assert torch_train["ratio_paired"] == pytest.approx(2.5)
+    assert jax_train["jax_over_torch_train"] == pytest.approx(2.5)
+    # Eval against eval: medians 50 ms and 60 ms; per round 1.25, 1.2, 1.67.
+    assert torch_eval["ratio"] == pytest.approx(1.2)
+    assert torch_eval["ratio_paired"] == pytest.approx(1.25)
+    assert jax_eval["jax_over_torch_eval"] == pytest.approx(1.2)
+    assert "torch.mm 96" in jax_train["matmul_flops_per_s"]
+
+    # bf16: no fp32 torch.mm peak; a torch.compile that failed leaves its row out.
+    calls.clear()
+    monkeypatch.setattr(benchmark_torch, "compiled_train_case",
+                        lambda *args, **kwargs: calls.append(("compiled", args, kwargs)))
+    rows = benchmark.run_steps(benchmark.parse_args(
+        TINY_PUBLISHED + ["--vs-torch", "--torch-compile", "--dtype", "bfloat16"]))
+    assert [row["name"] for row in rows] == ["jax train noise=none", "torch train"]
+    assert calls == [("torch train", ("vit_nano_patch4_28", 8, 28), {"dtype": "bfloat16"}),
+                     ("compiled", ("vit_nano_patch4_28", 8, 28, "bfloat16"), {})]
+    assert set(rows[0]["matmul_flops_per_s"]) == {"matmul_64", "matmul_96"}
+
+    # A PyTorch model of another size is refused before any timing.
+    monkeypatch.setattr(benchmark_torch, "train_case",
+                        torch_case("torch train", {"params": 11, "decayed_params": 8}))
+    monkeypatch.setattr(benchmark, "interleave", lambda *a: pytest.fail("timed"))
+    with pytest.raises(ValueError, match="must be the same model"):
+        benchmark.run_steps(benchmark.parse_args(TINY_PUBLISHED + ["--vs-torch"]))
+
+
 def test_vs_torch_refuses_a_model_override_before_compiling(monkeypatch):
     from noisy_flax import benchmark_torch
     monkeypatch.setattr(benchmark_torch, "available", lambda: True)
@@ -457,6 +531,170 @@ def test_torch_reference_step_runs():
                      benchmark_torch.eval_case(name, 2, resolution, num_classes=10)):
             case.run()
             assert case.info["params"] > 0 and case.info["torch_threads"] >= 1
+
+
+def _torch_spies(monkeypatch):
+    """The model create_model builds (with its parameters as built), the
+    AdamW instances made, and what each cross-entropy call received."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    from noisy_flax import benchmark_torch
+    seen = {"models": [], "initial": [], "optimizers": [], "losses": []}
+    create = benchmark_torch.create_model
+
+    def create_model(*args, **kwargs):
+        model = create(*args, **kwargs)
+        seen["models"].append(model)
+        seen["initial"].append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return model
+
+    class AdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["optimizers"].append(self)
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def loss(logits, labels, *args, **kwargs):
+        seen["losses"].append((logits.detach(), labels.detach()))
+        return cross_entropy(logits, labels, *args, **kwargs)
+    monkeypatch.setattr(benchmark_torch, "create_model", create_model)
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", loss)
+    return torch, benchmark_torch, seen
+
+
+def test_torch_train_step_is_the_jax_step_s_adamw_step(monkeypatch):
+    """The PyTorch step must do the JAX step's work: a train-mode forward of
+    the whole batch over all classes, the gradient of every parameter, and
+    AdamW with the JAX config's hyperparameters decaying the conv and linear
+    weights only (for a ResNet: the weights of rank 2 and up)."""
+    torch, benchmark_torch, seen = _torch_spies(monkeypatch)
+    batch, side, classes = 8, 32, 1000
+    case = benchmark_torch.train_case("resnet18", batch, side)
+    (model,), (initial,), (optimizer,) = seen["models"], seen["initial"], seen["optimizers"]
+    inputs, modes, fresh = [], [], []
+
+    def record(module, args):
+        inputs.append(args[0].detach())
+        modes.append(module.training)
+        # Each step's gradient alone, as the JAX step's: none left from the last.
+        fresh.append(all(p.grad is None or not p.grad.any() for p in module.parameters()))
+    model.register_forward_pre_hook(record)
+    # The case ran one step when it was made: AdamW holds state, weights moved.
+    assert len(optimizer.state) == len(list(model.parameters()))
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert not torch.equal(before["conv1.weight"], initial["conv1.weight"])
+    case.run()
+    assert modes == [True] and fresh == [True]
+    assert inputs[0].shape == (batch, 3, side, side)
+    # Images as the JAX step's: uniform on [-1, 1).
+    assert -1 <= inputs[0].min() < -0.5 and 0.5 < inputs[0].max() < 1
+    logits, labels = seen["losses"][-1]
+    assert logits.shape == (batch, classes) and labels.shape == (batch,)
+    # Labels over all classes: 8 draws all below 10 of 1000 has probability 1e-16.
+    assert labels.dtype == torch.int64 and 10 <= labels.max() < classes and labels.min() >= 0
+    # Every parameter got a gradient and moved; the batch statistics were updated.
+    params = dict(model.named_parameters())
+    assert all(p.grad is not None for p in params.values())
+    after = model.state_dict()
+    assert all(not torch.equal(before[name], after[name]) for name in params)
+    assert not torch.equal(before["bn1.running_mean"], after["bn1.running_mean"])
+    # AdamW as the JAX step's optax.adamw, with its mask.
+    config = benchmark.benchmark_config("resnet18", batch, side)
+    names = {id(p): name for name, p in params.items()}
+    decay = {}
+    for group in optimizer.param_groups:
+        assert group["lr"] == config.lr and group["eps"] == config.eps
+        assert group["betas"] == (config.b1, config.b2)
+        for p in group["params"]:
+            assert names[id(p)] not in decay
+            decay[names[id(p)]] = group["weight_decay"]
+    assert set(decay) == set(params)
+    assert {name for name, wd in decay.items() if wd} == \
+        {name for name, p in params.items() if name.endswith(".weight") and p.ndim >= 2}
+    assert {wd for wd in decay.values() if wd} == {config.weight_decay}
+    assert case.name == "torch train" and case.info["torch_compile"] is False
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_steps_compute_in_the_jax_dtype(monkeypatch, dtype):
+    """bf16 compute (fp32 weights) in both steps when the JAX step runs bf16;
+    the eval step a forward pass in eval mode with no autograd."""
+    torch, benchmark_torch, seen = _torch_spies(monkeypatch)
+    outputs = []
+
+    def hook(module, args, output):
+        outputs.append((output.dtype, module.training, torch.is_inference_mode_enabled(),
+                        output.requires_grad))
+    train = benchmark_torch.train_case("resnet18", 2, 32, dtype=dtype, num_classes=10)
+    evaluate = benchmark_torch.eval_case("resnet18", 2, 32, dtype=dtype, num_classes=10)
+    for model in seen["models"]:
+        model.register_forward_hook(hook)
+    train.run()
+    evaluate.run()
+    expected = getattr(torch, dtype)
+    assert outputs == [(expected, True, False, True), (expected, False, True, False)]
+    assert all(p.dtype == torch.float32 for m in seen["models"] for p in m.parameters())
+    # The eval step leaves the batch statistics alone.
+    running = seen["models"][1].state_dict()["bn1.running_mean"]
+    assert torch.equal(running, seen["initial"][1]["bn1.running_mean"])
+    autocast = "bf16" if dtype == "bfloat16" else "off (fp32)"
+    assert train.info["autocast"] == evaluate.info["autocast"] == autocast
+    # run_steps pairs the rows by these names.
+    assert (train.name, evaluate.name) == ("torch train", "torch eval")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_torch_reference_models_take_the_class_count_and_resolution(name):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    from noisy_flax import benchmark_torch
+    model = benchmark_torch.create_model(name, num_classes=10, resolution=32).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_torch_reference_refuses_a_dtype_it_has_no_policy_for():
+    pytest.importorskip("torch")
+    from noisy_flax import benchmark_torch
+    with pytest.raises(ValueError, match="no PyTorch dtype policy for 'float16'"):
+        benchmark_torch._reference("resnet18", 2, 32, 10, "float16")
+
+
+def test_torch_threads_follow_the_affinity_mask(monkeypatch):
+    """Under taskset / a cpuset: as many threads as cores allowed, not os.cpu_count()."""
+    import os
+    torch = pytest.importorskip("torch")
+    from noisy_flax import benchmark_torch
+    allowed = {0, 1, 2} if os.cpu_count() != 3 else {0, 1, 2, 3}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: allowed, raising=False)
+    previous = torch.get_num_threads()
+    try:
+        assert benchmark_torch.configure_threads() == len(allowed)
+        assert torch.get_num_threads() == len(allowed)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_only_the_compiled_torch_case_goes_through_torch_compile(monkeypatch):
+    torch, benchmark_torch, seen = _torch_spies(monkeypatch)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    plain = benchmark_torch.train_case("resnet18", 2, 32, num_classes=10)
+    assert compiled == [] and plain.info["torch_compile"] is False
+    case = benchmark_torch.compiled_train_case("resnet18", 2, 32)
+    assert compiled == [seen["models"][-1]] and case.info["torch_compile"] is True
+    assert case.name == "torch train compiled"
+
+
+def test_torch_matmul_case_counts_two_flops_per_multiply_add():
+    torch = pytest.importorskip("torch")
+    from noisy_flax import benchmark_torch
+    case = benchmark_torch.matmul_case(48)
+    assert case.info["flops"] == 2 * 48 ** 3
+    assert case.run().shape == (48, 48) and case.run().dtype == torch.float32
 
 
 @pytest.mark.parametrize("model, side", [("vit_nano_patch4_28", 28), ("vit_base_patch16_384", 384),
