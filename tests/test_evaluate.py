@@ -227,7 +227,8 @@ def test_one_device_grouped_path_matches_the_loop(noise_type):
 
 def test_grouped_path_runs_a_batch_larger_than_its_group():
     """A test batch above group_examples (--batch_size 1000 on one GPU) still
-    runs, one batch per call. A row-wise forward: logits are the image sums."""
+    runs, one batch per call. A row-wise forward: the logits are each image's
+    first three values."""
     def forward(params, batch_stats, images, mask, key):
         return {"logits": jnp.where(mask[:, None], images.reshape(len(images), -1)[:, :3], 0.0)}
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
