@@ -242,6 +242,17 @@ def test_summarize_by_hand():
     assert "utilisation" not in benchmark.summarize(case, 6, None)
 
 
+def _set_step_times(monkeypatch, times):
+    """run_steps without timing: each case gets ``times[name]`` as its three
+    rounds' step times, and the matmul peaks count 2n^3 FLOPs."""
+    def interleave(cases, steps, warmup, chunk):
+        for case in cases:
+            case.times, case.rounds = list(times[case.name]), [1, 2, 3]
+    monkeypatch.setattr(benchmark, "interleave", interleave)
+    monkeypatch.setattr(benchmark, "matmul_case", lambda n, *a: benchmark.Case(
+        f"matmul_{n}", lambda: None, {"flops": 2.0 * n ** 3}))
+
+
 def test_run_steps_ratios_from_set_step_times(monkeypatch):
     """Every case stubbed, with step times set per round: the ratios,
     overheads and the peak follow from those times by hand."""
@@ -255,17 +266,12 @@ def test_run_steps_ratios_from_set_step_times(monkeypatch):
     def train_case(config, mesh, name):
         return benchmark.Case(name, lambda: None, {"flops": 1e9, "bytes_accessed": nbytes[name]})
 
-    def interleave(cases, steps, warmup, chunk):
-        for case in cases:
-            case.times, case.rounds = list(times[case.name]), [1, 2, 3]
     monkeypatch.setattr(benchmark, "train_case", train_case)
     monkeypatch.setattr(benchmark, "noise_op_case",
                         lambda config, mesh, name: benchmark.Case(name, lambda: None))
     monkeypatch.setattr(benchmark, "eval_case",
                         lambda config, mesh, name: benchmark.Case(name, lambda: None, {"flops": 3e8}))
-    monkeypatch.setattr(benchmark, "matmul_case", lambda n, *a: benchmark.Case(
-        f"matmul_{n}", lambda: None, {"flops": 2.0 * n ** 3}))
-    monkeypatch.setattr(benchmark, "interleave", interleave)
+    _set_step_times(monkeypatch, times)
     rows = benchmark.run_steps(benchmark.parse_args(TINY + ["--noise", "gaussian", "--eval"]))
     ref, noisy, op, ev = rows
     assert [r["name"] for r in rows] == list(times)[:4]
@@ -370,16 +376,11 @@ def test_vs_torch_rows_from_set_step_times(monkeypatch):
             return benchmark.Case(name, lambda: None, dict(info))
         return make
 
-    def interleave(cases, steps, warmup, chunk):
-        for case in cases:
-            case.times, case.rounds = list(times[case.name]), [1, 2, 3]
     monkeypatch.setattr(benchmark, "train_case",
                         lambda config, mesh, name: benchmark.Case(name, lambda: None, dict(same)))
     monkeypatch.setattr(benchmark, "eval_case",
                         lambda config, mesh, name: benchmark.Case(name, lambda: None))
-    monkeypatch.setattr(benchmark, "matmul_case", lambda n, *a: benchmark.Case(
-        f"matmul_{n}", lambda: None, {"flops": 2.0 * n ** 3}))
-    monkeypatch.setattr(benchmark, "interleave", interleave)
+    _set_step_times(monkeypatch, times)
     monkeypatch.setattr(benchmark_torch, "available", lambda: True)
     monkeypatch.setattr(benchmark_torch, "train_case", torch_case("torch train"))
     monkeypatch.setattr(benchmark_torch, "compiled_train_case", torch_case("torch train compiled"))
@@ -474,15 +475,21 @@ def test_compiled_memory_subtracts_donated_buffers():
     assert benchmark.compiled_memory_bytes(Compiled(NotImplementedError())) is None
 
 
+def _needs_torch_reference():
+    """torch, or a skip where the torch extra (torch, timm, torchvision) is missing."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    return torch
+
+
 @pytest.mark.parametrize("name, resolution", [("resnet18", 32), ("vit_tiny_patch16_224", 224),
                                               ("vit_tiny_patch16_224", 96)])
 def test_torch_reference_is_the_same_model_with_the_same_decay(name, resolution):
     """Parameters (published: ViT-Ti/16 5,717,416 at 224 px, ResNet-18
     11,689,512) and the weight-decayed ones, counted by torch's module types
     and by the JAX step's parameter names: two independent rules."""
-    pytest.importorskip("torch")
-    pytest.importorskip("timm")
-    pytest.importorskip("torchvision")
+    _needs_torch_reference()
     from noisy_flax import benchmark_torch
     from noisy_flax.models import create_model
     torch_info = benchmark_torch.train_case(name, 2, resolution).info
@@ -499,9 +506,7 @@ def test_torch_reference_is_the_same_model_with_the_same_decay(name, resolution)
 
 @pytest.mark.parametrize("dtype, expected", [("float32", "float32"), ("bfloat16", "bfloat16")])
 def test_torch_reference_follows_the_jax_dtype(dtype, expected):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("timm")
-    pytest.importorskip("torchvision")
+    torch = _needs_torch_reference()
     from noisy_flax import benchmark_torch
     ref = benchmark_torch._reference("resnet18", 2, 32, 10, dtype)
     with ref.autocast:
@@ -522,9 +527,7 @@ def test_a_torch_compile_failure_leaves_the_other_cases(monkeypatch, capsys):
 
 
 def test_torch_reference_step_runs():
-    pytest.importorskip("torch")
-    pytest.importorskip("timm")
-    pytest.importorskip("torchvision")
+    _needs_torch_reference()
     from noisy_flax import benchmark_torch
     for name, resolution in (("resnet18", 32), ("vit_tiny_patch16_224", 224)):
         for case in (benchmark_torch.train_case(name, 2, resolution, num_classes=10),
@@ -536,9 +539,7 @@ def test_torch_reference_step_runs():
 def _torch_spies(monkeypatch):
     """The model create_model builds (with its parameters as built), the
     AdamW instances made, and what each cross-entropy call received."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("timm")
-    pytest.importorskip("torchvision")
+    torch = _needs_torch_reference()
     from noisy_flax import benchmark_torch
     seen = {"models": [], "initial": [], "optimizers": [], "losses": []}
     create = benchmark_torch.create_model
@@ -647,9 +648,7 @@ def test_torch_steps_compute_in_the_jax_dtype(monkeypatch, dtype):
 
 @pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
 def test_torch_reference_models_take_the_class_count_and_resolution(name):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("timm")
-    pytest.importorskip("torchvision")
+    torch = _needs_torch_reference()
     from noisy_flax import benchmark_torch
     model = benchmark_torch.create_model(name, num_classes=10, resolution=32).eval()
     with torch.no_grad():
