@@ -36,9 +36,11 @@ def write_idx(path, array: np.ndarray) -> None:
 
 
 def fake_images(n: int, offset: int) -> np.ndarray:
-  """Image i is constant (offset + i) * 9 except a marker pixel: ids survive resizes."""
+  """Image i is constant (offset + i) * 9 except marker pixels: ids survive
+  resizes; (1, 0) = 1 tells rows from columns."""
   images = np.repeat(((offset + np.arange(n)) * 9)[:, None, None], 28, 1).repeat(28, 2)
   images[:, 0, 0] = 255
+  images[:, 1, 0] = 1
   return images.astype(np.uint8)
 
 
@@ -75,6 +77,16 @@ def test_parse_idx_rejects_bad_magic_number():
   data = bytes([0, 0, 0x0D, 1]) + np.asarray([2], ">u4").tobytes() + b"\0" * 8
   with pytest.raises(fashion_mnist_local.IdxFormatError, match="magic"):
     fashion_mnist_local.parse_idx(data, ndim=1)
+  # The spec's first two bytes are always zero.
+  data = bytes([0, 1, 0x08, 1]) + np.asarray([2], ">u4").tobytes() + b"\0" * 2
+  with pytest.raises(fashion_mnist_local.IdxFormatError, match="magic"):
+    fashion_mnist_local.parse_idx(data, ndim=1)
+
+
+def test_parse_idx_rejects_a_short_header():
+  for data in (b"\0\0", bytes([0, 0, 0x08, 3]) + np.asarray([2], ">u4").tobytes()):
+    with pytest.raises(fashion_mnist_local.IdxFormatError, match="short|truncated"):
+      fashion_mnist_local.parse_idx(data, ndim=3)
 
 
 def test_parse_idx_rejects_truncated_payload_and_wrong_rank():
@@ -96,6 +108,46 @@ def test_idx_labels_must_be_fashion_mnist_classes_one_per_image(tmp_path):
     with pytest.raises(fashion_mnist_local.IdxFormatError,
                        match=f"3 images but {len(labels)} labels"):
       fashion_mnist_local.load_idx_split(tmp_path, "train")
+
+
+def test_uncompressed_idx_files_are_read_too(tmp_path):
+  for split, n in (("train", 3), ("test", 2)):
+    for name, array in zip(fashion_mnist_local.IDX_FILES[split],
+                           (fake_images(n, 0), np.arange(n))):
+      write_idx(tmp_path / "packed.gz", array)
+      (tmp_path / name).write_bytes(gzip.decompress((tmp_path / "packed.gz").read_bytes()))
+  (tmp_path / "packed.gz").unlink()
+  assert fashion_mnist_local.missing_idx_files(tmp_path) == []
+  images, labels = fashion_mnist_local.load_idx_split(tmp_path, "train")
+  np.testing.assert_array_equal(images, fake_images(3, 0))
+  np.testing.assert_array_equal(labels, [0, 1, 2])
+
+
+def test_missing_idx_files_names_each_absent_file(tmp_path):
+  for name in fashion_mnist_local.IDX_FILES["train"]:
+    write_idx(tmp_path / (name + ".gz"), np.zeros([1], np.uint8))
+  # The published file names of the test split.
+  assert fashion_mnist_local.missing_idx_files(tmp_path) == [
+      "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+
+
+def test_idx_directory_argument_then_environment_then_debian_path(monkeypatch):
+  monkeypatch.setenv("FASHION_MNIST_DIR", "/from/env")
+  assert str(fashion_mnist_local.default_local_dir("/from/config")) == "/from/config"
+  assert str(fashion_mnist_local.default_local_dir()) == "/from/env"
+  monkeypatch.delenv("FASHION_MNIST_DIR")
+  # Where Debian's dataset-fashion-mnist package installs the files.
+  assert str(fashion_mnist_local.default_local_dir()) == "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not fashion_mnist_local.find_idx_file(
+    "/usr/share/datasets/fashion-mnist", "t10k-labels-idx1-ubyte"),
+                    reason="dataset-fashion-mnist is not installed")
+def test_installed_fashion_mnist_has_the_published_test_split():
+  # Xiao et al. 2017: 10,000 test images of 28x28, 1,000 of each class.
+  images, labels = fashion_mnist_local.load_idx_split("/usr/share/datasets/fashion-mnist", "test")
+  assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+  np.testing.assert_array_equal(np.bincount(labels, minlength=10), [1000] * 10)
 
 
 def test_local_class_names_are_tfds_fashion_mnist_names(tmp_path):
@@ -187,6 +239,23 @@ def test_each_epoch_is_a_permutation_of_the_process_slice(local_config):
   assert first["label"].tolist() != second["label"].tolist()  # reshuffled
 
 
+def test_train_processes_read_equal_disjoint_slices(local_config):
+  # 13 examples over 2 processes: each process gets 6 (one left out), so
+  # every epoch of either process has the same length; batches of 6 per
+  # process are exactly one epoch, i.e. the same set each time.
+  config = make_config(data_dir=local_config.data_dir, batch_size=12,
+                       input={"local_dir": local_config.input.local_dir,
+                              "train_crop": "none", "flip": False, "channels": 1})
+  slices = []
+  for p in range(2):
+    batches = _take(input_pipeline.train_iterator(config, process_index=p, process_count=2), 3)
+    ids = [set(_example_ids(b).tolist()) for b in batches]
+    assert all(len(i) == 6 for i in ids) and ids[0] == ids[1] == ids[2]
+    slices.append(ids[0])
+  assert not slices[0] & slices[1]
+  assert slices[0] | slices[1] < set(range(TRAIN_SIZE))
+
+
 def test_each_example_draws_its_own_flip(local_config):
   # The marker pixel (0, 0) ends up in column 27 when an example is flipped;
   # with a seed per example, one epoch of 13 holds both cases.
@@ -245,6 +314,7 @@ def test_eval_fully_masked_batches_pad_the_shorter_process(local_config):
                        input={"local_dir": local_config.input.local_dir})
   batches = list(input_pipeline.eval_batches(config, process_index=1, process_count=2))
   assert len(batches) == 2
+  assert input_pipeline.num_eval_batches(config, process_count=2) == 2  # ceil(6 / 5)
   assert batches[0]["mask"].sum() == 5 and batches[1]["mask"].sum() == 0
   assert batches[0]["image"].shape == (5, 28, 28, 3)  # grayscale tiled to RGB
 
@@ -328,6 +398,15 @@ def test_a_crop_fraction_of_one_is_accepted():
   input_pipeline.check_input_config(make_config(input={"crop_fraction": 1.0}))
 
 
+def test_input_config_bounds():
+  check = lambda **inp: input_pipeline.check_input_config(make_config(input=inp))
+  check(randaugment=(2, 30), prefetch=-1)  # bin 30 of 31; -1 is tf.data.AUTOTUNE
+  with pytest.raises(ValueError, match="magnitude in 0..30"):
+    check(randaugment=(2, 31))
+  with pytest.raises(ValueError, match="0 < min"):
+    check(crop_area=(0.0, 1.0))  # a window of no pixels
+
+
 @pytest.mark.parametrize("eval_resize", ["resize", "resize_crop"])
 def test_eval_preprocess_uses_the_configured_interpolation_and_crop_fraction(eval_resize):
   """Nearest-neighbour upscaling by 2 repeats every pixel twice. 'resize':
@@ -345,6 +424,22 @@ def test_eval_preprocess_uses_the_configured_interpolation_and_crop_fraction(eva
   doubled = image.repeat(2, axis=0).repeat(2, axis=1).astype(np.float32)
   expected = doubled if eval_resize == "resize" else doubled[4:12, 8:16]
   np.testing.assert_allclose(got, expected / 127.5 - 1, atol=1e-6)
+
+
+def test_channels_are_converted_before_imagenet_normalisation():
+  """Grayscale tiled to RGB gets each channel's own statistics (torchvision's
+  Grayscale(3) then Normalize); RGB made grayscale gets their means."""
+  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+  rgb = np.array([200.0, 40.0, 90.0])
+  for stored, channels, pixel, want in (
+      (1, 3, [100.0], (100 / 255 - mean) / std),
+      (3, 1, rgb, [(rgb @ [0.299, 0.587, 0.114] / 255 - mean.mean()) / std.mean()])):
+    config = make_config(dataset="cifar10", image_size=4,
+                         input={"channels": channels, "normalize": "imagenet"})
+    image = tf.constant(np.tile(np.array(pixel, np.uint8), (4, 4, 1)))
+    got = input_pipeline.make_eval_preprocess(config, stored)(
+        {"image": image, "label": tf.constant(0)})["image"].numpy()
+    np.testing.assert_allclose(got, np.broadcast_to(want, (4, 4, channels)), atol=2e-3)
 
 
 @pytest.mark.parametrize("before_crop", [False, True])

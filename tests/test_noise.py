@@ -77,6 +77,19 @@ class TestQualityMatrices:
             noise.circulant_noise(x, alpha=0.5, mask=mask)
         noise.circulant_noise(x, alpha=0.5)  # unpadded, k = 3: invertible, accepted
 
+    def test_one_padded_row_at_half_is_accepted_and_unchanged(self):
+        # One row holds 0 or 1 real samples; a lone sample's neighbour is
+        # itself, so (1 - a) x + a x = x for any alpha, 0.5 included.
+        x = jnp.asarray([[1.0, -2.0]])
+        out = noise.circulant_noise(x, alpha=0.5, mask=jnp.asarray([True]))
+        np.testing.assert_allclose(out, [[1.0, -2.0]])
+
+    @pytest.mark.parametrize("build", [noise.optimal_q, lambda k: noise.circulant_q(k, 0.3)])
+    @pytest.mark.parametrize("k", [0, -1, 2.5])
+    def test_mixing_size_must_be_a_positive_integer(self, build, k):
+        with pytest.raises(ValueError, match="positive integer"):
+            build(k)
+
 
 class TestLinearTransform:
     def test_optimal_q_matches_published_formula(self, batch):
@@ -86,6 +99,12 @@ class TestLinearTransform:
     def test_optimal_q_equals_general_linear_transform(self, batch):
         general = noise.linear_transform_noise(jnp.asarray(batch), noise.optimal_q(10))
         np.testing.assert_allclose(general, published_optimal_q(batch), rtol=1e-5, atol=1e-6)
+
+    def test_general_q_refuses_a_mask(self, batch):
+        # A general Q has no rule for skipping padded rows: refuse, not ignore.
+        with pytest.raises(ValueError, match="cannot skip padded rows"):
+            noise.linear_transform_noise(jnp.asarray(batch), noise.optimal_q(10),
+                                         mask=jnp.ones(10, bool))
 
     def test_optimal_q_identity_at_k1(self, batch):
         np.testing.assert_allclose(noise.optimal_q_noise(jnp.asarray(batch[:1])), batch[:1], atol=1e-7)
@@ -172,6 +191,10 @@ class TestRandomNoise:
         with pytest.raises(ValueError, match="key"):
             noise.gaussian_noise(jnp.ones(3), key=None)
 
+    def test_salt_pepper_requires_key(self):
+        with pytest.raises(ValueError, match="salt_pepper noise is random: pass key="):
+            noise.salt_pepper_noise(jnp.ones((2, 3)), key=None, prob=0.1)
+
     @pytest.mark.parametrize("kwargs, message", [
         ({"std": -1.0}, "gaussian std=-1.0 is a standard deviation"),
         ({"strength": float("nan")}, "gaussian strength=nan must be a finite number"),
@@ -220,6 +243,14 @@ class TestRandomNoise:
         assert set(np.unique(out[:2])) <= {1.0, 4.0}
         np.testing.assert_array_equal(out[2], [100.0, -100.0])  # padding untouched
 
+    def test_salt_pepper_extremes_of_an_all_negative_batch(self):
+        # The real maximum is -2, below any neutral fill value such as 0.
+        x = jnp.asarray([[-5.0, -3.0], [-4.0, -2.0], [0.0, 0.0]])
+        out = np.asarray(noise.salt_pepper_noise(x, key=jax.random.key(0), prob=1.0,
+                                                 mask=jnp.asarray([True, True, False])))
+        assert set(np.unique(out[:2])) <= {-5.0, -2.0}
+        np.testing.assert_array_equal(out[2], [0.0, 0.0])
+
 
 class TestKeepLeadingTokens:
     def test_class_token_untouched(self, batch):
@@ -227,6 +258,16 @@ class TestKeepLeadingTokens:
         out = np.asarray(fn(jnp.asarray(batch)))
         np.testing.assert_array_equal(out[:, 0], batch[:, 0])
         np.testing.assert_allclose(out[:, 1:], published_optimal_q(batch[:, 1:]), rtol=1e-5, atol=1e-6)
+
+    def test_two_leading_tokens_untouched(self, batch):
+        # E.g. a class and a distillation token.
+        out = np.asarray(noise.keep_leading_tokens(noise.optimal_q_noise, 2)(jnp.asarray(batch)))
+        np.testing.assert_array_equal(out[:, :2], batch[:, :2])
+        np.testing.assert_allclose(out[:, 2:], published_optimal_q(batch[:, 2:]), rtol=1e-5, atol=1e-6)
+
+    def test_zero_leading_tokens_noises_every_token(self, batch):
+        out = noise.keep_leading_tokens(noise.optimal_q_noise, 0)(jnp.asarray(batch))
+        np.testing.assert_allclose(out, published_optimal_q(batch), rtol=1e-5, atol=1e-6)
 
 
 class TestMakeNoise:
@@ -248,6 +289,33 @@ class TestMakeNoise:
         cfg = noise.noise_config()
         assert (cfg.strength, cfg.mean, cfg.std, cfg.alpha, cfg.scope) == (0.1, 0.0, 1.0, 0.4, "device")
         assert cfg.train is True and cfg.eval is True  # the published CNN: noise in both
+
+    def test_config_default_site_is_the_published_one(self):
+        # NOISYNN.md: the attention input of the last ViT block; ResNet stage 4.
+        cfg = noise.noise_config()
+        assert (cfg.site, cfg.layer, cfg.stage) == ("attn_input", -1, 4)
+
+    @pytest.mark.parametrize("stage", [1, 2])
+    def test_stage_carried_from_layer1_on(self, stage):
+        # Stages count like torchvision's layer1..layer4.
+        n = noise.make_noise({"type": "optimal_q", "site": "block_input", "stage": stage,
+                              "scope": "global"})
+        assert n.stage == stage
+
+    @pytest.mark.parametrize("kind,random", [("optimal_q", False), ("circulant", False),
+                                             ("within_image", False), ("gaussian", True),
+                                             ("salt_pepper", True)])
+    def test_only_random_noise_needs_a_key(self, kind, random):
+        assert noise.make_noise({"type": kind, "scope": "global"}).needs_key is random
+
+    def test_train_and_eval_switches(self):
+        # The published ViT: noise off in training, on at test time.
+        n = noise.Noise(fn=noise.optimal_q_noise, train=False, eval=True)
+        assert n.active(train=False) and not n.active(train=True)
+
+    def test_noise_refuses_an_unknown_site(self):
+        with pytest.raises(ValueError, match="unknown noise site 'head'"):
+            noise.Noise(fn=noise.optimal_q_noise, site="head")
 
     def test_make_noise_passes_stop_gradient(self):
         x = jnp.arange(5.0)
@@ -288,6 +356,9 @@ class TestMakeNoise:
         ({"type": "gaussian", "site": "head"}, "site"),
         ({"type": "gaussian", "scope": "host"}, "scope"),
         ({"type": "optimal_q", "site": "block_input", "stage": 0}, "numbered from 1"),
+        ({"type": "within_image", "q": "circulant", "alpha": 1.0}, "alpha"),
+        ({"type": "within_image", "q": "optimum"}, "did you mean 'optimal'"),
+        ({"type": "gaussian", "std": -1.0}, "noise.std=-1.0 is negative"),
     ])
     def test_bad_config_is_one_clear_error(self, cfg, message):
         with pytest.raises(ValueError, match=message):
@@ -297,6 +368,13 @@ class TestMakeNoise:
         n = noise.make_noise({"type": "optimal_q", "scope": "device"})
         with pytest.raises(ValueError, match="mesh"):
             n.fn(jnp.asarray(np.zeros((8, 2), np.float32)))
+
+    def test_device_scope_on_a_single_device_needs_no_mesh(self, monkeypatch):
+        # One device holds the whole batch: its batch is the per-device batch.
+        monkeypatch.setattr(jax, "device_count", lambda: 1)
+        n = noise.make_noise({"type": "optimal_q", "scope": "device"})
+        x = np.random.default_rng(12).normal(size=(6, 2)).astype(np.float32)
+        np.testing.assert_allclose(n.fn(jnp.asarray(x)), published_optimal_q(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -334,6 +412,20 @@ class TestScope:
         n = noise.make_noise({"type": "circulant", "alpha": 0.4, "scope": "device"}, mesh=mesh)
         out = np.asarray(jax.jit(n.fn)(self._sharded(mesh, x)))
         expected = np.concatenate([numpy_circulant(s, 0.4) for s in np.split(x, 8)])
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+    def test_device_scope_mask_mixes_the_real_rows_of_each_shard(self, mesh):
+        # A padded eval batch: each device mixes its own real rows only; one
+        # shard is all padding.
+        x = np.random.default_rng(13).normal(size=(16, 3)).astype(np.float32)
+        mask = np.array([1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 1, 0, 1, 1, 0], bool)
+        n = noise.make_noise({"type": "optimal_q", "scope": "device"}, mesh=mesh)
+        out = np.asarray(jax.jit(n.fn)(self._sharded(mesh, x), mask=jnp.asarray(mask)))
+        expected = x.copy()
+        for start in range(0, 16, 2):
+            rows = np.arange(start, start + 2)[mask[start:start + 2]]
+            if rows.size:
+                expected[rows] = published_optimal_q(x[rows])
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
     def test_device_scope_from_ambient_mesh(self, mesh):
@@ -397,6 +489,11 @@ class TestSettingsThatCannotWork:
     def test_within_image_rejects_an_unknown_q(self):
         with pytest.raises(ValueError, match="within_image q='optimum' is unknown"):
             noise.within_image_noise(jnp.ones((2, 4, 3, 2)), q="optimum")
+
+    def test_within_image_refuses_input_without_rows(self):
+        # (batch, features) has no image rows; mixing features would be another noise.
+        with pytest.raises(ValueError, match=r"needs \(batch, rows, cols, ...\) input, got shape \(4, 6\)"):
+            noise.within_image_noise(jnp.ones((4, 6)))
 
     def test_within_image_circulant_half_on_even_rows_names_the_rows(self):
         with pytest.raises(ValueError, match=r"even number of rows \(4, the grid"):

@@ -124,6 +124,19 @@ def test_inception_crop_aspect_is_width_over_height():
     assert 1.5 * (1 - 1 / h) <= w / h <= 2.0 * (1 + 1 / h)
 
 
+def test_inception_crop_offsets_reach_every_valid_position():
+  # torchvision draws top = randint(0, H - h + 1): on a 10x10 image a 9x9
+  # window (area 0.81, aspect 1) may start at row/column 0 or 1, and both occur.
+  tops, lefts = set(), set()
+  for i in range(40):
+    top, left, h, w = (int(v) for v in preprocess.random_resized_crop_window(
+        tf.constant(10), tf.constant(10), _seed(i), (0.81, 0.81), (1.0, 1.0)))
+    assert (h, w) == (9, 9)
+    tops.add(top)
+    lefts.add(left)
+  assert tops == {0, 1} and lefts == {0, 1}
+
+
 def test_inception_crop_fallback_is_centred_and_ratio_clamped():
   # An impossible area range forces the fallback: on a 30x100 (wide) image
   # torchvision keeps the full height and width = round(30 * 4/3) = 40.
@@ -334,6 +347,49 @@ def test_randaugment_draws_both_signs():
     if np.ptp(out) == 0:
       flat.add(float(out[0, 0, 0]))
   assert {73.0, 128.0} <= flat
+
+
+def test_randaugment_picks_each_of_the_fourteen_ops_uniformly():
+  """torchvision picks op_index = randint(14): each op with probability 1/14.
+  Five ops do not depend on the sign and have closed forms at bin 9:
+  identity, posterize to 8 - round(9 / 7.5) = 7 bits, solarize at
+  255 * (1 - 9/30) = 178.5, autocontrast and equalize (PIL; enough pixels
+  that it is no identity)."""
+  from PIL import Image, ImageOps
+  image = np.random.default_rng(8).integers(60, 231, (40, 32, 3)).astype(np.uint8)
+  lo, hi = image.min((0, 1)), image.max((0, 1))
+  references = {
+      "identity": image,
+      "posterize": image & 0xFE,
+      "solarize": np.where(image >= 178.5, 255 - image, image),
+      "autocontrast": np.floor((image - lo) * (255.0 / (hi - lo))),  # 60..230: x1.5, exact
+      "equalize": np.asarray(ImageOps.equalize(Image.fromarray(image))),
+  }
+  augment = tf.function(lambda seed: preprocess.randaugment(
+      tf.constant(image, tf.float32), seed, 1, 9))
+  draws = 700
+  counts = dict.fromkeys(references, 0)
+  for i in range(draws):
+    out = augment(_seed(i)).numpy()
+    for name, ref in references.items():
+      if np.array_equal(out, ref):
+        counts[name] += 1
+  # Binomial(700, 1/14): mean 50, standard deviation 6.8.
+  for name, count in counts.items():
+    assert 30 <= count <= 72, (name, counts)
+
+
+def test_autocontrast_leaves_a_flat_channel_unchanged():
+  # PIL's autocontrast (and torchvision's) keeps a channel whose min equals
+  # its max as it is, and still stretches the others.
+  from PIL import Image, ImageOps
+  image = np.random.default_rng(5).integers(50, 200, (8, 8, 3)).astype(np.uint8)
+  image[..., 1] = 77
+  got = preprocess._autocontrast(tf.constant(image, tf.float32)).numpy()
+  want = np.asarray(ImageOps.autocontrast(Image.fromarray(image)))
+  np.testing.assert_array_equal(got[..., 1], 77)
+  np.testing.assert_array_equal(want[..., 1], 77)
+  np.testing.assert_allclose(got, want, atol=1.0)
 
 
 def test_posterize_and_solarize_closed_forms():
