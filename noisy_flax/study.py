@@ -108,7 +108,7 @@ def run_config(config: ml_collections.ConfigDict, arch: dict, noise_fields: dict
     c.batch_size = arch["batch"]
     c.total_steps = steps or arch["steps"]
     c.num_epochs = 0.0
-    c.warmup_steps = max(1, int(round(config.study.warmup_fraction * c.total_steps)))
+    c.warmup_steps = int(round(config.study.warmup_fraction * c.total_steps))
     return c
 
 

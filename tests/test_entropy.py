@@ -309,6 +309,24 @@ def test_probe_stops_at_the_gradient_tolerance():
     assert entropy.probe_conditional_entropy(*split, tol=1e30).settings["steps_run"] == 1
 
 
+def test_probe_stops_at_the_step_cap():
+    # A tolerance of 0 is never met: the cap alone ends the fit, after exactly `steps`.
+    settings = entropy.probe_conditional_entropy(*_overlapping_split(), steps=3, tol=0.0).settings
+    assert (settings["steps_run"], settings["max_steps"]) == (3, 3)
+
+
+def test_a_test_set_of_two_has_a_standard_error_and_its_own_size():
+    """Two held-out examples already give a sample sd; the fit half keeps its N."""
+    import scipy.stats
+    z_train, y_train, z_test, y_test, _ = _overlapping_split()
+    split = (z_train, y_train, z_test[:2], y_test[:2], CLASSES)
+    nll = _per_example_nll(_gaussian_reference(*split[:4], "shared", 0.3), split[3])
+    gaussian = entropy.gaussian_class_conditional_entropy(*split, shrinkage=0.3)
+    assert gaussian.stderr == pytest.approx(scipy.stats.sem(nll), rel=1e-9)
+    probe = entropy.probe_conditional_entropy(*split, l2=0.3)
+    assert (probe.n_train, probe.n_test) == (gaussian.n_train, gaussian.n_test) == (N, 2)
+
+
 def test_test_features_are_standardised_with_training_statistics():
     """A test set of classes 0 and 1 only has other means and spreads than
     the training set; both references standardise it with the train ones."""
@@ -337,6 +355,16 @@ def test_a_constant_feature_changes_no_estimate(covariance, value):
     assert result.value == pytest.approx(nll.mean(), rel=1e-9)
 
 
+@pytest.mark.parametrize("covariance", ("shared", "per_class"))
+def test_full_shrinkage_keeps_only_the_variances(covariance):
+    # shrinkage = 1 is the end of the documented [0, 1] range: diagonal covariances.
+    split = _overlapping_split()
+    result = entropy.gaussian_class_conditional_entropy(*split, covariance=covariance,
+                                                        shrinkage=1.0)
+    nll = _per_example_nll(_gaussian_reference(*split[:4], covariance, 1.0), split[3])
+    assert result.value == pytest.approx(nll.mean(), rel=1e-9)
+
+
 def test_a_feature_on_a_tiny_scale_is_standardised_like_any_other():
     # Standard deviation ~1e-4 is small, not constant: scaling it changes nothing.
     z_train, y_train, z_test, y_test, _ = _overlapping_split()
@@ -353,6 +381,15 @@ def test_gaussian_estimate_rejects_test_class_unseen_in_training():
     with pytest.raises(ValueError, match="never occur in the training split"):
         entropy.gaussian_class_conditional_entropy(z, np.array([0, 0, 0, 1, 1, 1]), z,
                                                    np.array([0, 1, 2, 0, 1, 2]), 3)
+
+
+@pytest.mark.parametrize("estimate", ESTIMATORS, ids=IDS)
+def test_features_and_labels_of_different_lengths_are_rejected(estimate):
+    z, y = np.zeros((5, 2)), np.array([0, 1, 0, 1])
+    with pytest.raises(ValueError, match=r"n = len\(labels\)"):
+        estimate(z, y, z[:4], y, 2)
+    with pytest.raises(ValueError, match=r"n = len\(labels\)"):
+        estimate(z[:4], y, z, y, 2)
 
 
 def test_labels_out_of_range_are_rejected():

@@ -332,6 +332,23 @@ def test_noise_site_features_leave_out_the_class_token():
                                maps.mean(axis=(1, 2)), rtol=1e-6, atol=1e-6)
 
 
+def test_noise_on_is_applied_at_test_time_even_when_configured_off():
+    """'On' evaluates the configured noise whatever its eval switch says
+    (a train-only config still has an eval-only-style evaluation)."""
+    on = features.eval_noise(noise.noise_config(type="optimal_q", eval=False), on=True)
+    off = features.eval_noise(noise.noise_config(type="optimal_q", eval=False), on=False)
+    assert on.eval and on.name != "identity"
+    assert off.eval and off.name == "identity"
+
+
+def test_features_refuse_two_sown_noise_outputs():
+    tree = {"block0": {"noise_output": (jnp.zeros(2),)}, "block1": {"noise_output": (jnp.ones(2),)}}
+    with pytest.raises(ValueError, match="expected one sown 'noise_output', found 2"):
+        features.find_sown(tree, "noise_output")
+    np.testing.assert_array_equal(features.find_sown({"b": tree["block1"]}, "noise_output"),
+                                  np.ones(2))
+
+
 def test_in_memory_route_refuses_huge_splits(monkeypatch):
     c = _config()
     monkeypatch.setattr(evaluate.input_pipeline, "num_eval_examples", lambda *a, **k: 50_000)

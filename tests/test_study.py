@@ -1,4 +1,5 @@
 """The study: a tiny grid end to end on mock data, and resuming."""
+import csv
 import json
 import os
 
@@ -40,6 +41,28 @@ def test_plan_shares_trainings_between_protocols():
                 assert (arch, seed, n, (n, "off")) in cells      # train only
                 assert (arch, seed, "none", (n, "on")) in cells  # eval only
                 assert (arch, seed, n, (n, "on")) in cells       # both
+
+
+def test_plan_is_seed_major():
+    """A study cut short must still hold whole seeds of every arch: every
+    run of seed 0 comes before any run of seed 1."""
+    c = study_fashion_mnist.get_config()
+    seeds = [r.seed for r in study.plan(c.study)]
+    assert seeds == sorted(seeds)
+    assert {r.arch for r in study.plan(c.study)[:20]} == {"vit", "resnet"}
+
+
+def test_plan_trains_only_what_the_chosen_protocols_evaluate():
+    """Eval only needs the clean model alone: no noisy training without
+    train_only or both; an unknown protocol is refused."""
+    c = study_fashion_mnist.get_config()
+    c.study.protocols = ("eval_only",)
+    runs = study.plan(c.study)
+    assert {r.train_noise for r in runs} == {"none"} and len(runs) == 3 * 2
+    assert all(len(r.evals) == 10 for r in runs)  # none off + nine noises on
+    c.study.protocols = ("eval_only", "test_only")
+    with pytest.raises(ValueError, match=r"unknown study protocols \['test_only'\]"):
+        study.plan(c.study)
 
 
 def test_study_runs_reports_and_resumes_without_retraining(tmp_path, monkeypatch, capsys):
@@ -106,6 +129,8 @@ def test_study_runs_reports_and_resumes_without_retraining(tmp_path, monkeypatch
     ({"warmup_fraction": -5.0}, r"study.warmup_fraction=-5.0 must be in \[0, 1\)"),
     ({"probe_steps": -3}, r"study.probe_steps=-3 must be positive"),
     ({"train_examples": 0}, r"study.train_examples=0 must be positive"),
+    ({"warmup_fraction": 1.0}, r"study.warmup_fraction=1.0 must be in \[0, 1\)"),  # no decay left
+    ({"probe_steps": 0}, r"study.probe_steps=0 must be positive"),
 ])
 def test_impossible_settings_fail_before_anything_is_written(tmp_path, change, pattern):
     c = _tiny_config()
@@ -232,6 +257,7 @@ def test_cells_mark_probe_fits_that_ran_into_the_step_cap():
     assert entry["probe_capped_pre_logits"] is True
     assert entry["probe_capped_noise_site"] is False
     assert (entry["H_probe_pre_logits"], entry["H_gaussian_noise_site"]) == (1.0, 1.1)
+    assert (entry["H_Y"], entry["n_entropy"]) == (2.3, (50, 50))  # the probe's label entropy
 
 
 def test_report_tables_hold_the_means_spreads_and_paired_changes_by_hand():
@@ -255,6 +281,78 @@ def test_report_tables_hold_the_means_spreads_and_paired_changes_by_hand():
     assert accuracy[3].startswith("| optimal_q | eval only | 81.0 ± 2.6 | 87.0 ± 2.6 |")
     delta = study_report.delta_table(c, "vit", noises, orders).splitlines()
     assert delta[2:] == ["| optimal_q | eval only | -1.0 ± 1.0 | +5.0 ± 1.0 |"]
+
+
+def test_report_rows_follow_the_noises_then_the_protocols_and_name_a_single_seed():
+    """One seed: clean 80, train only 78, eval only 85, train + eval 83, so
+    the paired changes are -2, +5 and +3 points, each from one seed."""
+    records = [_record(0, "none", "none", "off", {"shuffled": .80}),
+               _record(0, "none", "optimal_q", "on", {"shuffled": .85}),
+               _record(0, "optimal_q", "optimal_q", "on", {"shuffled": .83}),
+               _record(0, "optimal_q", "optimal_q", "off", {"shuffled": .78})]
+    for r in records:
+        r["protocol"] = study_report.protocol_of(r)
+    c = study_report.cells(records)
+    accuracy = study_report.accuracy_table(c, "vit", ["none", "optimal_q"], ["shuffled"])
+    assert [line.rsplit(" | ", 1)[0] for line in accuracy.splitlines()[2:]] == [
+        "| none | no noise | 80.0 (1 seed)", "| optimal_q | train only | 78.0 (1 seed)",
+        "| optimal_q | eval only | 85.0 (1 seed)", "| optimal_q | train + eval | 83.0 (1 seed)"]
+    delta = study_report.delta_table(c, "vit", ["none", "optimal_q"], ["shuffled"])
+    assert delta.splitlines()[2:] == ["| optimal_q | train only | -2.0 (1 seed) |",
+                                      "| optimal_q | eval only | +5.0 (1 seed) |",
+                                      "| optimal_q | train + eval | +3.0 (1 seed) |"]
+
+
+def test_a_cell_names_its_runs_in_seed_order_whatever_order_they_were_read_in():
+    # Read as seed10, seed2, ... a directory listing would put 10 before 2.
+    records = [_record(seed, "none", "none", "off", {"shuffled": .8}) for seed in (10, 2, 0)]
+    for r in records:
+        r["protocol"] = study_report.protocol_of(r)
+    c = study_report.cells(records)
+    line = study_report.accuracy_table(c, "vit", ["none"], ["shuffled"]).splitlines()[2]
+    assert line.endswith("| `vit/seed{0,2,10}/none/eval/none` |")
+
+
+def test_entropy_table_is_in_nats_with_three_decimals():
+    """1.234 and 1.240 nats: mean 1.237, sample sd 0.006 / sqrt(2) = 0.0042."""
+    c = {("vit", "none", "none", "shuffled"): [{"seed": 0, "H_probe_pre_logits": 1.234},
+                                               {"seed": 1, "H_probe_pre_logits": 1.240}]}
+    table = study_report.entropy_table(c, "vit", ["none"], ["shuffled"], "pre_logits")
+    assert table.splitlines()[2] == "| none | no noise | 1.237 ± 0.004 |"
+
+
+def test_batch_mean_note_gives_the_largest_gap_in_points():
+    """Running average 81.25% against correct / total 80%: 1.25 points."""
+    records = [{"orders": {"shuffled": {"top1": 0.80, "batch_mean_top1": 0.8125},
+                           "single": {"top1": 0.70, "batch_mean_top1": 0.70}}}]
+    assert study_report._batch_mean_note(records).startswith(
+        "its largest difference from correct / total over all 2 evaluations is 1.25 points")
+
+
+def test_csv_keeps_seed_level_entropy_to_five_decimals(tmp_path):
+    record = _record(0, "none", "none", "off", {"shuffled": .8})
+    record["orders"]["shuffled"]["entropy"] = {"pre_logits": {"probe": {"value": 1.2345678},
+                                                              "gaussian": {"value": 0.5}}}
+    record["protocol"] = study_report.protocol_of(record)
+    study_report.write_csv([record], str(tmp_path / "all_runs.csv"))
+    with open(tmp_path / "all_runs.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert (row["H_probe_pre_logits"], row["H_gaussian_pre_logits"]) == ("1.23457", "0.5")
+    assert (row["order"], row["top1"], row["protocol"]) == ("shuffled", "0.8", "none")
+
+
+def test_report_columns_follow_the_configured_order_of_batch_orders(tmp_path):
+    c = _tiny_config()
+    c.unlock()
+    c.study.orders = ("single", "class_sorted")  # not alphabetical
+    record = _record(0, "none", "none", "off", {"class_sorted": .8, "single": .7})
+    record.update(examples=100, seconds=1.0)
+    path = tmp_path / "runs/vit/seed0/none/eval/none_off.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(record))
+    report = open(study_report.write_report(c, str(tmp_path))["report"]).read()
+    assert "| noise | protocol | single | class_sorted | runs |" in report
+    assert "| none | no noise | 70.0 (1 seed) | 80.0 (1 seed) |" in report
 
 
 def test_keys_the_study_sets_per_run_are_refused_on_the_command_line():
@@ -324,3 +422,120 @@ def test_pre_training_warms_up_over_its_own_steps():
     assert (fine.total_steps, fine.warmup_steps) == (20, 2)
     # 10% of 27 steps is 2.7: the nearest whole step, 3.
     assert study.run_config(c, arch, none, 0, steps=27).warmup_steps == 3
+
+
+def test_run_config_takes_each_run_setting_from_its_arch_noise_and_seed():
+    c = _tiny_config()
+    arch = dict(name="x", model="vit_nano_patch7_28", model_kwargs=dict(num_layers=2),
+                site="block_input", layer=1, stage=3, lr=0.123, pretrain_steps=5, steps=17,
+                batch=24)
+    run = study.run_config(c, arch, {"label": "c", "type": "circulant", "alpha": 0.3}, seed=4)
+    assert (run.seed, run.lr, run.batch_size, run.total_steps) == (4, 0.123, 24, 17)
+    assert (run.model, run.model_kwargs.num_layers) == ("vit_nano_patch7_28", 2)
+    assert (run.noise.type, run.noise.alpha) == ("circulant", 0.3)
+    assert (run.noise.site, run.noise.layer, run.noise.stage) == ("block_input", 1, 3)
+    # Trained with its noise (train only, both) and tested with it switched on or off.
+    assert run.noise.train and run.noise.eval
+
+
+@pytest.mark.parametrize("fraction, steps, warmup", [(0.1, 17, 2), (0.25, 40, 10), (0.0, 17, 0)])
+def test_run_config_warms_up_for_its_fraction_of_the_steps(fraction, steps, warmup):
+    # round(0.1 * 17) = 2; a fraction of 0 means no warm-up step at all.
+    c = _tiny_config()
+    c.study.warmup_fraction = fraction
+    arch = dict(name="x", model="vit_nano_patch7_28", site="block_input", layer=1, stage=3,
+                lr=0.1, pretrain_steps=5, steps=steps, batch=24)
+    run = study.run_config(c, arch, {"label": "c", "type": "circulant", "alpha": 0.3}, seed=0)
+    assert run.warmup_steps == warmup
+
+
+def test_data_reads_the_configured_train_slice_and_test_examples_per_class(monkeypatch):
+    from noisy_flax import evaluate
+    calls = []
+    monkeypatch.setattr(evaluate, "load_eval_data",
+                        lambda config, **kwargs: calls.append(kwargs) or len(calls))
+    data = study.Data(_tiny_config())  # train_examples 32, eval_per_class 2
+    assert (data.train, data.train, data.eval) == (1, 1, 2)  # each loaded once
+    assert calls == [{"split": "train[:32]"}, {"per_class": 2}]
+
+
+def test_training_batches_are_whole_and_drop_the_remainder():
+    """70 examples in batches of 16: four full batches an epoch, the six left
+    over wait for the next permutation; 16 examples make one batch of 16."""
+    from noisy_flax import evaluate
+    data = evaluate.EvalData(np.zeros((70, 2, 2, 1)), np.arange(70) % 10, 10)
+    stream = study.train_batches(data, 16, seed=0, flip=False)
+    assert [len(next(stream)["label"]) for _ in range(9)] == [16] * 9
+    small = evaluate.EvalData(np.zeros((16, 2, 2, 1)), np.arange(16) % 10, 10)
+    assert len(next(study.train_batches(small, 16, seed=0, flip=False))["label"]) == 16
+
+
+def test_evaluate_run_passes_the_study_settings_and_fits_a_shared_pass_once(monkeypatch):
+    """Orders scored from one shared pass (noise off) have the same features:
+    one entropy fit for all of them; an order with its own pass gets its own."""
+    import ml_collections
+    from noisy_flax import evaluate
+    seen, fits = {}, []
+
+    def setting(model, variables, data, noise_cfg, **kwargs):
+        seen.update(kwargs)
+        passes = {"class_sorted": "shared_pass", "single": "shared_pass", "shuffled": 1}
+        return {o: {"metrics": {"top1": 0.5, "pass_": passes[o]}, "features": {"site": o}}
+                for o in kwargs["orders"]}
+
+    def estimates(feats, labels, num_classes, **kwargs):
+        fits.append((feats["site"], kwargs))
+        return {"fit": len(fits)}
+
+    monkeypatch.setattr(evaluate, "evaluate_setting", setting)
+    monkeypatch.setattr(evaluate, "entropy_estimates", estimates)
+    s = ml_collections.ConfigDict(dict(orders=("class_sorted", "shuffled", "single"),
+                                       eval_batch_size=7, order_seed=11, entropy=True,
+                                       probe_steps=13))
+    data = evaluate.EvalData(np.zeros((4, 2, 2, 1)), np.arange(4), 4)
+    out = study.evaluate_run(None, None, data, None, True, s, None, {})
+    assert (seen["batch_size"], seen["seed"], seen["with_features"]) == (7, 11, True)
+    assert fits == [("class_sorted", {"probe_steps": 13}), ("shuffled", {"probe_steps": 13})]
+    assert out["class_sorted"]["entropy"] is out["single"]["entropy"]
+    s.entropy = False
+    out = study.evaluate_run(None, None, data, None, True, s, None, {})
+    assert seen["with_features"] is False and not any("entropy" in r for r in out.values())
+
+
+def test_pending_work_counts_missing_trainings_and_evaluations(tmp_path):
+    """Clean run trained with one of its two evaluations written; noisy run
+    untrained; pre-training done: 1 training and 1 + 2 evaluations to do."""
+    runs = study.plan(_tiny_config().study)
+    clean, noisy = runs
+    for path in ("train.json", "variables.msgpack", "eval/none_off.json"):
+        (tmp_path / clean.path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / clean.path / path).write_text("{}")
+    pending = study._pending(runs, str(tmp_path))
+    assert pending == [(clean, False, (("optimal_q", "on"),)),
+                       (noisy, True, (("optimal_q", "off"), ("optimal_q", "on")))]
+    (tmp_path / "runs/vit/seed0/_pretrain").mkdir()
+    (tmp_path / "runs/vit/seed0/_pretrain/train.json").write_text("{}")
+    assert study._count_units(pending, str(tmp_path)) == {("train", "vit"): 1, ("eval", "vit"): 3}
+
+
+def test_eta_weights_each_kind_by_its_own_mean_time():
+    """Train 10 s, vit evaluations 2 s and 4 s (mean 3): 2 trainings and 3
+    vit evaluations left, and 4 resnet evaluations that borrow the vit
+    evaluation mean: 2 * 10 + 3 * 3 + 4 * 3 = 41 s."""
+    progress = study.StudyProgress({("train", "vit"): 3, ("eval", "vit"): 5, ("eval", "resnet"): 4})
+    for kind, seconds in (("train", 10.0), ("eval", 2.0), ("eval", 4.0)):
+        progress.finished(kind, "vit", seconds, kind)
+    assert progress.eta() == pytest.approx(41.0)
+
+
+def test_a_global_noise_scope_checks_circulant_on_the_whole_test_batch():
+    """Scope 'global' mixes all 8 rows of a test batch of 8, even on 8
+    devices: alpha = 0.5 is singular there (one row per device would not be)."""
+    from noisy_flax import sharding
+    c = _tiny_config()
+    c.unlock()
+    c.noise.scope = "global"
+    c.study.update({"eval_batch_size": 8, "noises": (
+        {"label": "none", "type": "none"}, {"label": "c", "type": "circulant", "alpha": 0.5})})
+    with pytest.raises(ValueError, match=r"alpha=0.5 with padded batches of k=8 rows"):
+        study.check_study(c, sharding.create_mesh(c.mesh))
