@@ -26,6 +26,8 @@ CASES = {
     "negative axes": ((4, 7, 3, 4), (3, 4, 12), (((-2, -1), (0, 1)), ((), ())), "bnhk,hkd->bnd"),
     "batched (falls back)": ((4, 7, 12), (4, 12, 5), (((2,), (1,)), ((0,), (0,))), "bnd,bdf->bnf"),
     "leading contraction (falls back)": ((12, 7), (12, 5), (((0,), (0,)), ((), ())), "dn,df->nf"),
+    "trailing contraction on the right (falls back)": ((4, 7, 12), (5, 12),
+                                                       (((2,), (1,)), ((), ())), "bnd,fd->bnf"),
     "batch axis not leading on the right (falls back)": ((4, 7, 12), (12, 4, 5),
                                                           (((2,), (0,)), ((0,), (1,))),
                                                           "bnd,dbf->bnf"),

@@ -19,6 +19,9 @@ PUBLISHED_COUNTS = {
     "vit_base_patch16_384": 86_859_496,
     "vit_base_patch32_224": 88_224_232,
     "vit_large_patch16_224": 304_326_632,
+    # Closed form for width 1280, 32 blocks, MLP 5120, 257 tokens and a
+    # 1000-class head; the ViT paper's Table 1 rounds it to 632M.
+    "vit_huge_patch14_224": 632_045_800,
     "resnet18": 11_689_512,
     "resnet34": 21_797_672,
     "resnet50": 25_557_032,
@@ -37,6 +40,16 @@ def param_count(model, size):
 def test_published_parameter_counts(name, count):
     model = create_model(name, num_classes=1000)
     assert param_count(model, input_size(model) if "vit" in name else 224) == count
+
+
+def test_nano_vit_parameter_count_is_the_documented_one():
+    """BENCHMARKS.md: vit_nano_patch7_28 on Fashion-MNIST (1 channel, 10
+    classes) has width 64, 6 blocks and 205,962 parameters; in closed form
+    with MLP width 128: 7*7*64 + 64 (patches) + 64 (cls) + 17*64 (posemb)
+    + 6 * (4 * (64*64 + 64) + 4*64 + 2*64*128 + 128 + 64) + 2*64 + 64*10 + 10."""
+    model = create_model("vit_nano_patch7_28", num_classes=10)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"])) == 205_962
 
 
 def test_vit_parameter_names_follow_augreg_layout():
@@ -301,9 +314,28 @@ def test_channels_first_images_are_named_as_such(name):
     model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 4)), train=False)  # with any channel count
 
 
+def test_width_not_divisible_by_heads_is_refused():
+    # 64 = 5 x 12 + 4: 5 heads of 12 would silently drop 4 features from attention.
+    with pytest.raises(ValueError, match="width 64 is not divisible by 5 heads"):
+        tiny_vit(num_heads=5).init(jax.random.key(0), images())
+
+
+def test_images_of_another_size_than_the_position_embedding_are_named(vit_variables):
+    # 16 px in 4 px patches: 16 + 1 positions; 32 px: 64 + 1 tokens.
+    with pytest.raises(ValueError, match="has 17 positions but the input has 65 tokens"):
+        tiny_vit().apply(vit_variables, images(2, 32))
+
+
 def test_unknown_model_name_suggests():
     with pytest.raises(ValueError, match="did you mean.*resnet50"):
         create_model("resnet5O", num_classes=10)
+
+
+@pytest.mark.parametrize("name,size", [("resnet18_small", 32), ("resnet50", 224),
+                                       ("vit_base_patch16_384", 384), ("vit_nano_patch4_28", 28)])
+def test_input_size_is_the_one_the_name_says(name, size):
+    # ViT: the resolution in the name; ResNet: 32 px for the small stem, ImageNet's 224 otherwise.
+    assert input_size(create_model(name, num_classes=10)) == size
 
 
 # --------------------------------------------------------------------------
@@ -335,6 +367,19 @@ def test_resnet_noise_at_last_block_of_stage4(resnet_setup):
     assert not np.allclose(noisy["layer4_1"], clean["layer4_1"], atol=1e-5)
 
 
+@pytest.mark.parametrize("site", ["image", "block_input"])
+def test_resnet_noise_switched_off_for_mode_is_exactly_noiseless(resnet_setup, site):
+    x = images(4, 16)
+    cfg = {**OPTIMAL, "site": site, "stage": 2, "layer": 0}
+    for train in (False, True):
+        def logits(noise_cfg):
+            return small_resnet(noise_cfg).apply(resnet_setup, x, train=train,
+                                                 mutable=["batch_stats"])[0]
+        clean = logits(None)
+        np.testing.assert_array_equal(logits({**cfg, "train": not train, "eval": train}), clean)
+        assert not np.allclose(logits({**cfg, "train": train, "eval": not train}), clean, atol=1e-4)
+
+
 def test_resnet_noise_input_is_circulant_of_previous_block(resnet_setup):
     model = small_resnet({"type": "circulant", "alpha": 0.4, "site": "block_input",
                           "stage": 3, "layer": 1, "scope": "global"})
@@ -357,6 +402,12 @@ def test_resnet_stage_out_of_range(resnet_setup):
     with pytest.raises(ValueError, match="stage 5"):
         small_resnet({"type": "optimal_q", "site": "block_input", "stage": 5}).apply(
             resnet_setup, images(4, 16))
+
+
+def test_resnet_unknown_stem_is_refused():
+    with pytest.raises(ValueError, match="unknown ResNet stem 'cifar'"):
+        create_model("resnet18", num_classes=3, width=4, stem="cifar").init(
+            jax.random.key(0), images(1, 16))
 
 
 def test_resnet_imagenet_stem_downsamples_32x():
@@ -427,6 +478,23 @@ def test_resnet_stem_matches_torchvision_in_numpy():
     np.testing.assert_allclose(inter["noise_input"][0], pooled, rtol=1e-3, atol=1e-4)
 
 
+def test_resnet_small_stem_is_one_3x3_stride_1_convolution():
+    """The stem for 28-32 px images (as in the CIFAR ResNets): a 3x3
+    convolution, stride 1, padding 1, then BatchNorm and ReLU, no max-pool,
+    so layer1 sees the full 16 x 16 map."""
+    model = create_model("resnet18_small", num_classes=3, width=4)
+    x = images(2, 16)
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, state = model.apply(variables, x, train=False, capture_intermediates=True,
+                           mutable=["intermediates"])
+    inter = state["intermediates"]
+    kernel = np.asarray(variables["params"]["conv1"]["kernel"], np.float64)
+    assert kernel.shape == (3, 3, 3, 4)
+    expected = numpy_conv(np.asarray(x, np.float64), kernel, 1, 1)
+    np.testing.assert_allclose(inter["conv1"]["__call__"][0], expected, rtol=1e-4, atol=1e-5)
+    assert inter["layer1_0"]["__call__"][0].shape == (2, 16, 16, 4)
+
+
 def test_resnet_strided_3x3_convolution_pads_one_on_every_side():
     """PyTorch pads a 3x3, stride-2 convolution by 1 on each side; 'SAME'
     would pad an even map by 0 on the top and left and 1 on the bottom and
@@ -445,16 +513,70 @@ def test_resnet_strided_3x3_convolution_pads_one_on_every_side():
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_name,features,stride,in_channels", [
+    ("BasicBlock", 4, 1, 4),   # identity shortcut
+    ("BasicBlock", 8, 2, 4),   # strided 1x1 projection
+    ("Bottleneck", 2, 2, 4),   # 1x1, strided 3x3, 1x1 to 4x the width; projection
+])
+def test_resnet_blocks_match_torchvision_in_numpy(block_name, features, stride, in_channels):
+    """torchvision's BasicBlock and Bottleneck (v1.5) in evaluation mode:
+    conv-BN-ReLU, conv-BN (Bottleneck: one more conv-BN-ReLU first), plus the
+    shortcut (identity, or a strided 1x1 conv and BN when the shape
+    changes), then ReLU; BatchNorm with eps 1e-5 and set running statistics."""
+    from noisy_flax.models.resnet import BasicBlock, Bottleneck
+    block = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck}[block_name](features, stride=stride)
+    x = np.random.default_rng(8).standard_normal((2, 8, 8, in_channels)).astype(np.float32)
+    variables = jax.device_get(block.init(jax.random.key(0), x, train=False))
+    rng = np.random.default_rng(9)
+    for name, stats in variables["batch_stats"].items():
+        size = stats["mean"].shape[0]
+        stats["mean"] = rng.normal(size=size).astype(np.float32)
+        stats["var"] = rng.uniform(0.5, 2, size=size).astype(np.float32)
+        bn = variables["params"][name]
+        bn["scale"] = rng.uniform(0.5, 1.5, size=size).astype(np.float32)
+        bn["bias"] = rng.normal(size=size).astype(np.float32)
+    got = block.apply(variables, x, train=False)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    s = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["batch_stats"])
+
+    def norm(name, y):
+        return (y - s[name]["mean"]) / np.sqrt(s[name]["var"] + 1e-5) * p[name]["scale"] + p[name]["bias"]
+
+    def conv(name, y, stride):
+        kernel = p[name]["kernel"]
+        return numpy_conv(y, kernel, stride, kernel.shape[0] // 2)
+
+    h = x.astype(np.float64)
+    if block_name == "BasicBlock":
+        out_channels = features
+        y = np.maximum(norm("bn1", conv("conv1", h, stride)), 0)
+        y = norm("bn2", conv("conv2", y, 1))
+    else:
+        out_channels = 4 * features
+        y = np.maximum(norm("bn1", conv("conv1", h, 1)), 0)
+        y = np.maximum(norm("bn2", conv("conv2", y, stride)), 0)
+        y = norm("bn3", conv("conv3", y, 1))
+    projection = stride != 1 or in_channels != out_channels
+    assert ("downsample_conv" in p) == projection
+    shortcut = norm("downsample_bn", conv("downsample_conv", h, stride)) if projection else h
+    np.testing.assert_allclose(got, np.maximum(y + shortcut, 0), rtol=1e-4, atol=1e-4)
+
+
 def test_resnet_kernels_follow_torchvisions_kaiming_fan_out():
     """torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu'),
     std sqrt(2 / (k * k * out_channels)), for every convolution, the 1x1
-    projections too."""
+    projections too. A normal, not truncated: 1.24% of the draws lie
+    beyond 2.5 standard deviations (a 2-sigma truncation leaves none)."""
     model = create_model("resnet18_small", num_classes=3, width=16)
     params = jax.device_get(model.init(jax.random.key(0), images(1, 16), train=False)["params"])
+    standardised = []
     for conv in ("conv1", "downsample_conv"):
         kernel = params["layer2_0"][conv]["kernel"]  # (k, k, 16, 32)
         fan_out = kernel.shape[0] * kernel.shape[1] * kernel.shape[3]
         assert np.std(kernel) == pytest.approx(np.sqrt(2 / fan_out), rel=0.1), conv
+        standardised.append(np.ravel(kernel) / np.sqrt(2 / fan_out))
+    tail = np.mean(np.abs(np.concatenate(standardised)) > 2.5)  # 5120 draws
+    assert 0.006 < tail < 0.02
 
 
 def numpy_attention(params, x):
@@ -554,6 +676,44 @@ def test_gpu_attention_asks_cudnn_in_half_precision_and_falls_back_to_xla(
     tolerance = 0.05 if dtype == jnp.bfloat16 else 1e-5  # bf16: 8 bits of mantissa
     np.testing.assert_allclose(np.asarray(got, np.float32), want,
                                atol=tolerance * np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize("implementation,dtype,query_tokens,dropout_rate,asked", [
+    ("auto", jnp.float16, None, 0.0, ["cudnn"]),     # half precision: fp16 as bf16
+    ("cudnn", jnp.float32, 1, 0.0, ["cudnn"]),       # asked for: no shape or dtype rule
+    ("xla", jnp.bfloat16, None, 0.0, ["xla"]),       # asked for: no cuDNN first
+    ("softmax", jnp.bfloat16, None, 0.0, []),        # the explicit softmax on any backend
+    ("xla", jnp.float32, None, 0.5, []),             # attention dropout needs the probabilities
+])
+def test_gpu_attention_takes_the_asked_implementation(
+        implementation, dtype, query_tokens, dropout_rate, asked, monkeypatch):
+    """On a GPU: which implementation jax.nn.dot_product_attention is asked
+    for (none: the explicit softmax). The spy computes XLA's attention
+    whatever is asked, as this machine has no cuDNN."""
+    from noisy_flax.models.vit import MultiHeadDotProductAttention
+    x = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
+    module = MultiHeadDotProductAttention(num_heads=2, dtype=dtype, query_tokens=query_tokens,
+                                          implementation=implementation, dropout_rate=dropout_rate)
+    calls, real = [], jax.nn.dot_product_attention
+
+    def spy(*args, implementation=None, **kwargs):
+        calls.append(implementation)
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    params = module.init(jax.random.key(0), x, deterministic=True)["params"]
+    calls.clear()
+    got = module.apply({"params": params}, x, deterministic=dropout_rate == 0,
+                       rngs={"dropout": jax.random.key(1)})
+    assert calls == asked
+    want = numpy_attention(params, x)[:, :query_tokens]
+    if dropout_rate:  # half the probabilities dropped, the rest doubled: not the plain attention
+        assert not np.allclose(got, want, atol=0.05 * np.max(np.abs(want)))
+    else:
+        tolerance = 1e-5 if dtype == jnp.float32 else 0.05  # half precision: 8-11 bits
+        np.testing.assert_allclose(np.asarray(got, np.float32), want,
+                                   atol=tolerance * np.max(np.abs(want)))
 
 
 def test_unknown_attention_implementation_is_clear():
@@ -687,30 +847,34 @@ def test_layer_norms_use_timms_epsilon_on_tiny_variance_tokens():
     np.testing.assert_allclose(got, numpy_layer_norm(norm, x[:, :1]), rtol=1e-4, atol=1e-5)
 
 
-def test_stochastic_depth_rescales_kept_branches_by_the_keep_rate():
-    """drop_path_rate=0.5: each sample leaves the block as one of four
-    outcomes (attention branch and MLP branch each dropped or kept at 1/0.5),
-    written out in numpy; all four occur among 64 samples."""
+@pytest.mark.parametrize("rate", [0.5, 0.25])
+def test_stochastic_depth_rescales_kept_branches_by_the_keep_rate(rate):
+    """Each sample leaves the block as one of four outcomes (attention
+    branch and MLP branch each dropped or kept at 1 / (1 - rate)), written
+    out in numpy; all four occur among 64 samples, and both branches are
+    dropped for about rate^2 of them."""
     from noisy_flax.models.vit import Encoder1DBlock
     x = np.random.default_rng(6).standard_normal((64, 5, 8))
-    block = Encoder1DBlock(mlp_dim=16, num_heads=2, grid=(2, 2), drop_path_rate=0.5)
+    block = Encoder1DBlock(mlp_dim=16, num_heads=2, grid=(2, 2), drop_path_rate=rate)
     params = block.init(jax.random.key(0), x.astype(np.float32), False)["params"]
     out = np.asarray(block.apply({"params": params}, x.astype(np.float32), True,
                                  rngs={"dropout": jax.random.key(3)}), np.float64)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-    seen = set()
+    seen = []
     for b in range(64):
         attention = numpy_attention(p["MultiHeadDotProductAttention_1"],
                                     numpy_layer_norm(p["LayerNorm_0"], x[b:b + 1]))
         outcomes = []
-        for keep_attention in (0.0, 2.0):
+        for keep_attention in (0.0, 1 / (1 - rate)):
             h = x[b:b + 1] + keep_attention * attention
             mlp = numpy_mlp(p["MlpBlock_3"], numpy_layer_norm(p["LayerNorm_2"], h))
-            outcomes += [h, h + 2.0 * mlp]
+            outcomes += [h, h + mlp / (1 - rate)]
         matches = [i for i, o in enumerate(outcomes) if np.allclose(out[b], o[0], atol=1e-4)]
         assert matches, b
-        seen.add(matches[0])
-    assert seen == {0, 1, 2, 3}
+        seen.append(matches[0])
+    assert set(seen) == {0, 1, 2, 3}
+    # Binomial(64, rate^2): 16 +- 3.5 at 0.5, 4 +- 1.9 at 0.25.
+    assert abs(seen.count(0) - 64 * rate ** 2) <= 8
 
 
 def test_stochastic_depth_is_zero_in_the_first_block():
@@ -725,6 +889,73 @@ def test_stochastic_depth_is_zero_in_the_first_block():
         return np.asarray(state["intermediates"]["Transformer"]["encoderblock_0"]["__call__"][0])
 
     np.testing.assert_array_equal(first_block(True), first_block(False))
+
+
+def test_stochastic_depth_rates_grow_linearly_to_the_last_block():
+    """timm: torch.linspace(0, drop_path_rate, depth), one rate per block."""
+    rates = {}
+
+    def record(module, method_name):
+        if hasattr(module, "drop_path_rate") and (module.name or "").startswith("encoderblock_"):
+            rates[module.name] = module.drop_path_rate
+        return False
+
+    model = create_model("vit_nano_patch4_16", num_classes=5, num_layers=4, drop_path_rate=0.3)
+    model.init(jax.random.key(0), images(2), train=False, capture_intermediates=record)
+    got = [rates[f"encoderblock_{i}"] for i in range(4)]
+    np.testing.assert_allclose(got, np.linspace(0, 0.3, 4), rtol=1e-12)
+
+
+def _dropped_or_scaled(got, full, rate):
+    """Each element is 0 or full / (1 - rate); returns the kept fraction."""
+    got, full = np.asarray(got, np.float64), np.asarray(full, np.float64)
+    kept = np.isclose(got, full / (1 - rate), rtol=1e-4, atol=1e-5)
+    dropped = np.abs(got) <= 1e-5
+    assert np.all(kept | dropped)
+    return float(np.mean(kept))
+
+
+def test_dropout_sites_follow_vit_jax():
+    """vit_jax / timm: dropout on the attention output before the residual
+    add, on the MLP's hidden activation and on its output, and on the
+    embedded tokens after the position embedding; each zeroes about half
+    the elements at rate 0.5 and doubles the rest."""
+    from scipy.special import erf
+    from noisy_flax.models.vit import Encoder, Encoder1DBlock
+    x = np.random.default_rng(7).standard_normal((8, 5, 8)).astype(np.float32)
+    rngs = {"dropout": jax.random.key(2)}
+    block = Encoder1DBlock(mlp_dim=16, num_heads=2, grid=(2, 2), dropout_rate=0.5)
+    params = block.init(jax.random.key(0), x, False)["params"]
+    out, state = block.apply({"params": params}, x, True, rngs=rngs, capture_intermediates=True,
+                             mutable=["intermediates"])
+    inter = state["intermediates"]
+    attention = inter["MultiHeadDotProductAttention_1"]["__call__"][0]
+    mlp = inter["MlpBlock_3"]
+    mlp_out = mlp["__call__"][0]
+    # The residual stream after attention: the input plus the dropped attention output.
+    assert 0.3 < _dropped_or_scaled(np.asarray(out) - mlp_out - x, attention, 0.5) < 0.7
+    hidden = np.asarray(mlp["Dense_0"]["__call__"][0], np.float64)
+    dropped_hidden = mlp["Dropout_0"]["__call__"][0]
+    assert 0.3 < _dropped_or_scaled(dropped_hidden, hidden / 2 * (1 + erf(hidden / np.sqrt(2))),
+                                    0.5) < 0.7
+    dense_1 = jax.tree.map(lambda a: np.asarray(a, np.float64), params["MlpBlock_3"]["Dense_1"])
+    np.testing.assert_allclose(mlp["Dense_1"]["__call__"][0],
+                               np.asarray(dropped_hidden) @ dense_1["kernel"] + dense_1["bias"],
+                               rtol=1e-4, atol=1e-5)
+    assert 0.3 < _dropped_or_scaled(mlp_out, mlp["Dense_1"]["__call__"][0], 0.5) < 0.7
+
+    # Embedding dropout: blocks whose residual branches are zero pass on the dropped tokens.
+    encoder = Encoder(num_layers=1, mlp_dim=16, num_heads=2, grid=(2, 2), dropout_rate=0.5,
+                      last_block_all_tokens=True)
+    params = jax.device_get(encoder.init(jax.random.key(0), x, train=False)["params"])
+    branches = params["encoderblock_0"]
+    for branch in (branches["MultiHeadDotProductAttention_1"]["out"], branches["MlpBlock_3"]["Dense_1"]):
+        branch["kernel"], branch["bias"] = np.zeros_like(branch["kernel"]), np.zeros_like(branch["bias"])
+    _, state = encoder.apply({"params": params}, x, train=True, rngs=rngs,
+                             capture_intermediates=True, mutable=["intermediates"])
+    tokens = state["intermediates"]["encoderblock_0"]["__call__"][0]
+    embedded = x + params["posembed_input"]["pos_embedding"]
+    assert 0.3 < _dropped_or_scaled(tokens, embedded, 0.5) < 0.7
 
 
 def test_resnet_head_reads_the_spatial_mean_of_the_last_block():
@@ -758,6 +989,25 @@ def test_within_image_noise_on_tokens_mixes_rows_of_the_patch_grid():
     expected = np.einsum("rs,bswd->brwd", mix, grid).reshape(2, 16, -1)
     np.testing.assert_allclose(after[:, 1:], expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(after[:, 0], before[:, 0])
+
+
+def test_embedding_site_reads_tokens_after_the_position_embedding():
+    """The embedding site's input is the patch embedding with the class
+    token prepended and the position embedding added (numpy); the mixing of
+    grid rows would not commute with adding a per-position embedding."""
+    model = tiny_vit({"type": "within_image", "site": "embedding", "scope": "global"})
+    x = np.asarray(images(2, 16), np.float64)
+    variables = model.init(jax.random.key(0), jnp.asarray(x, jnp.float32), train=False)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    _, state = model.apply(variables, jnp.asarray(x, jnp.float32), train=False,
+                           mutable=["intermediates"])
+    leaves = flax.traverse_util.flatten_dict(state["intermediates"])
+    (before,) = [v[0] for k, v in leaves.items() if k[-1] == "noise_input"]
+    patches = x.reshape(2, 4, 4, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 16, 48)
+    tokens = patches @ params["embedding"]["kernel"].reshape(48, -1) + params["embedding"]["bias"]
+    tokens = np.concatenate([np.repeat(params["cls"], 2, axis=0), tokens], axis=1)
+    expected = tokens + params["Transformer"]["posembed_input"]["pos_embedding"]
+    np.testing.assert_allclose(before, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bottleneck_strides_in_its_3x3_convolution():

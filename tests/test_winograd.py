@@ -110,6 +110,16 @@ def test_choice_rules():
         choose("wino")
 
 
+def test_auto_keeps_the_direct_form_off_the_cpu(monkeypatch):
+    # cuDNN's and the TPU's convolutions are fast: "auto" takes Winograd on the CPU only.
+    choose = lambda choice: uses_winograd(choice, kernel_size=3, stride=1,
+                                          input_shape=(32, 14, 14, 256), dtype=jnp.float32)
+    for backend in ("gpu", "tpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+        assert not choose("auto")
+        assert choose("winograd")  # asked for, it is taken anywhere
+
+
 def _count_convolutions(model, variables, images):
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
     return str(jaxpr).count("conv_general_dilated")
@@ -150,6 +160,19 @@ def test_resnet_takes_winograd_where_auto_says_and_keeps_parameters_and_outputs(
     for (path, grad), expected in zip(jax.tree_util.tree_leaves_with_path(results["auto"][1]),
                                       jax.tree.leaves(results["direct"][1]), strict=True):
         assert relative_error(grad, expected) < 1e-3, jax.tree_util.keystr(path)
+
+
+def test_bottleneck_takes_winograd_in_its_stride_1_3x3_convolutions():
+    """ResNet-50: 16 bottlenecks of 1x1, 3x3, 1x1 convolutions, 4 projections
+    and the stem: 53 convolutions. Asked for Winograd, the 3x3 ones of
+    stride 1 (all but the strided first of stages 2-4: 13) leave."""
+    images = jnp.zeros((1, 16, 16, 3))
+    counts = {}
+    for name in ("direct", "winograd"):
+        model = create_model("resnet50", num_classes=10, width=4, stem="small", conv_algorithm=name)
+        variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+        counts[name] = _count_convolutions(model, variables, images)
+    assert counts == {"direct": 53, "winograd": 53 - 13}
 
 
 def test_resnet_rejects_an_unknown_algorithm():

@@ -178,13 +178,18 @@ class PositionEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        # Checked before self.param, which would refuse the shape first with
+        # a ScopeParamShapeError that does not say what to do.
+        if self.has_variable("params", "pos_embedding"):
+            positions = self.get_variable("params", "pos_embedding").shape[1]
+            if positions != x.shape[1]:
+                raise ValueError(
+                    f"the position embedding has {positions} positions but the input has "
+                    f"{x.shape[1]} tokens: the image size differs from the one the weights were "
+                    "made for; resize the images or resample with "
+                    "noisy_flax.pretrained.resample_posemb")
         pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
                          (1, x.shape[1], x.shape[2]))
-        if pos.shape[1] != x.shape[1]:
-            raise ValueError(
-                f"the position embedding has {pos.shape[1]} positions but the input has "
-                f"{x.shape[1]} tokens: the image size differs from the one the weights were made "
-                "for; resize the images or resample with noisy_flax.pretrained.resample_posemb")
         return x + pos.astype(x.dtype)
 
 
