@@ -39,8 +39,8 @@ def add_config_roots(argv: list[str]) -> None:
 
 def first_line(error: BaseException) -> str:
     text = str(error).strip()
-    if isinstance(error, KeyError):  # KeyError quotes its message
-        text = text.strip("'\"")
+    if isinstance(error, KeyError) and len(error.args) == 1:  # str() quotes its message
+        text = str(error.args[0]).strip()  # keeps the message's own quotes
     lines = text.splitlines()
     if not lines:
         return type(error).__name__

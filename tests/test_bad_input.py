@@ -262,6 +262,18 @@ def test_a_study_config_is_refused_by_the_training_entry_point(tmp_path, capsys)
     assert not (tmp_path / "wd").exists()
 
 
+def test_a_key_error_from_training_is_one_line(workdir, capsys, monkeypatch):
+    """A KeyError (a missing split or feature) is a user error like a ValueError."""
+    from configs import common
+    from noisy_flax import train
+
+    def missing_split(config, workdir):
+        raise KeyError("no split 'tset' in fashion_mnist")
+    monkeypatch.setattr(train, "train_and_evaluate", missing_split)
+    line = expect_refused(capsys, common.base_config(), workdir, r"^error: no split")
+    assert line == "error: no split 'tset' in fashion_mnist"
+
+
 def test_a_refused_run_does_not_create_its_workdir(dirs, tmp_path, capsys):
     config = tiny_run.tiny_config(*dirs, **{"noise.type": "optimall"})
     expect_refused(capsys, config, tmp_path / "new" / "wd", r"unknown noise.type")
@@ -606,8 +618,12 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(dirs, tmp_path,
     ("runlocal", ["stray"],
      "error: unexpected arguments: stray; every option is a flag such as --workdir=DIR or "
      "--config.lr=1e-3 (see --helpfull)"),
+    # A typo in a flag that is not a config key: absl's own words, not a config key.
+    ("runlocal", ["--wrkdir=x"],
+     "error: Unknown command line flag 'wrkdir'. Did you mean: workdir ?; fix the value "
+     "(see --helpfull)"),
 ], ids=["typo", "nested typo", "bad flag value", "key=value argument", "parent typo",
-        "runlocal as a key", "stray argument"])
+        "runlocal as a key", "stray argument", "flag typo"])
 def test_command_line_mistakes_print_one_line_and_exit_2(tmp_path, config_arg, extra, expected):
     result = subprocess.run(
         [sys.executable, "-m", "noisy_flax.main", "--config",
@@ -679,6 +695,28 @@ def test_a_trailing_config_flag_without_a_file_adds_only_the_working_directory(
     monkeypatch.setattr(sys, "path", ["/lib"])
     cli.add_config_roots(["main", "--workdir", "w", "--config"])  # absl reports the flag
     assert sys.path == [str(tmp_path), "/lib"]
+
+
+def test_a_config_outside_a_configs_folder_adds_only_the_working_directory(
+        tmp_path, monkeypatch):
+    # Its folder's parent holds no `configs` package to import from.
+    from noisy_flax import cli
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "path", ["/lib"])
+    cli.add_config_roots(["main", f"--config={tmp_path}/experiments/mine.py:runlocal"])
+    assert sys.path == [str(cwd), "/lib"]
+
+
+def test_an_error_is_reported_by_its_first_line():
+    from noisy_flax import cli
+    assert cli.first_line(KeyError("tset")) == "tset"  # not repr's quotes
+    assert cli.first_line(KeyError("no split 'tset'")) == "no split 'tset'"  # but its own
+    assert cli.first_line(ValueError("bad value \n  at line 3")) == \
+        "bad value (details: --verbosity=1)"
+    assert cli.first_line(ValueError(" bad value ")) == "bad value"
+    assert cli.first_line(FileNotFoundError()) == "FileNotFoundError"  # no message at all
 
 
 def test_an_unknown_nested_key_suggests_the_closest_key_under_its_parent():

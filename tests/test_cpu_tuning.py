@@ -71,6 +71,17 @@ def test_environment_preloads_tcmalloc_where_installed_unless_an_allocator_is_ch
     assert _fast(hugetlb, None) is None  # not installed: glibc with huge pages
 
 
+def test_find_tcmalloc_takes_either_gperftools_build(monkeypatch):
+    """libtcmalloc_minimal first; the full libtcmalloc where only it is installed."""
+    installed = {}
+    monkeypatch.setattr(cpu_tuning.ctypes.util, "find_library", installed.get)
+    assert cpu_tuning.find_tcmalloc() is None
+    installed["tcmalloc"] = "libtcmalloc.so.4"
+    assert cpu_tuning.find_tcmalloc() == "libtcmalloc.so.4"
+    installed["tcmalloc_minimal"] = "libtcmalloc_minimal.so.4"
+    assert cpu_tuning.find_tcmalloc() == "libtcmalloc_minimal.so.4"
+
+
 def _run_module(env_overrides):
     env = {k: v for k, v in os.environ.items()
            if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "NOISY_FLAX_NO_REEXEC", "NOISY_FLAX_NO_TCMALLOC")}
@@ -158,6 +169,12 @@ def test_reductions_choice_leaves_dots_to_eigen_and_reductions_to_ynnpack(monkey
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") +
                        " --xla_cpu_experimental_ynn_fusion_type=")
     assert cpu_tuning.compiler_options(ml_collections.ConfigDict()) == {}
+
+
+def test_an_option_this_jaxlib_rejects_is_not_passed_on():
+    # XLA refuses an unknown option or value at compile time; the probe says no.
+    assert not cpu_tuning._jaxlib_accepts("xla_cpu_no_such_option_anywhere", "1")
+    assert not cpu_tuning._jaxlib_accepts("xla_cpu_experimental_ynn_fusion_type", "NOT_A_TYPE")
 
 
 def test_unknown_cpu_ynnpack_is_one_line_with_the_choices():

@@ -488,6 +488,15 @@ def test_plain_single_host_run_never_initializes_distributed(initialize_calls, m
     assert calls == []
 
 
+def test_blank_process_count_and_id_in_the_environment_count_as_unset(initialize_calls,
+                                                                     monkeypatch):
+    main, calls = initialize_calls
+    monkeypatch.setenv("NOISY_FLAX_NUM_PROCESSES", " ")  # e.g. an empty template value
+    monkeypatch.setenv("NOISY_FLAX_PROCESS_ID", "")
+    main.initialize_distributed()
+    assert calls == []
+
+
 @pytest.mark.parametrize("env", [
     # salloc -n4 shell, or python straight from an sbatch script of 4 tasks:
     # one process; JAX would wait for 3 peers that never come.

@@ -212,6 +212,39 @@ def test_schedule_without_warmup_prefix_is_timms_cosine_over_the_whole_run():
         assert float(schedule(epoch * spe + 50)) == pytest.approx(epoch * 1e-7, abs=1e-12)
 
 
+def test_config_without_the_newer_schedule_keys_steps_per_step_after_the_warmup():
+    """A config made before schedule_unit and warmup_prefix existed gets the
+    rate of every step (not held per epoch) and the decay after the warm-up."""
+    config = common.base_config()
+    config.lr, config.end_lr, config.warmup_init_lr = 1e-3, 1e-5, 0.0
+    del config["schedule_unit"], config["warmup_prefix"]
+    schedule = optim.learning_rate_schedule(config, total_steps=110, warmup_steps=10,
+                                            steps_per_epoch=10)
+    assert float(schedule(5)) == pytest.approx(5e-4)  # not epoch 0's rate, 0
+    # Halfway through the 100 decay steps: lr = end + (lr - end) / 2.
+    assert float(schedule(60)) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2, rel=1e-5)
+
+
+def test_a_warmup_as_long_as_the_run_is_all_linear_warmup():
+    """train.schedule_lengths caps the warm-up at the run's length, which
+    leaves no steps for the cosine."""
+    config = common.base_config()
+    config.lr, config.end_lr, config.warmup_init_lr = 1e-3, 1e-5, 0.0
+    schedule = optim.learning_rate_schedule(config, total_steps=10, warmup_steps=10)
+    for step in range(10):
+        assert float(schedule(step)) == pytest.approx(step * 1e-4, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("key, value", [("schedule", "cosin"), ("optimizer", "adam"),
+                                        ("wd_mask", "none")])
+def test_unknown_optimizer_settings_are_refused_not_replaced(key, value):
+    # Otherwise 'adam' would train with SGD and 'cosin' at a constant rate.
+    config = common.base_config()
+    config[key] = value
+    with pytest.raises(ValueError, match=f"unknown config.{key} '{value}'"):
+        optim.make_optimizer(config, total_steps=10, warmup_steps=0)
+
+
 def test_weight_decay_mask_skips_biases_norms_and_embeddings():
     params = {"embedding": {"kernel": np.ones((4, 4, 1, 8)), "bias": np.ones(8)},
               "cls": np.ones((1, 1, 8)),
@@ -326,6 +359,29 @@ def test_adamw_steps_match_numpy():
             step = (m / (1 - 0.8 ** t)) / (np.sqrt(v / (1 - 0.95 ** t)) + 1e-6)
             p = p - 0.01 * (step + (0.1 * p if decays else 0.0))
         np.testing.assert_allclose(got["dense"][name], p, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_eps_is_added_outside_the_square_root():
+    """A constant gradient g = eps = 1e-6: the bias-corrected moments are g and
+    g^2, so every step is g / (|g| + eps) = 0.5 (eps under the root, or
+    optax's default 1e-8, would give about 0.001 or 0.99)."""
+    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}
+    grads = [jax.tree.map(lambda p: jnp.full_like(p, 1e-6), params)] * 3
+    got = _run_optimizer(_optimizer_config(optimizer="adamw", weight_decay=0.0), params, grads)
+    np.testing.assert_allclose(got["dense"]["kernel"], 1 - 3 * 0.01 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(got["dense"]["bias"], -3 * 0.01 * 0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ("adamw", "sgd"))
+def test_wd_mask_all_decays_biases_too(optimizer):
+    """Zero gradients: one step only decays, p (1 - lr wd) = 0.999 p, for the
+    bias as well as the kernel."""
+    params = {"dense": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.full(2, 3.0)}}
+    grads = [jax.tree.map(jnp.zeros_like, params)]
+    for mask, bias_factor in (("all", 0.999), ("kernels", 1.0)):
+        got = _run_optimizer(_optimizer_config(optimizer=optimizer, wd_mask=mask), params, grads)
+        np.testing.assert_allclose(got["dense"]["kernel"], 2.0 * 0.999, rtol=1e-6)
+        np.testing.assert_allclose(got["dense"]["bias"], 3.0 * bias_factor, rtol=1e-6)
 
 
 @pytest.mark.parametrize("nesterov", (False, True))
