@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -66,6 +67,7 @@ if [ "$1" = "-" ]; then exec {python} "$@"; fi
 if [ "$1" = "-c" ]; then echo "jax fake"; exit 0; fi
 echo "$@" >> "$FAKE_CALLS"
 echo "$JAX_COMPILATION_CACHE_DIR" >> "$FAKE_CALLS.cache"
+echo "${{XLA_PYTHON_CLIENT_PREALLOCATE:-unset}}" >> "$FAKE_CALLS.prealloc"
 batch=0; prev=""
 for a in "$@"; do [ "$prev" = "--batch" ] && batch=$a; prev=$a; done
 case " $* " in
@@ -202,3 +204,162 @@ def test_gpu_script_package_check_imports_the_benchmark_for_real(tmp_path, block
     else:
         assert result.returncode == 1
         assert f"missing Python packages: {missing};" in record
+
+
+@needs_timeout
+def test_gpu_script_picks_the_highest_mfu_not_the_largest_batch(tmp_path, fake_python):
+    # The stand-in's MFU peaks at 256; 384 runs but reaches less.
+    result, calls = _run_script(tmp_path, fake_python, tmp_path / "out", BATCHES="128 256 384")
+    assert result.returncode == 0, result.stderr
+    assert "best batch: 256" in result.stderr
+    later = [c for c in calls if "--json" not in c and "gpu_checks" not in c]
+    assert later and all("--batch 256" in c for c in later)
+
+
+@needs_timeout
+def test_gpu_script_torch_stages_share_the_gpu_and_time_both_passes(tmp_path, fake_python):
+    """PyTorch runs in the JAX process: JAX must not preallocate the GPU there.
+    vs_torch also times the eval steps and the all-token and XLA-attention variants."""
+    result, calls = _run_script(tmp_path, fake_python, tmp_path / "out", BEST="128",
+                                STAGES="sweep vs_torch compile noise")
+    assert result.returncode == 0, result.stderr
+    assert not [c for c in calls if "--json" in c]  # BEST given: no sweep
+    prealloc = (tmp_path / "calls.txt.prealloc").read_text().split()
+    by_stage = dict(zip(["vs_torch", "compile", "noise"], zip(calls, prealloc)))
+    assert by_stage["vs_torch"][1] == by_stage["compile"][1] == "false"
+    assert by_stage["noise"][1] == "unset"
+    vs_torch = by_stage["vs_torch"][0]
+    for flag in ("--vs-torch", "--eval", "--compare-model-kwarg last_block_all_tokens=true",
+                 "--compare-model-kwarg attention_implementation=xla"):
+        assert flag in vs_torch
+
+
+@pytest.fixture
+def fake_timeout(tmp_path):
+    """coreutils' timeout, recording the limit it was given."""
+    bin_dir = tmp_path / "timeout_bin"
+    bin_dir.mkdir()
+    path = bin_dir / "timeout"
+    path.write_text('#!/usr/bin/env bash\necho "$1" >> "$FAKE_CALLS.timeout"\nshift\nexec "$@"\n')
+    path.chmod(0o755)
+    return bin_dir
+
+
+def test_gpu_script_gives_each_stage_the_time_left_before_the_deadline(
+        tmp_path, fake_python, fake_timeout):
+    # bash counts SECONDS on from the value it is started with: here the run
+    # starts 1000 s in, with 46 s left: the checks (45 s) fit, the sweep (60 s) does not.
+    env = {"PATH": f"{fake_timeout}:{os.environ['PATH']}", "SECONDS": "1000"}
+    result, calls = _run_script(tmp_path, fake_python, tmp_path / "out", DEADLINE_S="1046", **env)
+    assert result.returncode == 1
+    assert len(calls) == 1 and "gpu_checks.py" in calls[0]
+    (limit,) = map(int, (tmp_path / "calls.txt.timeout").read_text().split())
+    assert 44 <= limit <= 46  # DEADLINE_S - SECONDS, less the second or so the start took
+    assert "skip sweep" in result.stderr
+    # Without a deadline, timeout gets 0: no limit.
+    (tmp_path / "calls.txt.timeout").unlink()
+    result, _ = _run_script(tmp_path, fake_python, tmp_path / "out2", STAGES="checks noise",
+                            BEST="64", **env)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "calls.txt.timeout").read_text().split() == ["0", "0"]
+
+
+def test_relative_gap_is_max_abs_difference_over_the_largest_magnitude():
+    # Over every leaf of the tree; the scale is the largest |b|, here a negative value.
+    a = {"x": np.array([1.0, 2.0]), "y": np.array([[0.0, 7.0]])}
+    b = {"x": np.array([1.0, -4.0]), "y": np.array([[0.0, 2.0]])}
+    assert gpu_checks.relative_gap(a, b) == pytest.approx(6.0 / 4.0)
+    a["x"] = np.array([1.0, -4.0])
+    assert gpu_checks.relative_gap(a, b) == pytest.approx(5.0 / 4.0)
+
+
+def test_gpu_checks_fails_a_wrong_gradient_with_right_logits(monkeypatch, capsys):
+    real = jax.nn.dot_product_attention
+
+    def wrong_backward(q, k, v, *args, implementation=None, **kwargs):
+        if implementation != "xla":
+            return real(q, k, v, *args, implementation=implementation, **kwargs)
+
+        @jax.custom_vjp
+        def attend(q, k, v):
+            return real(q, k, v, *args, implementation=implementation, **kwargs)
+
+        def forward(q, k, v):
+            return attend(q, k, v), (q, k, v)
+
+        def backward(saved, g):
+            _, vjp = jax.vjp(lambda *x: real(*x, *args, implementation=implementation, **kwargs),
+                             *saved)
+            return tuple(3.0 * d for d in vjp(g))
+
+        attend.defvjp(forward, backward)
+        return attend(q, k, v)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", wrong_backward)
+    assert gpu_checks.main(["--model", "vit_nano_patch4_28", "--batch", "2"]) == 1
+    xla = {row["implementation"]: row for row in _rows(capsys)[1:]}["xla"]
+    assert xla["logits_gap"] < gpu_checks.BF16_TOLERANCE < xla["grads_gap"]
+
+
+class _GpuBackend:
+    """jax as gpu_checks sees it, on a machine whose backend is a GPU."""
+
+    def __getattr__(self, name):
+        return getattr(jax, name)
+
+    @staticmethod
+    def default_backend():
+        return "gpu"
+
+
+def test_gpu_checks_fails_when_auto_does_not_reach_cudnn_on_a_gpu(monkeypatch, capsys):
+    # The models still see the CPU, so "auto" compiles XLA's attention: no cuDNN call.
+    monkeypatch.setattr(gpu_checks, "jax", _GpuBackend())
+    assert gpu_checks.main(["--model", "vit_nano_patch4_28", "--batch", "2"]) == 1
+    assert "FAILED auto: no cuDNN attention" in capsys.readouterr().err
+
+
+# benchmarks/run_cpu.sh: the CPU figures' logs, by the names BENCHMARKS.md cites.
+FAKE_RUN_PY = """#!/usr/bin/env bash
+echo "${NOISY_FLAX_NO_TCMALLOC:-}|${NOISY_FLAX_NO_REEXEC:-}|$*"
+"""
+
+
+def _run_cpu(tmp_path, *args, **env):
+    py = tmp_path / "py"
+    py.write_text(FAKE_RUN_PY)
+    py.chmod(0o755)
+    full_env = {**os.environ, "PY": str(py), "PY_TORCH": str(py), "LOGS": str(tmp_path / "logs"),
+                **env}
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "run_cpu.sh"), *args], cwd=ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=60)
+
+
+def test_run_cpu_writes_every_log_once_and_never_over_a_cited_one(tmp_path):
+    result = _run_cpu(tmp_path)
+    assert result.returncode == 0, result.stderr
+    logs = tmp_path / "logs"
+    names = sorted(p.name for p in logs.glob("*.txt"))
+    # The names of the logs kept in benchmarks/logs (BENCHMARKS.md cites them).
+    assert names == sorted([
+        "vit_tiny_vs_torch.txt", "resnet18_vs_torch.txt", "vit_tiny_vs_torch_glibc_malloc.txt",
+        "resnet18_vs_torch_glibc_malloc.txt", "vit_tiny_small_pages.txt",
+        "vit_tiny_noise_all.txt", "input_mock_imagenet.txt", "input_fashion_mnist.txt"])
+    assert all((ROOT / "benchmarks" / "logs" / n).is_file() for n in names)
+    assert (logs / "vit_tiny_vs_torch_glibc_malloc.txt").read_text().startswith("1||")
+    assert (logs / "vit_tiny_small_pages.txt").read_text().startswith("|1|")
+    assert (logs / "vit_tiny_vs_torch.txt").read_text().startswith("||")
+
+    # Run again: the first log is there, so nothing is written, exit 2.
+    (logs / "vit_tiny_vs_torch.txt").write_text("cited\n")
+    result = _run_cpu(tmp_path, "vs_torch")
+    assert result.returncode == 2
+    assert (logs / "vit_tiny_vs_torch.txt").read_text() == "cited\n"
+    result = _run_cpu(tmp_path, "vs_torch", SUFFIX="_new")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in logs.glob("*_new.txt")) == [
+        "resnet18_vs_torch_new.txt", "vit_tiny_vs_torch_new.txt"]
+    assert (logs / "vit_tiny_vs_torch.txt").read_text() == "cited\n"
+    result = _run_cpu(tmp_path, "noise")
+    assert result.returncode == 2
+    assert _run_cpu(tmp_path, "noise", OVERWRITE="1").returncode == 0

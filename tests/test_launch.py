@@ -40,14 +40,14 @@ exe, argv = sys.argv[0], sys.argv[1:]
 name = os.path.basename(exe)
 rec = dict(prog=name, exe=exe, argv=argv, cwd=os.getcwd(),
            env={{k: os.environ.get(k) for k in
-                ("TFDS_DATA_DIR", "XLA_FLAGS", "NOISY_FLAX_DISTRIBUTED")}})
+                ("TFDS_DATA_DIR", "XLA_FLAGS", "NOISY_FLAX_DISTRIBUTED", "PYTHONUNBUFFERED")}})
 with open(os.environ["FAKE_RECORD"], "a") as f:
     f.write(json.dumps(rec) + "\n")
 if name == "gcloud" and os.environ.get("FAKE_FAIL") and any(
         os.environ["FAKE_FAIL"] in a for a in argv):  # a worker refused this command
     sys.exit(1)
 if name == "gcloud" and "describe" in argv:
-    print("ACTIVE" if "queued-resources" in argv else "2")
+    print(os.environ.get("FAKE_STATE", "ACTIVE") if "queued-resources" in argv else "2")
 if name == "gcloud" and "scp" in argv:  # keep what would be uploaded
     for a in argv:
         if os.path.isfile(a):
@@ -60,6 +60,9 @@ if name == "sudo" and argv[:1] == ["lsof"]:
     print("4243\n4242")
 if name == "sudo" and argv[:2] == ["kill", "-0"]:  # alive: the pids in FAKE_ALIVE
     sys.exit(0 if set(argv[2:]) <= set(os.environ.get("FAKE_ALIVE", "").split()) else 1)
+if name.startswith("python") and argv == ["-c", "import ensurepip, venv"] and os.environ.get(
+        "FAKE_NO_VENV"):
+    sys.exit(1)  # an image without python3.X-venv: ensurepip is missing
 if name.startswith("python") and argv[:2] == ["-m", "venv"]:
     os.makedirs(os.path.join(argv[2], "bin"))
     for tool in ("python", "pip"):
@@ -139,11 +142,11 @@ def remote_command(argv):
     return cmd[len("--command="):]
 
 
-def run_remotely(remote, command, cwd=None, wait_for=0):
+def run_remotely(remote, command, cwd=None, wait_for=0, **env):
     """Run a remote command string as the worker's login shell would: bash -c."""
     # Only the fakes and the basic tools: python, rm, touch etc. are the fakes.
     proc = subprocess.run(["bash", "-c", command], cwd=cwd or remote.home,
-                          env=remote.env(path_tail="/usr/bin:/bin", HOME=str(remote.home)),
+                          env=remote.env(path_tail="/usr/bin:/bin", HOME=str(remote.home), **env),
                           capture_output=True, text=True, timeout=30)
     deadline = time.time() + 10  # run.sh starts python in the background
     while len(remote.records()) < wait_for and time.time() < deadline:
@@ -220,6 +223,24 @@ def test_create_best_effort_is_an_alpha_queued_resource(local):
     assert argv[-1] == "--best-effort"
 
 
+# The runtime images Cloud TPU documents for JAX, per generation (README).
+@pytest.mark.parametrize("accel, version", [
+    ("v4-32", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5p-8", "v2-alpha-tpuv5"), ("v6e-16", "v2-alpha-tpuv6e")])
+def test_create_picks_the_runtime_of_each_generation(local, accel, version):
+    proc = launch(local, "create.sh", *TARGET, "--accelerator-type", accel)
+    assert proc.returncode == 0, proc.stderr
+    (argv,) = gcloud_calls(local)
+    assert f"--version={version}" in argv
+
+
+def test_create_wait_fails_when_the_queued_resource_fails(local):
+    proc = launch(local, "create.sh", *TARGET, "--accelerator-type", "v4-32", "--queued",
+                  "--wait", FAKE_STATE="FAILED", NOISY_FLAX_POLL_SECONDS="0")
+    assert proc.returncode == 1, proc.stderr
+    assert "queued resource my-tpu is FAILED" in proc.stderr
+
+
 @pytest.mark.parametrize("queued, expected", [
     ([], ["compute", "tpus", "tpu-vm", "delete", "my-tpu", "--zone=us-central2-b", "--quiet"]),
     (["--queued"], ["compute", "tpus", "queued-resources", "delete", "my-tpu",
@@ -265,6 +286,28 @@ def test_setup_copies_head_and_installs_on_all_workers(local, remote):
     assert steps[-1][1][1].startswith("import jax, noisy_flax;")
     assert [r["cwd"] for r in remote.records()] == [str(remote.home)] + [str(code)] * 5
 
+    # A rerun updates in place: the venv that is there is kept, not made again.
+    remote.clear()
+    shutil.copy(local.copies / "noisy_flax-src.tar.gz", remote.home)
+    proc = run_remotely(remote, remote_command(ssh))
+    assert proc.returncode == 0, proc.stderr
+    assert not [r for r in remote.records() if r["argv"][:2] == ["-m", "venv"]]
+
+
+def test_setup_installs_python_and_its_venv_module_when_the_image_lacks_them(local, remote):
+    proc = launch(local, "setup.sh", *TARGET, "--worker", "0,1")
+    assert proc.returncode == 0, proc.stderr
+    scp, ssh = gcloud_calls(local)
+    assert "--worker=0,1" in scp and "--worker=0,1" in ssh
+    shutil.copy(local.copies / "noisy_flax-src.tar.gz", remote.home)
+    proc = run_remotely(remote, remote_command(ssh), FAKE_NO_VENV="1")
+    assert proc.returncode == 0, proc.stderr
+    sudo = [r["argv"] for r in remote.records() if r["prog"] == "sudo"]
+    # On Debian / Ubuntu the venv module (and ensurepip) is its own package.
+    assert sudo == [["apt-get", "update", "-qq"],
+                    ["DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-qq",
+                     "python3.11", "python3.11-venv"]]
+
 
 def test_setup_from_git_url_passes_url_and_ref_literally(local, remote):
     url = "https://example.com/x.git#$(touch${IFS}pwned);touch${IFS}pwned"
@@ -275,14 +318,17 @@ def test_setup_from_git_url_passes_url_and_ref_literally(local, remote):
     proc = run_remotely(remote, remote_command(ssh))
     assert proc.returncode == 0, proc.stderr
     git = [r["argv"] for r in remote.records() if r["prog"] == "git"]
-    assert ["-C", "noisy_flax", "fetch", "-q", "--depth=1", url, "v1.2"] in git
+    # A fresh worker has no repository yet; the fetched commit is FETCH_HEAD.
+    assert git == [["-C", "noisy_flax", "init", "-q"],
+                   ["-C", "noisy_flax", "fetch", "-q", "--depth=1", url, "v1.2"],
+                   ["-C", "noisy_flax", "checkout", "-q", "-f", "--detach", "FETCH_HEAD"]]
     assert not [r for r in remote.records() if r["prog"] in ("touch", "rm")]
 
 
 # -- run / logs / kill -----------------------------------------------------
 
 def test_run_starts_main_on_all_workers_with_literal_arguments(local, remote):
-    extra = ["--", "--extra", "y && touch pwned"]
+    extra = ["--", "--extra", "y && touch pwned", "--seed=1"]
     proc = launch(local, "run.sh", *TARGET, "--config", CONFIG, "--workdir", WORKDIR,
                   "--data-dir", DATA_DIR, "--env", "XLA_FLAGS=--a=1 --b", *PAYLOADS, *extra)
     assert proc.returncode == 0, proc.stderr
@@ -307,7 +353,7 @@ def test_run_starts_main_on_all_workers_with_literal_arguments(local, remote):
     # NOISY_FLAX_DISTRIBUTED: a gcloud TPU VM names its workers only through
     # the metadata server, so main.py must be told to start JAX's runtime.
     assert rec["env"] == {"TFDS_DATA_DIR": DATA_DIR, "XLA_FLAGS": "--a=1 --b",
-                          "NOISY_FLAX_DISTRIBUTED": "1"}
+                          "NOISY_FLAX_DISTRIBUTED": "1", "PYTHONUNBUFFERED": "1"}
     assert not list(remote.home.rglob("pwned*"))
     logs = remote.home / "noisy_flax/logs"
     assert (logs / "latest.log").is_symlink() and (logs / "latest.log").exists()
@@ -360,11 +406,21 @@ def test_run_follow_streams_worker_0(local):
     assert remote_command(follow) == "tail -n 100 -F noisy_flax/logs/latest.log"
 
 
-def test_logs_from_all_workers_are_labelled(local, remote):
-    proc = launch(local, "logs.sh", *TARGET, "--worker", "all", "--lines", "5")
+def test_run_follow_keeps_the_remote_dir_and_project(local):
+    proc = launch(local, "run.sh", *TARGET, "--project", "my-project-1", "--remote-dir", "nf2",
+                  "--config", CONFIG, "--workdir", WORKDIR, "--data-dir", DATA_DIR, "--follow")
+    assert proc.returncode == 0, proc.stderr
+    _, _, follow = gcloud_calls(local)
+    assert "--project=my-project-1" in follow and "--worker=0" in follow
+    assert remote_command(follow) == "tail -n 100 -F nf2/logs/latest.log"
+
+
+@pytest.mark.parametrize("worker", ["all", "0,3"])
+def test_logs_from_several_workers_are_labelled(local, remote, worker):
+    proc = launch(local, "logs.sh", *TARGET, "--worker", worker, "--lines", "5")
     assert proc.returncode == 0, proc.stderr
     (ssh,) = gcloud_calls(local)
-    assert "--worker=all" in ssh
+    assert f"--worker={worker}" in ssh
     (remote.home / "noisy_flax/logs").mkdir(parents=True)
     (remote.home / "noisy_flax/logs/latest.log").write_text("step 1\nstep 2\n")
     proc = run_remotely(remote, remote_command(ssh))
@@ -410,6 +466,10 @@ def test_kill_frees_the_tpu_on_all_workers(local, remote):
     proc = run_remotely(remote, command)
     assert proc.returncode == 0, proc.stderr
     sudo = [r["argv"] for r in remote.records() if r["prog"] == "sudo"]
+    # v4 holds /dev/accel*, v5e and later /dev/vfio/<n>.
+    (lsof,) = [a for a in sudo if a[0] == "lsof"]
+    assert any(a.startswith("/dev/accel") for a in lsof)
+    assert any(a.startswith("/dev/vfio/") for a in lsof)
     assert ["kill", "-s", "KILL", "4242", "4243"] in sudo
     assert ["rm", "-f", "/tmp/libtpu_lockfile"] in sudo
 
@@ -497,6 +557,7 @@ BAD = [
     ("create.sh", [*TARGET, "--frobnicate"], "unknown argument"),
     ("create.sh", ["--name", "a;reboot", "--zone", "us-central2-b"], "--name"),
     ("create.sh", ["--zone", "us-central2-b", "--name"], "--name needs a value"),
+    ("create.sh", ["--name", "--zone", "us-central2-b"], "--name needs a value"),
     ("create.sh", [*TARGET, "--zone=$(reboot)"], "--zone"),
     ("setup.sh", [*TARGET, "--repo", "ext::sh -c reboot"], "--repo"),
     ("setup.sh", [*TARGET, "--ref", "main;reboot"], "--ref"),
@@ -519,6 +580,7 @@ BAD = [
                 "note=x"], "unknown argument"),
     ("logs.sh", [*TARGET, "--follow", "--collect", "/tmp/x"], "exclude"),
     ("logs.sh", [*TARGET, "--lines", "ten"], "--lines"),
+    ("logs.sh", [*TARGET, "--worker", "0,,3"], "--worker"),
     ("kill.sh", [*TARGET, "--signal", "HUP;reboot"], "--signal"),
     ("delete.sh", ["--zone", "us-central2-b"], "--name is required"),
     (LAUNCH / "gpu/submit.sh", ["--nodes", "0", "--config", CONFIG, "--workdir", "/w"], "--nodes"),
@@ -527,6 +589,8 @@ BAD = [
      "--job-name"),
     (LAUNCH / "gpu/submit.sh", ["--config", CONFIG, "--workdir", "/w",
                                 "--sbatch-arg", "--qos=x\n#SBATCH --nodes=99"], "--sbatch-arg"),
+    (LAUNCH / "gpu/submit.sh", ["--config", CONFIG, "--workdir", "/w", "--time", "2 days"],
+     "--time"),
 ]
 
 
@@ -546,6 +610,8 @@ def gpu_args(tmp_path):
     return code, ["--nodes", "2", "--gpus-per-node", "8", "--config", CONFIG,
                   "--workdir", "/shared/runs/vit", "--data-dir", "/shared/tfds",
                   "--partition", "gpu", "--time", "2-00:00:00", "--sbatch-arg=--exclusive",
+                  "--sbatch-arg", "--qos=high", "--account", "proj1", "--job-name", "vit",
+                  "--cpus-per-gpu", "6",
                   "--code-dir", str(code), "--log-dir", str(tmp_path / "slurm-logs"),
                   "--script-out", str(tmp_path / "job.sbatch"), *PAYLOADS]
 
@@ -561,6 +627,8 @@ def test_slurm_submit_one_task_per_gpu(local, remote, tmp_path):
     script = (tmp_path / "job.sbatch").read_text()
     for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --time=2-00:00:00", "#SBATCH --exclusive",
+                 "#SBATCH --qos=high", "#SBATCH --account=proj1", "#SBATCH --job-name=vit",
+                 "#SBATCH --cpus-per-task=6",
                  f"#SBATCH --output={tmp_path}/slurm-logs/%x-%j.out"]:
         assert line in script.splitlines()
     assert script.startswith("#!/bin/bash\n")
@@ -576,14 +644,32 @@ def test_slurm_submit_one_task_per_gpu(local, remote, tmp_path):
     (srun,) = srun_fake.records()
     assert srun["prog"] == "srun" and srun["cwd"] == str(code)
     assert srun["argv"] == [
-        "--ntasks-per-node=8", "--cpus-per-task=8", "--kill-on-bad-exit=1", "--label",
+        "--ntasks-per-node=8", "--cpus-per-task=6", "--kill-on-bad-exit=1", "--label",
         f"{code}/.venv/bin/python",
         "-m", "noisy_flax.main", "--config", CONFIG, "--workdir", "/shared/runs/vit", *PAYLOADS]
     assert srun["env"]["TFDS_DATA_DIR"] == "/shared/tfds"
+    assert srun["env"]["PYTHONUNBUFFERED"] == "1"  # the job log shows progress as it happens
 
     proc = subprocess.run(["shellcheck", "-s", "bash", str(tmp_path / "job.sbatch")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_slurm_defaults(local, tmp_path):
+    # README: 8 GPUs = tasks per node, 8 CPUs per GPU, job noisy_flax, log in
+    # <code-dir>/workdirs/slurm-logs/noisy_flax-<jobid>.out.
+    code = tmp_path / "code"
+    proc = launch(local, LAUNCH / "gpu/submit.sh", "--config", CONFIG, "--workdir", "/w",
+                  "--code-dir", str(code), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for line in ["#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --job-name=noisy_flax",
+                 f"#SBATCH --output={code}/workdirs/slurm-logs/%x-%j.out"]:
+        assert line in lines
+    (srun,) = [line for line in lines if line.startswith("srun ")]
+    assert srun.startswith(f"srun --ntasks-per-node=8 --cpus-per-task=8 --kill-on-bad-exit=1 "
+                           f"--label {code}/.venv/bin/python -m noisy_flax.main ")
 
 
 def test_slurm_dry_run_prints_script_and_sbatch_only(local, tmp_path):
