@@ -478,16 +478,21 @@ def test_resnet_stem_matches_torchvision_in_numpy():
     np.testing.assert_allclose(inter["noise_input"][0], pooled, rtol=1e-3, atol=1e-4)
 
 
-def test_resnet_small_stem_is_one_3x3_stride_1_convolution():
-    """The stem for 28-32 px images (as in the CIFAR ResNets): a 3x3
-    convolution, stride 1, padding 1, then BatchNorm and ReLU, no max-pool,
-    so layer1 sees the full 16 x 16 map."""
+def _small_resnet_intermediates():
+    """A width-4 resnet18_small on two 16 px images: (images, variables, intermediates)."""
     model = create_model("resnet18_small", num_classes=3, width=4)
     x = images(2, 16)
     variables = model.init(jax.random.key(0), x, train=False)
     _, state = model.apply(variables, x, train=False, capture_intermediates=True,
                            mutable=["intermediates"])
-    inter = state["intermediates"]
+    return x, variables, state["intermediates"]
+
+
+def test_resnet_small_stem_is_one_3x3_stride_1_convolution():
+    """The stem for 28-32 px images (as in the CIFAR ResNets): a 3x3
+    convolution, stride 1, padding 1, then BatchNorm and ReLU, no max-pool,
+    so layer1 sees the full 16 x 16 map."""
+    x, variables, inter = _small_resnet_intermediates()
     kernel = np.asarray(variables["params"]["conv1"]["kernel"], np.float64)
     assert kernel.shape == (3, 3, 3, 4)
     expected = numpy_conv(np.asarray(x, np.float64), kernel, 1, 1)
@@ -499,12 +504,7 @@ def test_resnet_strided_3x3_convolution_pads_one_on_every_side():
     """PyTorch pads a 3x3, stride-2 convolution by 1 on each side; 'SAME'
     would pad an even map by 0 on the top and left and 1 on the bottom and
     right, shifting every output by one pixel."""
-    model = create_model("resnet18_small", num_classes=3, width=4)
-    x = images(2, 16)
-    variables = model.init(jax.random.key(0), x, train=False)
-    _, state = model.apply(variables, x, train=False, capture_intermediates=True,
-                           mutable=["intermediates"])
-    inter = state["intermediates"]
+    x, variables, inter = _small_resnet_intermediates()
     before = np.asarray(inter["layer1_1"]["__call__"][0], np.float64)  # 16 x 16
     kernel = np.asarray(variables["params"]["layer2_0"]["conv1"]["kernel"], np.float64)
     expected = numpy_conv(before, kernel, 2, 1)
