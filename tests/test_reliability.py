@@ -29,11 +29,14 @@ import tiny_run
 from noisy_flax import checkpointing, train, workdir as workdir_lib
 
 TESTS = pathlib.Path(__file__).resolve().parent
-TOTAL_STEPS = 28  # six trials move at most 4 steps each
+# The five SIGKILL trials moved the run 22-26 steps in all (a 'time' trial up
+# to 10), the SIGTERM 2 more: room to spare, so the SIGTERM never meets the end.
+TOTAL_STEPS = 48
 PROCESS_TIMEOUT = 240  # seconds; a start costs ~15 s of imports here
 # Five SIGKILLs ('save': while an asynchronous checkpoint is being written;
 # 'time': at a random moment), then a SIGTERM, then a run to the end. Each
-# trial first waits for one new finished checkpoint, so the runs move on.
+# SIGKILL trial first waits for one new finished checkpoint, so the runs move
+# on; the SIGTERM comes at the first step after its resume.
 TRIALS = ("save", "time", "save", "time", "time", "sigterm")
 
 
@@ -162,7 +165,13 @@ def test_sigkill_and_sigterm_resume_bitwise_like_an_uninterrupted_run(tmp_path):
     for trial in TRIALS:
         worker = Worker(workdir, data_dir, idx_dir)
         start = (finished_steps(checkpoints) or [0])[-1]
-        worker.wait_until(lambda: (finished_steps(checkpoints) or [0])[-1] > start)
+        assert start < TOTAL_STEPS - 4, log  # room left for this trial and the SIGTERM's
+        if trial == "sigterm":
+            # At the first step after the resume: a stop that waited for a new
+            # checkpoint could land on the last step, leaving nothing to resume.
+            worker.wait_for(lambda line: _is_step_line(line) and _step_of(line) > start)
+        else:
+            worker.wait_until(lambda: (finished_steps(checkpoints) or [0])[-1] > start)
         if trial == "save":
             worker.wait_until(lambda: bool(writes_in_flight(checkpoints)))
             time.sleep(rng.uniform(0, 0.01))
