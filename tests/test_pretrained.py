@@ -178,6 +178,11 @@ def test_a_remote_file_is_read_through_a_local_copy(tmp_path, vit_params, monkey
                                 pretrained.load_params(local, model))
     with pytest.raises(pretrained.CheckpointError, match="no checkpoint at gs://bucket/none.npz"):
         pretrained.read_checkpoint("gs://bucket/none.npz")
+    # A remote directory goes to orbax as it is: orbax reads gs:// itself.
+    (tmp_path / "converted").mkdir()
+    monkeypatch.setattr(pretrained, "_read_orbax", lambda path: {"read_by_orbax": path})
+    assert pretrained.read_checkpoint("gs://bucket/converted") == {
+        "read_by_orbax": "gs://bucket/converted"}
 
 
 def test_pickled_npz_is_refused(tmp_path, vit_params):
@@ -248,6 +253,18 @@ def test_head_is_new_when_the_class_count_differs(tmp_path, vit_params):
     np.testing.assert_array_equal(params["cls"], vit_params["cls"])
 
 
+def test_resnet_fc_is_new_when_the_class_count_differs(tmp_path):
+    """The ResNet's classifier is 'fc': a 10-class file into a 5-class model."""
+    state = _torchvision_resnet18_state(np.random.default_rng(8))
+    path = _write_safetensors(tmp_path / "resnet18.safetensors", state)
+    params = _flat(pretrained.load_params(path, create_model("resnet18", num_classes=10),
+                                          num_classes=5)["params"])
+    assert params["fc/kernel"].shape == (512, 5)
+    np.testing.assert_array_equal(params["fc/bias"], 0)  # nn.Dense's zero bias init
+    np.testing.assert_array_equal(params["conv1/kernel"],
+                                  state["conv1.weight"].transpose(2, 3, 1, 0))
+
+
 def test_a_file_without_a_head_loads_only_with_the_head_reset(tmp_path, vit_params):
     """A headless file (a feature extractor) must not quietly give a fresh head."""
     path = _augreg_npz(tmp_path, {k: v for k, v in vit_params.items()
@@ -277,6 +294,10 @@ def test_representation_layer_is_dropped_only_with_a_new_head(tmp_path, vit_para
         variables = pretrained.load_params(path, model, dont_load=dont_load)
         assert "pre_logits" not in variables["params"]
         np.testing.assert_array_equal(variables["params"]["head"]["kernel"], 0)  # a new head
+    # Resetting only the bias keeps the file's kernel, which still needs pre_logits.
+    with pytest.raises(pretrained.CheckpointError, match="representation layer"):
+        pretrained.load_params(path, create_model(VIT, num_classes=classes),
+                               dont_load=["head/bias"])
     kept = pretrained.load_params(path, create_model(VIT, num_classes=classes,
                                                      representation_size=WIDTH))
     np.testing.assert_array_equal(kept["params"]["pre_logits"]["kernel"], 1)
@@ -313,6 +334,20 @@ def test_dont_load_skips_file_names_that_have_no_place(tmp_path):
     np.testing.assert_array_equal(params["cls"], state["cls_token"])
 
 
+def test_dont_load_skips_blocks_the_model_does_not_have(tmp_path, vit_params):
+    """A deeper checkpoint's extra blocks are ignored when dont_load names them."""
+    extra = {f"Transformer/encoderblock_{DEPTH}/LayerNorm_0/scale": np.ones(WIDTH, np.float32),
+             f"Transformer/encoderblock_{DEPTH}/LayerNorm_0/bias": np.ones(WIDTH, np.float32)}
+    path = _augreg_npz(tmp_path, dict(vit_params, **extra))
+    model = create_model(VIT, num_classes=10)
+    with pytest.raises(pretrained.CheckpointError, match="2 unexpected"):
+        pretrained.load_params(path, model)
+    params = pretrained.load_params(path, model,
+                                    dont_load=[f"Transformer/encoderblock_{DEPTH}/.*"])["params"]
+    assert f"encoderblock_{DEPTH}" not in params["Transformer"]
+    np.testing.assert_array_equal(params["cls"], vit_params["cls"])
+
+
 def test_half_precision_checkpoint_loads_in_the_models_dtype(tmp_path, vit_params):
     """float16 files (timm and HF hubs publish them) become the model's float32."""
     half = {name: value.astype(np.float16) for name, value in vit_params.items()}
@@ -342,10 +377,52 @@ def test_missing_unexpected_and_misshaped_names_are_listed(tmp_path, vit_params)
     assert "mis-shaped:\n  params/cls: checkpoint (1, 1, 65), model (1, 1, 64)" in message
 
 
+def test_long_name_lists_are_cut_at_fifty_and_counted(tmp_path, vit_params):
+    """Fifty names are listed per kind of error; the rest are only counted."""
+    model = create_model(VIT, num_classes=10)
+    names = sorted(vit_params)
+    assert len(names) > 53
+    for dropped, listed, more in ((50, 50, None), (53, 50, "  ... and 3 more")):
+        kept = {k: v for k, v in vit_params.items() if k not in names[:dropped]}
+        with pytest.raises(pretrained.CheckpointError, match=f"{dropped} missing") as error:
+            pretrained.load_params(_augreg_npz(tmp_path, kept, f"{dropped}.npz"), model)
+        lines = str(error.value).splitlines()
+        assert sum(line.startswith("  params/") for line in lines) == listed
+        assert lines[-1] == more if more else lines[-1].startswith("  params/")
+
+
+def test_a_flax_resnet_checkpoint_into_vit_is_refused(tmp_path):
+    """Flax names (a converted ResNet) tell the architecture too."""
+    path = _augreg_npz(tmp_path, {"conv1/kernel": np.ones((7, 7, 3, 64), np.float32),
+                                  "batch_stats/bn1/mean": np.zeros(64, np.float32)})
+    with pytest.raises(pretrained.CheckpointError,
+                       match=r"this checkpoint is a ResNet \(Flax / vit_jax layout\) but the "
+                             "model is a ViT"):
+        pretrained.load_params(path, create_model(VIT, num_classes=10))
+
+
+def test_a_timm_vit_of_a_width_the_heads_do_not_divide_is_reported(tmp_path):
+    """Width 70 over 4 heads: reported as a mis-shaped attention, not a reshape crash."""
+    rng = np.random.default_rng(9)
+    state = _timm_vit_state(rng)
+    state["blocks.0.attn.qkv.weight"] = rng.standard_normal((3 * 70, 70)).astype(np.float32)
+    state["blocks.0.attn.qkv.bias"] = rng.standard_normal(3 * 70).astype(np.float32)
+    path = _write_safetensors(tmp_path / "timm.safetensors", state)
+    with pytest.raises(pretrained.CheckpointError,
+                       match=r"mis-shaped:\n(  .*\n)*  params/Transformer/encoderblock_0/"
+                             r"MultiHeadDotProductAttention_1/query/kernel: checkpoint"):
+        pretrained.load_params(path, create_model(VIT, num_classes=10))
+
+
 def test_a_larger_model_is_reported_not_loaded(tmp_path, vit_params):
     with pytest.raises(pretrained.CheckpointError, match="mis-shaped"):
         pretrained.load_params(_augreg_npz(tmp_path, vit_params),
                                create_model("vit_tiny_patch4_32", num_classes=10))
+    # At another grid too, the file's own posemb shape is reported, not a resampled one.
+    posemb = {pretrained.POSEMB: vit_params["Transformer/posembed_input/pos_embedding"]}
+    with pytest.raises(pretrained.CheckpointError, match=r"pos_embedding: checkpoint "
+                                                         r"\(1, 65, 64\), model \(1, 197, 192\)"):
+        pretrained.fit_to_model(posemb, create_model("vit_tiny_patch16_224", num_classes=10))
 
 
 def test_vit_checkpoint_into_resnet_is_refused(tmp_path, vit_params):
@@ -380,6 +457,8 @@ def test_torch_file_without_torch_says_what_to_do(tmp_path, monkeypatch):
     path = tmp_path / "model.pth"
     with zipfile.ZipFile(path, "w") as archive:  # the shape of a torch.save file
         archive.writestr("model/data.pkl", b"\x80\x02}q\x00.")
+        archive.writestr("model/data/0", b"\x00" * 16)
+        archive.writestr("model/version", b"3\n")
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails
     with pytest.raises(pretrained.CheckpointError, match="needs torch"):
         pretrained.load_params(str(path), create_model(VIT, num_classes=10))
@@ -426,6 +505,28 @@ def test_a_data_parallel_training_checkpoint_loads_without_its_module_prefix(
     np.testing.assert_array_equal(params["head/kernel"], state["head.weight"].T)
 
 
+def test_bfloat16_torch_tensors_stay_bfloat16(tmp_path, monkeypatch):
+    """numpy cannot take torch's bfloat16 directly: it goes through float32 and
+    comes back as ml_dtypes' bfloat16, values unchanged."""
+    values = np.array([1.5, -0.0078125, 2.0 ** 100], np.float32)  # exact in bfloat16
+
+    class BFloat16Tensor(_Tensor):
+        def __init__(self, array):
+            super().__init__(array)
+            self.dtype = "bfloat16"  # the stand-in's torch.bfloat16
+
+        def float(self):
+            return _Tensor(self.array.astype(np.float32))
+
+    monkeypatch.setitem(sys.modules, "torch", _stand_in_torch(
+        {"w": BFloat16Tensor(values.astype(ml_dtypes.bfloat16))}))
+    path = tmp_path / "bf16.pth"
+    path.write_bytes(b"\x80\x02")
+    loaded = pretrained.read_checkpoint(str(path))["w"]
+    assert loaded.dtype == np.dtype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(loaded.astype(np.float32), values)
+
+
 def test_a_torch_file_with_python_objects_is_refused_with_the_reason(tmp_path, monkeypatch):
     refusal = pickle.UnpicklingError("Weights only load failed. This file can still be loaded, "
                                      "to do so you have two options")  # torch 2's words
@@ -468,6 +569,12 @@ def test_timm_vit_values_land_where_they_belong(tmp_path):
     np.testing.assert_array_equal(params["cls"], state["cls_token"])
 
 
+def test_timm_embeddings_alone_are_a_timm_vit():
+    """A file of only the class token and position embedding (timm names) is a ViT's."""
+    arrays = {"cls_token": np.zeros((1, 1, WIDTH)), "pos_embed": np.zeros((1, 65, WIDTH))}
+    assert pretrained.checkpoint_layout(arrays) == ("timm_vit", "ViT")
+
+
 def test_timm_representation_layer_lands_in_pre_logits(tmp_path):
     """Older timm ViTs (representation_size) name it pre_logits.fc, a Linear (out, in)."""
     rng = np.random.default_rng(6)
@@ -493,6 +600,13 @@ def test_unknown_timm_names_are_unexpected(tmp_path):
     path = _write_safetensors(tmp_path / "clip.safetensors", state)
     with pytest.raises(pretrained.CheckpointError, match="unexpected:\n  norm_pre.weight"):
         pretrained.load_params(path, create_model(VIT, num_classes=10))
+    # A known module with a leaf we do not have, or a weight of no known rank.
+    for name, value in (("norm.gamma", np.ones(WIDTH, np.float32)),
+                        ("head.weight", np.ones((10, WIDTH, 1), np.float32))):
+        state = dict(_timm_vit_state(np.random.default_rng(3)), **{name: value})
+        path = _write_safetensors(tmp_path / "odd.safetensors", state)
+        with pytest.raises(pretrained.CheckpointError, match=rf"unexpected:\n  {name}($|\n)"):
+            pretrained.load_params(path, create_model(VIT, num_classes=10))
 
 
 def test_torchvision_resnet_values_land_where_they_belong(tmp_path):
@@ -602,6 +716,15 @@ def test_convert_keeps_batch_statistics(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, from_orbax, pretrained.load_params(src, model))
 
 
+def test_convert_refuses_sizes_below_one(tmp_path, vit_params, capsys):
+    """--num_classes 0 would otherwise fall back to the file's class count."""
+    src, dst = _augreg_npz(tmp_path, vit_params), tmp_path / "converted"
+    for flag in ("--num_classes", "--image_size"):
+        assert pretrained.main(["convert", src, str(dst), "--model", VIT, flag, "0"]) == 2
+        assert f"{flag}=0 must be >= 1" in capsys.readouterr().err
+        assert not dst.exists()
+
+
 def test_convert_command_line(tmp_path, vit_params, capsys):
     """The documented entry point, in a fresh interpreter; then its refusal to overwrite."""
     src = _augreg_npz(tmp_path, vit_params)
@@ -625,3 +748,8 @@ def test_a_training_checkpoint_gives_its_weights_not_their_average():
     weights, ema = {"w": np.ones(2)}, {"w": np.zeros(2)}
     assert pretrained._state_dict_in({"state_dict_ema": ema, "state_dict": weights}, "x") is weights
     assert pretrained._state_dict_in({"state_dict_ema": ema}, "x") is ema
+    # DeiT-style checkpoints call the weights 'model'.
+    assert pretrained._state_dict_in({"state_dict_ema": ema, "model": weights}, "x") is weights
+    # A bare state dict saved with a counter beside it: the tensors only.
+    tensor = _Tensor(np.ones(2, np.float32))
+    assert pretrained._state_dict_in({"w": tensor, "epoch": 3}, "x") == {"w": tensor}
