@@ -755,6 +755,16 @@ def test_a_tied_score_never_replaces_the_best_checkpoint(tmp_path, monkeypatch):
     assert finished_steps(tmp_path / "run" / "best") == [1]
 
 
+def test_a_rerun_final_evaluation_that_ties_the_best_keeps_the_earlier_step(tmp_path,
+                                                                            monkeypatch):
+    """The last step's evaluation crashed; its rerun scores 0.9, as step 3
+    did: a tie, so the kept best stays step 3's."""
+    saved_at = run_with_scripted_scores(tmp_path, monkeypatch, {1: 0.1, 2: 0.2, 3: 0.9},
+                                        {4: 0.9}, crash_at=4, checkpoint_every=10)
+    assert saved_at == [1, 2, 3]
+    assert finished_steps(tmp_path / "run" / "best") == [3]
+
+
 def test_a_best_step_kept_before_a_crash_is_not_saved_again(tmp_path, monkeypatch):
     """A crash after step 3's best save and before any checkpoint: the
     resumed run replays step 3; saving best/3 again would fail in orbax on
@@ -815,6 +825,38 @@ def test_a_stop_during_an_evaluation_saves_that_step_and_owes_the_evaluation(
     assert json.loads((workdir / "summary.json").read_text())["eval_top1"] == summary["eval_top1"]
 
 
+def test_a_stop_during_a_train_step_saves_that_step_and_leaves_unevaluated(
+        tmp_path, monkeypatch, capsys):
+    """SIGTERM while step 2 trains (checkpoints due every 10 steps, an
+    evaluation every step): step 2 is saved at once and the run leaves
+    without evaluating it; the rerun resumes there and finishes."""
+    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
+    (tmp_path / "data").mkdir()
+    config = lambda: tiny_run.tiny_config(  # noqa: E731
+        tmp_path / "data", idx_dir, total_steps=4, checkpoint_every=10, eval_every=1,
+        async_checkpoints=False)
+    real_jit_train_step = train.jit_train_step
+
+    def sigterm_at_step_2(*args, **kwargs):
+        step_fn = real_jit_train_step(*args, **kwargs)
+
+        def step(state, batch):
+            if int(state.step) == 1:  # the call that trains step 2
+                os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler only sets a flag
+            return step_fn(state, batch)
+        return step
+
+    monkeypatch.setattr(train, "jit_train_step", sigterm_at_step_2)
+    workdir = tmp_path / "run"
+    assert train.train_and_evaluate(config(), str(workdir))["steps"] == 2
+    assert "Stop requested: checkpoint saved at step 2" in capsys.readouterr().out
+    assert finished_steps(workdir / "checkpoints") == [2]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [1]
+    monkeypatch.setattr(train, "jit_train_step", real_jit_train_step)
+    assert train.train_and_evaluate(config(), str(workdir))["steps"] == 4
+
+
 def test_a_resume_that_would_regroup_device_scoped_noise_is_refused(tmp_path, monkeypatch):
     """Optimal-Q with scope='device' mixes each device's share of the batch:
     16 examples over 8 devices are groups of 2, over 4 devices groups of 4.
@@ -847,6 +889,23 @@ def test_a_resume_that_would_regroup_device_scoped_noise_is_refused(tmp_path, mo
         train.train_and_evaluate(config(), str(workdir))
     summary = train.train_and_evaluate(config(allow_config_change=True), str(workdir))
     assert summary["steps"] == 4
+
+
+def test_a_finished_run_reruns_on_other_devices_as_nothing_is_left_to_train(tmp_path):
+    """The device-scoped grouping matters for training steps only: a run
+    saved at its last step (as if on 4 devices) reruns on 8 and keeps its
+    summary."""
+    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
+    (tmp_path / "data").mkdir()
+    config = lambda: tiny_run.tiny_config(tmp_path / "data", idx_dir,  # noqa: E731
+                                          async_checkpoints=False)
+    workdir = tmp_path / "run"
+    first = train.train_and_evaluate(config(), str(workdir))
+    meta_file = workdir / "checkpoints" / str(first["steps"]) / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert meta["batch_devices"] == 8
+    meta_file.write_text(json.dumps({**meta, "batch_devices": 4}))
+    assert train.train_and_evaluate(config(), str(workdir)) == first
 
 
 def test_a_resume_keeps_the_records_up_to_its_step_and_owes_a_rerun_evaluation(tmp_path):

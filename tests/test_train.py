@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import time
 
 import flax
 import jax
@@ -14,6 +15,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
+import tiny_run
 from configs import common
 from noisy_flax import optim, train
 
@@ -192,6 +194,30 @@ def test_evaluation_interval_in_steps_or_epochs():
     config.eval_every = 10
     with pytest.raises(ValueError, match="both give the evaluation interval"):
         train.eval_interval(config, 7)
+
+
+def test_an_evaluation_interval_under_one_step_evaluates_every_step():
+    """0.05 epochs of 7 steps is 0.35 steps: rounded to 0 it would mean 'at
+    the end only', the opposite of what so frequent an interval asks."""
+    config = common.base_config()
+    config.eval_every_epochs = 0.05
+    assert train.eval_interval(config, 7) == 1
+
+
+def test_eval_batch_per_device_becomes_the_global_eval_batch():
+    """2 per device on the 8 test devices is 16; an eval_batch_size of 16
+    says the same and is accepted, a missing one is filled in."""
+    config = common.base_config()
+    config.eval_batch_per_device = 2
+    config.eval_batch_size = None
+    train.resolve_eval_batch_size(config)
+    assert config.eval_batch_size == 2 * 8
+    config.eval_batch_size = 16
+    train.resolve_eval_batch_size(config)
+    assert config.eval_batch_size == 16
+    config.eval_batch_per_device, config.eval_batch_size = 0, None
+    with pytest.raises(ValueError, match="eval_batch_size is unset"):
+        train.resolve_eval_batch_size(config)
 
 
 def test_schedule_without_warmup_prefix_is_timms_cosine_over_the_whole_run():
@@ -531,6 +557,27 @@ def test_fractional_epochs_and_a_warmup_longer_than_the_run():
     assert train.schedule_lengths(config, 1000) == (7, 11, 11)
 
 
+def test_warmup_epochs_round_to_the_nearest_step():
+    """7 steps an epoch: 0.2 warm-up epochs are 1.4 steps, 1 to the nearest
+    step (rounding up would give 2), and 0.3 are 2.1, so 2."""
+    config = common.base_config()
+    config.batch_size, config.num_epochs, config.total_steps = 128, 3.0, 0
+    config.warmup_epochs = 0.2
+    assert train.schedule_lengths(config, 1000) == (7, 21, 1)
+    config.warmup_epochs = 0.3
+    assert train.schedule_lengths(config, 1000) == (7, 21, 2)
+
+
+def test_a_train_split_smaller_than_a_batch_is_one_step_an_epoch():
+    """100 examples in batches of 128: the stream runs on across epochs, so
+    a batch still fills; an epoch counts as 1 step, not 0 (which would make
+    two epochs a run of no steps)."""
+    config = common.base_config()
+    config.batch_size, config.num_epochs, config.total_steps = 128, 2.0, 0
+    config.warmup_epochs = 1.0
+    assert train.schedule_lengths(config, 100) == (1, 2, 1)
+
+
 def test_gradient_accumulation_gives_each_micro_batch_its_own_noise():
     """Micro-batch j (rows j::2) draws its noise from fold_in(step key, j); the
     step is SGD(1) on the mean of their gradients, here computed again with
@@ -553,3 +600,42 @@ def test_gradient_accumulation_gives_each_micro_batch_its_own_noise():
     jax.tree.map(lambda got, p, a, b: np.testing.assert_allclose(got, p - (a + b) / 2,
                                                                  rtol=1e-4, atol=1e-6),
                  new.params, state.params, *grads)
+
+
+def test_train_records_and_evaluations_every_nth_step_and_at_the_last(tmp_path):
+    """5 steps, log_every=2, eval_every=2, a checkpoint every 3: steps 2 and 4
+    log and evaluate, and so does step 5, the last; step 3's checkpoint logs
+    nothing. eval_max_examples=20 in batches of 16 scores whole batches up
+    to at least 20 examples: 2 batches, 32 of the 32 test examples."""
+    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
+    (tmp_path / "data").mkdir()
+    config = tiny_run.tiny_config(tmp_path / "data", idx_dir, total_steps=5, log_every=2,
+                                  eval_every=2, checkpoint_every=3, eval_batch_size=16,
+                                  eval_max_examples=20, async_checkpoints=False)
+    started = time.perf_counter()
+    summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+    wall = time.perf_counter() - started
+    # Images, not steps, per second: 5 steps of 16 within at most the wall
+    # time (the summary rounds to 0.1).
+    assert summary["images_per_second"] >= 5 * 16 / wall - 0.05
+    assert summary["images_per_second"] == pytest.approx(5 * 16 / summary["train_seconds"],
+                                                         rel=0.25)  # seconds rounded to 0.1
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 5]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4, 5]
+    assert [r["count"] for r in evals] == [2 * 16] * 3
+
+
+def test_a_divergence_between_log_steps_is_caught_before_its_checkpoint(tmp_path):
+    """log_every=50, a checkpoint every step: step 1 trains at lr 0 (warm-up
+    from 0), step 2 at 1e30 overflows; that step is checked before it is
+    saved although it logs nothing, so only step 1 is kept."""
+    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
+    (tmp_path / "data").mkdir()
+    config = tiny_run.tiny_config(tmp_path / "data", idx_dir, total_steps=3, lr=1e30,
+                                  warmup_steps=1, warmup_init_lr=0.0, checkpoint_every=1,
+                                  log_every=50, async_checkpoints=False)
+    with pytest.raises(train.TrainingError, match=r"diverged at step 2 .*\(step 1\) is kept"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1"]
