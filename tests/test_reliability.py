@@ -791,6 +791,16 @@ def test_a_failed_final_evaluation_keeps_the_last_steps_and_reruns_alone(tmp_pat
     assert json.loads((run / "summary.json").read_text())["eval_top1"] == 0.7
 
 
+def _four_steps_saved_only_by_a_stop(tmp_path):
+    """A config maker: 4 steps, each evaluated; checkpoints are due only
+    every 10 steps, so any checkpoint on disk is a stop's."""
+    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
+    (tmp_path / "data").mkdir()
+    return lambda: tiny_run.tiny_config(tmp_path / "data", idx_dir, total_steps=4,
+                                        checkpoint_every=10, eval_every=1,
+                                        async_checkpoints=False)
+
+
 @pytest.mark.parametrize("stop_at", [3, 4])
 def test_a_stop_during_an_evaluation_saves_that_step_and_owes_the_evaluation(
         tmp_path, monkeypatch, capsys, stop_at):
@@ -798,11 +808,7 @@ def test_a_stop_during_an_evaluation_saves_that_step_and_owes_the_evaluation(
     evaluation is abandoned at its next batch, step 3 is saved at once
     (checkpoints are due only every 10 steps), no summary is written, and
     the rerun resumes there and evaluates the end."""
-    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
-    (tmp_path / "data").mkdir()
-    config = lambda: tiny_run.tiny_config(  # noqa: E731
-        tmp_path / "data", idx_dir, total_steps=4, checkpoint_every=10, eval_every=1,
-        async_checkpoints=False)
+    config = _four_steps_saved_only_by_a_stop(tmp_path)
     real_evaluate = train.evaluate
 
     def sigterm_at(eval_step, state, *args, **kwargs):
@@ -830,11 +836,7 @@ def test_a_stop_during_a_train_step_saves_that_step_and_leaves_unevaluated(
     """SIGTERM while step 2 trains (checkpoints due every 10 steps, an
     evaluation every step): step 2 is saved at once and the run leaves
     without evaluating it; the rerun resumes there and finishes."""
-    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
-    (tmp_path / "data").mkdir()
-    config = lambda: tiny_run.tiny_config(  # noqa: E731
-        tmp_path / "data", idx_dir, total_steps=4, checkpoint_every=10, eval_every=1,
-        async_checkpoints=False)
+    config = _four_steps_saved_only_by_a_stop(tmp_path)
     real_jit_train_step = train.jit_train_step
 
     def sigterm_at_step_2(*args, **kwargs):
