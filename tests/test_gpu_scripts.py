@@ -83,12 +83,15 @@ esac
 needs_timeout = pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
 
 
-@pytest.fixture
-def fake_python(tmp_path):
-    path = tmp_path / "python"
-    path.write_text(FAKE_PYTHON.format(python=sys.executable))
+def _write_executable(path, text):
+    path.write_text(text)
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
     return path
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    return _write_executable(tmp_path / "python", FAKE_PYTHON.format(python=sys.executable))
 
 
 def _run_script(tmp_path, fake_python, out, **env):
@@ -239,9 +242,8 @@ def fake_timeout(tmp_path):
     """coreutils' timeout, recording the limit it was given."""
     bin_dir = tmp_path / "timeout_bin"
     bin_dir.mkdir()
-    path = bin_dir / "timeout"
-    path.write_text('#!/usr/bin/env bash\necho "$1" >> "$FAKE_CALLS.timeout"\nshift\nexec "$@"\n')
-    path.chmod(0o755)
+    _write_executable(bin_dir / "timeout",
+                      '#!/usr/bin/env bash\necho "$1" >> "$FAKE_CALLS.timeout"\nshift\nexec "$@"\n')
     return bin_dir
 
 
@@ -326,9 +328,7 @@ echo "${NOISY_FLAX_NO_TCMALLOC:-}|${NOISY_FLAX_NO_REEXEC:-}|$*"
 
 
 def _run_cpu(tmp_path, *args, **env):
-    py = tmp_path / "py"
-    py.write_text(FAKE_RUN_PY)
-    py.chmod(0o755)
+    py = _write_executable(tmp_path / "py", FAKE_RUN_PY)
     full_env = {**os.environ, "PY": str(py), "PY_TORCH": str(py), "LOGS": str(tmp_path / "logs"),
                 **env}
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "run_cpu.sh"), *args], cwd=ROOT,
