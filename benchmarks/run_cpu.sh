@@ -23,6 +23,14 @@ vs_torch() {
   run "vit_tiny_vs_torch$suffix" "$@" "$PY_TORCH" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --compare-model-kwarg last_block_all_tokens=true --steps 20 --warmup 2 --chunk 2
   run "resnet18_vs_torch$suffix" "$@" "$PY_TORCH" -m noisy_flax.benchmark --model resnet18 --batch 32 --resolution 224 --vs-torch --eval --compare-cpu-ynnpack default --compare-model-kwarg conv_algorithm=direct --steps 20 --warmup 2 --chunk 2
 }
+# mkl_intel_path_preload: builds benchmarks/mkl_intel_path.c and prints the LD_PRELOAD that adds it.
+mkl_intel_path_preload() {
+  local build=${BUILD_DIR:-benchmarks/build}
+  mkdir -p "$build"
+  "${CC:-cc}" -shared -fPIC -O2 -o "$build/libmkl_intel_path.so" benchmarks/mkl_intel_path.c \
+    || { echo "building benchmarks/mkl_intel_path.c failed; install a C compiler (apt install gcc) or set CC" >&2; exit 2; }
+  echo "$(cd "$build" && pwd)/libmkl_intel_path.so${LD_PRELOAD:+:$LD_PRELOAD}"
+}
 case "${1:-all}" in
   vs_torch|all)
     # JAX (tuned), JAX with XLA's default YNNPACK use, (ViT) JAX with the last block computing
@@ -32,6 +40,11 @@ case "${1:-all}" in
   malloc|all)
     # The same two runs on glibc's malloc (huge pages) instead of TCMalloc (compare with vs_torch).
     vs_torch _glibc_malloc env NOISY_FLAX_NO_TCMALLOC=1 ;;&
+  mkl_intel_path|all)
+    # The same two runs with PyTorch's oneMKL on the kernels of the CPU's instruction set
+    # (benchmarks/mkl_intel_path.c): off Intel processors it otherwise takes a slow generic path.
+    preload=$(mkl_intel_path_preload)
+    vs_torch _mkl_intel_path env LD_PRELOAD="$preload" ;;&
   huge_pages|all)
     # The same ViT step without the re-exec: glibc's malloc with 4 KiB pages.
     run vit_tiny_small_pages env NOISY_FLAX_NO_REEXEC=1 "$PY" -m noisy_flax.benchmark --model vit_tiny_patch16_224 --batch 32 --resolution 224 --steps 20 --warmup 2 --chunk 2 ;;&

@@ -475,7 +475,8 @@ def environment() -> dict[str, Any]:
     device = jax.devices()[0]
     env = {"backend": jax.default_backend(), "device_kind": device.device_kind,
            "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
-           "cpu_model": cpu_model(), "python": platform.python_version(),
+           "cpu_model": cpu_model(), "cpu_vendor": cpu_vendor(),
+           "python": platform.python_version(),
            "jax": jax.__version__, "jaxlib": _version("jaxlib"), "flax": _version("flax"),
            "optax": _version("optax"), "xla_flags": os.environ.get("XLA_FLAGS", ""),
            # the allocator matters on the CPU (noisy_flax.cpu_tuning)
@@ -486,15 +487,26 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def cpu_model() -> str:
+def _cpuinfo(field: str) -> Optional[str]:
+    """The first processor's ``field`` in /proc/cpuinfo (Linux), or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.split(":", 1)[0].strip() == field:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor()
+
+
+def cpu_vendor() -> str:
+    """``GenuineIntel``, ``AuthenticAMD``, ... ('' where unknown): PyTorch's
+    BLAS picks its kernels by it (benchmark_torch.mkl_generic_path)."""
+    return _cpuinfo("vendor_id") or ""
 
 
 def _version(module: str) -> str:
@@ -818,6 +830,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         if rows and rows[0].get("peak_flops_per_s"):
             print(f"util % against {rows[0]['peak_flops_per_s'] / 1e9:,.0f} GFLOP/s "
                   f"({rows[0]['peak_source']})")
+        if any(row.get("mkl_generic_path") for row in rows):
+            from noisy_flax import benchmark_torch
+            print(benchmark_torch.MKL_GENERIC_PATH_WARNING.format(vendor=env["cpu_vendor"]))
         emit_json(rows, common)
     return rows
 

@@ -17,10 +17,25 @@ import re
 import sys
 from typing import Any, Optional
 
-from noisy_flax.benchmark import Case
+from noisy_flax.benchmark import Case, cpu_vendor
 from noisy_flax.cli import first_line
 
 _RESNET = re.compile(r"resnet(\d+)$")
+
+# Built and preloaded by `bash benchmarks/run_cpu.sh mkl_intel_path`.
+MKL_INTEL_PATH_LIBRARY = "libmkl_intel_path.so"
+MKL_GENERIC_PATH_WARNING = (
+    "warning: PyTorch's oneMKL runs its generic code path on this {vendor} CPU, slower than its "
+    "cores allow, so the JAX / PyTorch ratios flatter JAX; `bash benchmarks/run_cpu.sh "
+    "mkl_intel_path` times PyTorch on the kernels of the CPU's instruction set (BENCHMARKS.md)")
+
+
+def mkl_generic_path(vendor: str, ld_preload: str, mkl: bool) -> bool:
+    """Whether PyTorch's BLAS runs slower than this CPU allows: oneMKL picks its
+    kernels by vendor, and off Intel processors takes a generic path (on the
+    AVX-512 AMD EPYC of BENCHMARKS.md, torch.mm 2048 at 172-197 GFLOP/s against
+    420-440 on its AVX-512 path) unless benchmarks/mkl_intel_path.c is preloaded."""
+    return mkl and vendor not in ("", "GenuineIntel") and MKL_INTEL_PATH_LIBRARY not in ld_preload
 
 
 def available() -> bool:
@@ -98,6 +113,9 @@ def _case(name: str, step, ref: _Reference, compile: bool = False) -> Case:
             "torch_device": str(ref.device), "torch_compile": compile,
             "autocast": "bf16" if ref.bf16 else "off (fp32)",
             "params": sum(p.numel() for p in ref.model.parameters())}
+    if ref.device.type == "cpu":
+        info["mkl_generic_path"] = mkl_generic_path(cpu_vendor(), os.environ.get("LD_PRELOAD", ""),
+                                                    torch.backends.mkl.is_available())
     return Case(name, run, info)
 
 

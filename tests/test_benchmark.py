@@ -426,6 +426,61 @@ def test_vs_torch_rows_from_set_step_times(monkeypatch):
         benchmark.run_steps(benchmark.parse_args(TINY_PUBLISHED + ["--vs-torch"]))
 
 
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC 9454 48-Core Processor
+flags\t\t: fpu avx512f
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model name\t: another
+"""
+
+
+def test_cpu_vendor_and_model_are_the_first_processor_s(monkeypatch):
+    import io
+    monkeypatch.setattr(benchmark, "open", lambda path: io.StringIO(CPUINFO), raising=False)
+    assert benchmark.cpu_vendor() == "AuthenticAMD"
+    # "model" is another field than "model name", and comes first.
+    assert benchmark.cpu_model() == "AMD EPYC 9454 48-Core Processor"
+
+    def missing(path):
+        raise FileNotFoundError(path)
+    monkeypatch.setattr(benchmark, "open", missing, raising=False)
+    assert benchmark.cpu_vendor() == ""
+
+
+@pytest.mark.parametrize("vendor, preload, mkl, expected", [
+    ("AuthenticAMD", "", True, True),
+    ("AuthenticAMD", "libtcmalloc_minimal.so.4", True, True),
+    ("AuthenticAMD", "libtcmalloc_minimal.so.4:/x/build/libmkl_intel_path.so", True, False),
+    ("GenuineIntel", "", True, False),
+    ("HygonGenuine", "", True, True),
+    ("AuthenticAMD", "", False, False),  # a PyTorch without MKL (an aarch64 or OpenBLAS build)
+    ("", "", True, False),  # vendor unknown: nothing to say
+])
+def test_mkl_generic_path_is_flagged_off_intel_unless_the_library_is_preloaded(
+        vendor, preload, mkl, expected):
+    from noisy_flax import benchmark_torch
+    assert benchmark_torch.mkl_generic_path(vendor, preload, mkl) is expected
+
+
+def test_the_table_warns_when_pytorch_ran_mkl_s_generic_path(monkeypatch, capsys):
+    from noisy_flax import benchmark_torch
+    row = {"name": "torch train", "step_ms_median": 100.0, "images_per_s": 80.0}
+    for flagged in (True, False):
+        monkeypatch.setattr(benchmark, "run_steps",
+                            lambda args: [{**row, "mkl_generic_path": flagged}])
+        monkeypatch.setattr(benchmark, "cpu_vendor", lambda: "AuthenticAMD")
+        benchmark.main(TINY)
+        out = capsys.readouterr().out
+        warning = benchmark_torch.MKL_GENERIC_PATH_WARNING.format(vendor="AuthenticAMD")
+        assert (warning in out.splitlines()) is flagged
+        assert '"mkl_generic_path": %s' % str(flagged).lower() in out  # and in its JSON line
+
+
 def test_vs_torch_refuses_a_model_override_before_compiling(monkeypatch):
     from noisy_flax import benchmark_torch
     monkeypatch.setattr(benchmark_torch, "available", lambda: True)

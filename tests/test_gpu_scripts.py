@@ -323,14 +323,20 @@ def test_gpu_checks_fails_when_auto_does_not_reach_cudnn_on_a_gpu(monkeypatch, c
 
 # benchmarks/run_cpu.sh: the CPU figures' logs, by the names BENCHMARKS.md cites.
 FAKE_RUN_PY = """#!/usr/bin/env bash
-echo "${NOISY_FLAX_NO_TCMALLOC:-}|${NOISY_FLAX_NO_REEXEC:-}|$*"
+echo "${NOISY_FLAX_NO_TCMALLOC:-}|${NOISY_FLAX_NO_REEXEC:-}|$*|${LD_PRELOAD:-}"
+"""
+# A stand-in compiler: writes an empty file where -o says and records its arguments.
+FAKE_CC = """#!/usr/bin/env bash
+echo "$*" >> "$(dirname "$0")/cc_calls"
+while [ $# -gt 0 ]; do [ "$1" = -o ] && : > "$2"; shift; done
 """
 
 
 def _run_cpu(tmp_path, *args, **env):
     py = _write_executable(tmp_path / "py", FAKE_RUN_PY)
+    cc = _write_executable(tmp_path / "cc", FAKE_CC)
     full_env = {**os.environ, "PY": str(py), "PY_TORCH": str(py), "LOGS": str(tmp_path / "logs"),
-                **env}
+                "CC": str(cc), "BUILD_DIR": str(tmp_path / "build"), "LD_PRELOAD": "", **env}
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "run_cpu.sh"), *args], cwd=ROOT,
                           env=full_env, capture_output=True, text=True, timeout=60)
 
@@ -343,12 +349,21 @@ def test_run_cpu_writes_every_log_once_and_never_over_a_cited_one(tmp_path):
     # The names of the logs kept in benchmarks/logs (BENCHMARKS.md cites them).
     assert names == sorted([
         "vit_tiny_vs_torch.txt", "resnet18_vs_torch.txt", "vit_tiny_vs_torch_glibc_malloc.txt",
-        "resnet18_vs_torch_glibc_malloc.txt", "vit_tiny_small_pages.txt",
+        "resnet18_vs_torch_glibc_malloc.txt", "vit_tiny_vs_torch_mkl_intel_path.txt",
+        "resnet18_vs_torch_mkl_intel_path.txt", "vit_tiny_small_pages.txt",
         "vit_tiny_noise_all.txt", "input_mock_imagenet.txt", "input_fashion_mnist.txt"])
     assert all((ROOT / "benchmarks" / "logs" / n).is_file() for n in names)
     assert (logs / "vit_tiny_vs_torch_glibc_malloc.txt").read_text().startswith("1||")
     assert (logs / "vit_tiny_small_pages.txt").read_text().startswith("|1|")
     assert (logs / "vit_tiny_vs_torch.txt").read_text().startswith("||")
+    # Only the mkl_intel_path runs preload the library, which was built once from its source.
+    library = tmp_path / "build" / "libmkl_intel_path.so"
+    for name in names:
+        preload = (logs / name).read_text().strip().rsplit("|", 1)[1]
+        assert preload == (str(library) if "mkl_intel_path" in name else ""), name
+    assert library.is_file()
+    calls = (tmp_path / "cc_calls").read_text().splitlines()
+    assert calls == [f"-shared -fPIC -O2 -o {library} benchmarks/mkl_intel_path.c"]
 
     # Run again: the first log is there, so nothing is written, exit 2.
     (logs / "vit_tiny_vs_torch.txt").write_text("cited\n")
@@ -363,3 +378,56 @@ def test_run_cpu_writes_every_log_once_and_never_over_a_cited_one(tmp_path):
     result = _run_cpu(tmp_path, "noise")
     assert result.returncode == 2
     assert _run_cpu(tmp_path, "noise", OVERWRITE="1").returncode == 0
+
+
+def test_run_cpu_keeps_a_preload_already_set_and_stops_when_the_library_cannot_be_built(tmp_path):
+    result = _run_cpu(tmp_path, "mkl_intel_path", LD_PRELOAD="libother.so")
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "logs" / "resnet18_vs_torch_mkl_intel_path.txt").read_text()
+    assert log.strip().endswith(f"|{tmp_path / 'build' / 'libmkl_intel_path.so'}:libother.so")
+
+    failing = _write_executable(tmp_path / "failing_cc", "#!/usr/bin/env bash\nexit 1\n")
+    result = _run_cpu(tmp_path, "mkl_intel_path", CC=str(failing), SUFFIX="_again")
+    assert result.returncode == 2
+    assert "building benchmarks/mkl_intel_path.c failed; install a C compiler" in result.stderr
+    assert not list((tmp_path / "logs").glob("*_again.txt"))  # nothing ran without it
+
+
+def _build_mkl_intel_path(tmp_path):
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        pytest.skip("needs a C compiler")
+    library = tmp_path / "libmkl_intel_path.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(library),
+                    str(ROOT / "benchmarks" / "mkl_intel_path.c")], check=True)
+    return library
+
+
+def test_mkl_intel_path_answers_yes_to_both_of_mkl_s_questions(tmp_path):
+    import ctypes
+    library = ctypes.CDLL(str(_build_mkl_intel_path(tmp_path)))
+    assert library.mkl_serv_intel_cpu_true() == 1
+    assert library.mkl_serv_intel_cpu() == 1
+
+
+def test_mkl_generic_path_agrees_with_what_mkl_reports(tmp_path):
+    """oneMKL's own banner (MKL_VERBOSE) names the code path it runs; the
+    benchmark's flag must say "generic" exactly when the banner does, with and
+    without the library preloaded (on an Intel CPU: never)."""
+    torch = pytest.importorskip("torch")
+    if not torch.backends.mkl.is_available():
+        pytest.skip("this PyTorch has no MKL")
+    import ctypes
+    from noisy_flax import benchmark, benchmark_torch
+    libtorch = ctypes.CDLL(str(pathlib.Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    assert libtorch.mkl_serv_intel_cpu_true and libtorch.mkl_serv_intel_cpu  # the names MKL asks
+    library = _build_mkl_intel_path(tmp_path)
+    for preload in ("", str(library)):
+        out = subprocess.run(
+            [sys.executable, "-c", "import torch; torch.mm(torch.ones(64, 64), torch.ones(64, 64))"],
+            env={**os.environ, "MKL_VERBOSE": "1", "LD_PRELOAD": preload},
+            capture_output=True, text=True, check=True, timeout=120).stdout
+        banner = next(line for line in out.splitlines() if line.startswith("MKL_VERBOSE oneMKL"))
+        generic = "Intel(R) Architecture processors" in banner
+        assert generic is benchmark_torch.mkl_generic_path(benchmark.cpu_vendor(), preload, True), \
+            banner
