@@ -19,6 +19,8 @@
 # With DEADLINE_S set, a stage that cannot finish in the time left is skipped
 # (log.txt says so) and a running one is stopped at the deadline. STAGES picks
 # stages (e.g. STAGES="compile noise" BEST=256 finishes an earlier, cut-off run).
+# Other settings: MODEL (vit_base_patch16_224), STEPS (30 timed steps per case, at
+# least 20 for a median and spread worth reporting), WARMUP (5 untimed steps), PYTHON.
 set -uo pipefail
 OUT=${1:-benchmarks/results/gpu_$(date +%Y%m%d_%H%M%S)}
 MODEL=${MODEL:-vit_base_patch16_224}

@@ -117,6 +117,13 @@ def test_gpu_script_takes_the_best_batch_through_every_stage(tmp_path, fake_pyth
         "checks.jsonl", "gpu.txt", "log.txt", "noise.txt", "sweep.jsonl", "vs_torch.txt",
         "vs_torch_compile.txt"]
     assert len((out / "sweep.jsonl").read_text().splitlines()) == 2  # 128 and 256
+    # Every timing: at least 20 timed steps after a warm-up, the benchmark's own rule.
+    timed = [c for c in calls if "gpu_checks" not in c]
+    assert len(timed) == 6
+    for call in timed:
+        words = call.split()
+        steps, warmup = (int(words[words.index(flag) + 1]) for flag in ("--steps", "--warmup"))
+        assert steps >= 20 and warmup >= 1, call
 
 
 @needs_timeout
