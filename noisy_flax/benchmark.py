@@ -549,6 +549,7 @@ def run_steps(args) -> list[dict[str, Any]]:
         if not benchmark_torch.available():
             raise ValueError("--vs-torch needs torch, timm and torchvision: "
                              "pip install -e '.[torch]' (or run from a venv that has them)")
+        benchmark_torch.check_reference(args.model)
         if args.model_kwarg:
             raise ValueError("--vs-torch times the published model, which --model-kwarg does not "
                              "change; drop --model-kwarg (--compare-model-kwarg adds JAX cases)")

@@ -48,17 +48,34 @@ def available() -> bool:
     return True
 
 
+def check_reference(name: str) -> None:
+    """A ValueError, before anything compiles, where neither timm (ViTs) nor
+    torchvision (ResNets) publishes a model of this name, e.g. the registry's
+    own small models."""
+    if _RESNET.match(name):
+        import torchvision
+        known = hasattr(torchvision.models, name)
+    elif name.startswith("vit_"):
+        import timm
+        known = timm.is_model(name)
+    else:
+        known = False
+    if not known:
+        raise ValueError(f"no PyTorch reference for {name!r}: --vs-torch needs a model timm or "
+                         "torchvision publishes under the same name, e.g. vit_tiny_patch16_224 "
+                         "or resnet18")
+
+
 def create_model(name: str, num_classes: int = 1000, resolution: int = 224):
     """timm for ViTs (position embeddings for ``resolution``), torchvision for
     ResNets: what the published code used."""
+    check_reference(name)
     if _RESNET.match(name):
         import torchvision
         return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
-    if name.startswith("vit_"):
-        import timm
-        return timm.create_model(name, pretrained=False, num_classes=num_classes,
-                                 img_size=resolution)
-    raise ValueError(f"no PyTorch reference for {name!r}; use a vit_* or resnet{{18,34,50,...}} name")
+    import timm
+    return timm.create_model(name, pretrained=False, num_classes=num_classes,
+                             img_size=resolution)
 
 
 def configure_threads() -> int:

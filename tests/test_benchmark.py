@@ -317,6 +317,12 @@ def test_step_modes_import_neither_tensorflow_nor_torch():
     assert out.stdout.strip() == "[]"
 
 
+def _torch_stands_in(monkeypatch, benchmark_torch):
+    """torch taken as installed, and any model name as one it publishes."""
+    monkeypatch.setattr(benchmark_torch, "available", lambda: True)
+    monkeypatch.setattr(benchmark_torch, "check_reference", lambda name: None)
+
+
 def test_vs_torch_without_torch_fails_with_a_message(monkeypatch, fast_compile):
     from noisy_flax import benchmark_torch
     monkeypatch.setattr(benchmark_torch, "available", lambda: False)
@@ -329,7 +335,7 @@ def test_vs_torch_compares_train_with_train_and_eval_with_eval(monkeypatch, fast
     construction: the eval row must be divided by the JAX eval step."""
     import time
     from noisy_flax import benchmark_torch
-    monkeypatch.setattr(benchmark_torch, "available", lambda: True)
+    _torch_stands_in(monkeypatch, benchmark_torch)
 
     def fake(name, seconds):
         return lambda *args, **kwargs: benchmark.Case(name, lambda: time.sleep(seconds), {})
@@ -381,7 +387,7 @@ def test_vs_torch_rows_from_set_step_times(monkeypatch):
     monkeypatch.setattr(benchmark, "eval_case",
                         lambda config, mesh, name: benchmark.Case(name, lambda: None))
     _set_step_times(monkeypatch, times)
-    monkeypatch.setattr(benchmark_torch, "available", lambda: True)
+    _torch_stands_in(monkeypatch, benchmark_torch)
     monkeypatch.setattr(benchmark_torch, "train_case", torch_case("torch train"))
     monkeypatch.setattr(benchmark_torch, "compiled_train_case", torch_case("torch train compiled"))
     monkeypatch.setattr(benchmark_torch, "eval_case", torch_case("torch eval"))
@@ -483,7 +489,7 @@ def test_the_table_warns_when_pytorch_ran_mkl_s_generic_path(monkeypatch, capsys
 
 def test_vs_torch_refuses_a_model_override_before_compiling(monkeypatch):
     from noisy_flax import benchmark_torch
-    monkeypatch.setattr(benchmark_torch, "available", lambda: True)
+    _torch_stands_in(monkeypatch, benchmark_torch)
     monkeypatch.setattr(benchmark, "train_case", lambda *a: pytest.fail("compiled first"))
     with pytest.raises(ValueError, match="drop --model-kwarg"):
         benchmark.run_steps(benchmark.parse_args(TINY + ["--vs-torch"]))
@@ -708,6 +714,32 @@ def test_torch_reference_models_take_the_class_count_and_resolution(name):
     model = benchmark_torch.create_model(name, num_classes=10, resolution=32).eval()
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("name, published", [
+    ("vit_tiny_patch16_224", True), ("vit_base_patch16_384", True), ("resnet18", True),
+    ("resnet152", True), ("vit_nano_patch4_28", False), ("resnet19", False),
+    ("wide_resnet50_2", False)])
+def test_torch_reference_exists_only_for_names_timm_or_torchvision_publish(name, published):
+    _needs_torch_reference()
+    from noisy_flax import benchmark_torch
+    if published:
+        benchmark_torch.check_reference(name)
+    else:
+        with pytest.raises(ValueError, match=f"no PyTorch reference for '{name}'"):
+            benchmark_torch.check_reference(name)
+
+
+def test_vs_torch_with_a_model_pytorch_lacks_is_one_line_before_compiling(monkeypatch, capsys):
+    _needs_torch_reference()
+    monkeypatch.setattr(benchmark, "train_case", lambda *a: pytest.fail("compiled first"))
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(TINY_PUBLISHED + ["--vs-torch"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: no PyTorch reference for 'vit_nano_patch4_28': --vs-torch needs a "
+                   "model timm or torchvision publishes under the same name, e.g. "
+                   "vit_tiny_patch16_224 or resnet18"]
 
 
 def test_torch_reference_refuses_a_dtype_it_has_no_policy_for():
