@@ -126,6 +126,38 @@ def test_gpu_script_takes_the_best_batch_through_every_stage(tmp_path, fake_pyth
         assert steps >= 20 and warmup >= 1, call
 
 
+# A stand-in Python that hands every benchmark command of the script to the
+# real argument parser (which also builds the model from its name): a flag or
+# value the benchmark no longer takes fails the stage, as it would on the GPU.
+PARSING_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = "-" ] && [ "$2" = "jax" ]; then echo "packages: ${{*:2}}"; exit 0; fi
+if [ "$1" = "-" ]; then exec {python} "$@"; fi
+if [ "$1" = "-m" ] && [ "$2" = "noisy_flax.benchmark" ]; then
+  shift 2
+  echo "$*" >> "$FAKE_CALLS"
+  exec {python} -c '
+import json, sys
+from noisy_flax import benchmark
+args = benchmark.parse_args(sys.argv[1:])
+print(json.dumps({{"name": "jax train noise=none", "batch": args.batch, "images_per_s": 1.0,
+                  "utilisation": 0.4}}))' "$@"
+fi
+echo "not run here: $*"
+"""
+
+
+@needs_timeout
+def test_gpu_script_passes_only_arguments_the_benchmark_takes(tmp_path):
+    python = _write_executable(tmp_path / "python", PARSING_PYTHON.format(python=sys.executable))
+    result, calls = _run_script(tmp_path, python, tmp_path / "out", BATCHES="256 512")
+    assert result.returncode == 0, result.stderr
+    assert "failed" not in result.stderr and "gave no result" not in result.stderr
+    # Both sweep batches, then vs_torch, compile and noise at the best one (the first of a tie).
+    assert len(calls) == 5
+    assert all("--model vit_base_patch16_224" in c for c in calls)
+    assert "--vs-torch" in calls[2] and "--torch-compile" in calls[3] and "--noise all" in calls[4]
+
+
 @needs_timeout
 def test_gpu_script_keeps_one_compilation_cache_per_output_folder_outside_it(tmp_path, fake_python):
     """The sweep's compile times must be cold ones, and the results folder
