@@ -33,8 +33,8 @@ MKL_GENERIC_PATH_WARNING = (
 def mkl_generic_path(vendor: str, ld_preload: str, mkl: bool) -> bool:
     """Whether PyTorch's BLAS runs slower than this CPU allows: oneMKL picks its
     kernels by vendor, and off Intel processors takes a generic path (on the
-    AVX-512 AMD EPYC of BENCHMARKS.md, torch.mm 2048 at 172-197 GFLOP/s against
-    420-440 on its AVX-512 path) unless benchmarks/mkl_intel_path.c is preloaded."""
+    AVX-512 AMD EPYC of BENCHMARKS.md, torch.mm 2048 at 165-172 GFLOP/s against
+    420-444 on its AVX-512 path) unless benchmarks/mkl_intel_path.c is preloaded."""
     return mkl and vendor not in ("", "GenuineIntel") and MKL_INTEL_PATH_LIBRARY not in ld_preload
 
 
