@@ -156,6 +156,7 @@ def test_gpu_script_passes_only_arguments_the_benchmark_takes(tmp_path):
     assert len(calls) == 5
     assert all("--model vit_base_patch16_224" in c for c in calls)
     assert "--vs-torch" in calls[2] and "--torch-compile" in calls[3] and "--noise all" in calls[4]
+    assert all("--batch 256" in c for c in calls[2:])
 
 
 @needs_timeout
