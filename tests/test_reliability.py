@@ -700,8 +700,7 @@ def run_with_scripted_scores(tmp_path, monkeypatch, first_run: dict, second_run:
     """Trains ``total_steps`` (an evaluation every step) with the top-1 of
     each evaluation scripted, crashing at the evaluation of step
     ``crash_at``, then resumes; returns the steps _save_best was asked for."""
-    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
-    (tmp_path / "data").mkdir()
+    data_dir, idx_dir = tiny_run.data_dirs(tmp_path)
     scores = dict(first_run)
     real_evaluate, real_save_best = train.evaluate, train._save_best
     saved_at = []
@@ -719,7 +718,7 @@ def run_with_scripted_scores(tmp_path, monkeypatch, first_run: dict, second_run:
     first_run_scores = scores
     monkeypatch.setattr(train, "evaluate", scripted_evaluate)
     monkeypatch.setattr(train, "_save_best", recording_save_best)
-    config = lambda: tiny_run.tiny_config(tmp_path / "data", idx_dir, total_steps=total_steps,
+    config = lambda: tiny_run.tiny_config(data_dir, idx_dir, total_steps=total_steps,
                                           eval_every=1, checkpoint_every=checkpoint_every,
                                           save_best=True, log_every=1, async_checkpoints=False)
     workdir = tmp_path / "run"
@@ -794,9 +793,8 @@ def test_a_failed_final_evaluation_keeps_the_last_steps_and_reruns_alone(tmp_pat
 def _four_steps_saved_only_by_a_stop(tmp_path):
     """A config maker: 4 steps, each evaluated; checkpoints are due only
     every 10 steps, so any checkpoint on disk is a stop's."""
-    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
-    (tmp_path / "data").mkdir()
-    return lambda: tiny_run.tiny_config(tmp_path / "data", idx_dir, total_steps=4,
+    data_dir, idx_dir = tiny_run.data_dirs(tmp_path)
+    return lambda: tiny_run.tiny_config(data_dir, idx_dir, total_steps=4,
                                         checkpoint_every=10, eval_every=1,
                                         async_checkpoints=False)
 
@@ -864,10 +862,9 @@ def test_a_resume_that_would_regroup_device_scoped_noise_is_refused(tmp_path, mo
     16 examples over 8 devices are groups of 2, over 4 devices groups of 4.
     The mesh is not part of the config comparison, so the checkpoint
     records the devices it was trained on."""
-    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
-    (tmp_path / "data").mkdir()
+    data_dir, idx_dir = tiny_run.data_dirs(tmp_path)
     config = lambda **kw: tiny_run.tiny_config(  # noqa: E731
-        tmp_path / "data", idx_dir, total_steps=4, checkpoint_every=2, eval_every=1,
+        data_dir, idx_dir, total_steps=4, checkpoint_every=2, eval_every=1,
         async_checkpoints=False, **kw)
     real_evaluate = train.evaluate
 
@@ -897,9 +894,8 @@ def test_a_finished_run_reruns_on_other_devices_as_nothing_is_left_to_train(tmp_
     """The device-scoped grouping matters for training steps only: a run
     saved at its last step (as if on 4 devices) reruns on 8 and keeps its
     summary."""
-    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
-    (tmp_path / "data").mkdir()
-    config = lambda: tiny_run.tiny_config(tmp_path / "data", idx_dir,  # noqa: E731
+    data_dir, idx_dir = tiny_run.data_dirs(tmp_path)
+    config = lambda: tiny_run.tiny_config(data_dir, idx_dir,  # noqa: E731
                                           async_checkpoints=False)
     workdir = tmp_path / "run"
     first = train.train_and_evaluate(config(), str(workdir))

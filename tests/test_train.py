@@ -607,9 +607,8 @@ def test_train_records_and_evaluations_every_nth_step_and_at_the_last(tmp_path):
     log and evaluate, and so does step 5, the last; step 3's checkpoint logs
     nothing. eval_max_examples=20 in batches of 16 scores whole batches up
     to at least 20 examples: 2 batches, 32 of the 32 test examples."""
-    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
-    (tmp_path / "data").mkdir()
-    config = tiny_run.tiny_config(tmp_path / "data", idx_dir, total_steps=5, log_every=2,
+    data_dir, idx_dir = tiny_run.data_dirs(tmp_path)
+    config = tiny_run.tiny_config(data_dir, idx_dir, total_steps=5, log_every=2,
                                   eval_every=2, checkpoint_every=3, eval_batch_size=16,
                                   eval_max_examples=20, async_checkpoints=False)
     started = time.perf_counter()
@@ -631,9 +630,8 @@ def test_a_divergence_between_log_steps_is_caught_before_its_checkpoint(tmp_path
     """log_every=50, a checkpoint every step: step 1 trains at lr 0 (warm-up
     from 0), step 2 at 1e30 overflows; that step is checked before it is
     saved although it logs nothing, so only step 1 is kept."""
-    idx_dir = tiny_run.write_fake_fashion_mnist(tmp_path / "idx")
-    (tmp_path / "data").mkdir()
-    config = tiny_run.tiny_config(tmp_path / "data", idx_dir, total_steps=3, lr=1e30,
+    data_dir, idx_dir = tiny_run.data_dirs(tmp_path)
+    config = tiny_run.tiny_config(data_dir, idx_dir, total_steps=3, lr=1e30,
                                   warmup_steps=1, warmup_init_lr=0.0, checkpoint_every=1,
                                   log_every=50, async_checkpoints=False)
     with pytest.raises(train.TrainingError, match=r"diverged at step 2 .*\(step 1\) is kept"):
