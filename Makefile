@@ -48,9 +48,10 @@ run: install data tcmalloc
 
 # TCMalloc too: a test checks that the CPU entry points preload it.
 # Two pytest processes (pytest-xdist), each test file kept in one of them so
-# its module fixtures are built once: 11 instead of 18 minutes on 2 cores,
-# as compiles and subprocess start-ups are mostly single-threaded.
-# TEST_WORKERS=auto uses every core; TEST_WORKERS=0 runs in this process.
+# its module fixtures are built once: 11-14 instead of 17-18 minutes on 2
+# cores, as compiles and subprocess start-ups are mostly single-threaded.
+# Each process peaks near 3.5 GB. TEST_WORKERS=auto starts one per core;
+# TEST_WORKERS=0 runs the tests in pytest's own process.
 TEST_WORKERS ?= 2
 test: install tcmalloc shellcheck
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
