@@ -476,6 +476,8 @@ def environment() -> dict[str, Any]:
     env = {"backend": jax.default_backend(), "device_kind": device.device_kind,
            "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
            "cpu_model": cpu_model(), "cpu_vendor": cpu_vendor(),
+           # virtual machines often hide the model number in the name ("AMD EPYC")
+           "cpu_family_model": cpu_family_model(),
            "python": platform.python_version(),
            "jax": jax.__version__, "jaxlib": _version("jaxlib"), "flax": _version("flax"),
            "optax": _version("optax"), "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -501,6 +503,13 @@ def _cpuinfo(field: str) -> Optional[str]:
 
 def cpu_model() -> str:
     return _cpuinfo("model name") or platform.processor()
+
+
+def cpu_family_model() -> str:
+    """``family/model`` in decimal as /proc/cpuinfo gives them (``25/17`` is
+    AMD Zen 4, ``26/2`` Zen 5), or '' where unknown."""
+    family, model = _cpuinfo("cpu family"), _cpuinfo("model")
+    return f"{family}/{model}" if family and model else ""
 
 
 def cpu_vendor() -> str:
@@ -825,7 +834,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         emit_json(rows, common)
     else:
         print(f"{args.model} batch {args.batch} at {args.resolution}px, {args.dtype} on "
-              f"{env['device_count']}x {env['device_kind']} ({env['cpu_model']}, "
+              f"{env['device_count']}x {env['device_kind']} ({env['cpu_model']}"
+              f"{', family/model ' + env['cpu_family_model'] if env['cpu_family_model'] else ''}, "
               f"{env['cpu_count']} CPUs), jax {env['jax']}")
         print_table(rows)
         if rows and rows[0].get("peak_flops_per_s"):

@@ -451,11 +451,13 @@ def test_cpu_vendor_and_model_are_the_first_processor_s(monkeypatch):
     assert benchmark.cpu_vendor() == "AuthenticAMD"
     # "model" is another field than "model name", and comes first.
     assert benchmark.cpu_model() == "AMD EPYC 9454 48-Core Processor"
+    assert benchmark.cpu_family_model() == "25/17"
 
     def missing(path):
         raise FileNotFoundError(path)
     monkeypatch.setattr(benchmark, "open", missing, raising=False)
     assert benchmark.cpu_vendor() == ""
+    assert benchmark.cpu_family_model() == ""
 
 
 @pytest.mark.parametrize("vendor, preload, mkl, expected", [
