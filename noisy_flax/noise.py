@@ -115,7 +115,9 @@ def linear_transform_noise(x: Array, q: Array, *, axis: int = 0, key=None, mask=
         raise ValueError(f"Q has shape {q.shape} but axis {axis} of x has size {k}; "
                          f"build Q with k={k}")
     moved = jnp.moveaxis(x, axis, 0)
-    mixed = moved + jnp.tensordot(q, moved, axes=1)
+    # HIGHEST: by default TPUs (and GPUs, through TF32) multiply float32 in
+    # bfloat16-sized pieces, which would round the mixed samples.
+    mixed = moved + jnp.tensordot(q, moved, axes=1, precision=jax.lax.Precision.HIGHEST)
     return jnp.moveaxis(mixed, 0, axis)
 
 
@@ -130,15 +132,30 @@ def optimal_q_noise(x: Array, *, key=None, mask=None) -> Array:
     def divide(summed, count):
         # In float32: bfloat16 holds integers exactly only up to 256, and a
         # rounded k + 1 would scale every row by the same wrong factor.
-        return (summed.astype(jnp.float32) / count).astype(x.dtype)
+        return (summed / count).astype(x.dtype)
 
     if mask is None:
-        total = jnp.sum(x, axis=0, keepdims=True)
-        return divide(x + total, x.shape[0] + 1)
+        return divide(x.astype(jnp.float32) + _batch_total(x), x.shape[0] + 1)
     real = _batch_mask(mask, x)
     k = jnp.sum(mask.astype(jnp.float32))
-    total = jnp.sum(jnp.where(real, x, 0), axis=0, keepdims=True)
-    return jnp.where(real, divide(x + total, k + 1), x)
+    total = _batch_total(jnp.where(real, x, 0))
+    return jnp.where(real, divide(x.astype(jnp.float32) + total, k + 1), x)
+
+
+def _batch_total(x: Array) -> Array:
+    """sum_j x_j over axis 0, in float32, repeated on every row (x's shape).
+
+    Two products with a ones vector rather than ``jnp.sum`` and a broadcast:
+    XLA:CPU hands a sum over a short leading axis of long rows to YNNPACK,
+    which ran it 50x slower than the product (BENCHMARKS.md), and the
+    gradient of a broadcast is that sum again, where the products' are products.
+    """
+    k = x.shape[0]
+    ones = jnp.ones((1, k), x.dtype)
+    product = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST,
+                                preferred_element_type=jnp.float32)
+    total = product(ones, x.reshape(k, -1))
+    return product(ones.T.astype(jnp.float32), total).reshape(x.shape)
 
 
 def circulant_noise(x: Array, *, alpha: float, stop_gradient: bool = False,

@@ -1,5 +1,6 @@
 """Noise functions against numpy references and closed forms."""
 import functools
+import re
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -119,6 +120,50 @@ class TestLinearTransform:
         x = jnp.arange(4.0)
         jac = jax.jacobian(noise.optimal_q_noise)(x)
         np.testing.assert_allclose(jac, np.eye(4) + noise.optimal_q(4), atol=1e-6)
+
+    def test_masked_optimal_q_jacobian_is_block_diagonal(self):
+        mask = jnp.asarray([True, True, True, False, False])
+        jac = jax.jacobian(functools.partial(noise.optimal_q_noise, mask=mask))(jnp.arange(5.0))
+        expected = np.eye(5)
+        expected[:3, :3] += noise.optimal_q(3)
+        np.testing.assert_allclose(jac, expected, atol=1e-6)
+
+    def test_a_nan_in_a_padded_row_stays_there(self, batch):
+        x = batch.copy()
+        x[8] = np.nan
+        mask = jnp.asarray(np.arange(10) < 6)
+        out = np.asarray(noise.optimal_q_noise(jnp.asarray(x), mask=mask))
+        np.testing.assert_allclose(out[:6], published_optimal_q(batch[:6]), rtol=1e-5, atol=1e-6)
+        assert np.isnan(out[8]).all()
+
+    @pytest.mark.parametrize("masked", [False, True])
+    def test_optimal_q_and_its_gradient_compile_without_a_batch_sum(self, masked):
+        """XLA:CPU runs a sum over a short leading axis of long rows 50x slower
+        than a product with a ones vector (BENCHMARKS.md); neither the noise
+        nor its gradient may hold one (only the scalar count of real rows)."""
+        x = jnp.ones((32, 197, 192))
+        mask = jnp.arange(32) < 30 if masked else None
+
+        def forward_backward(x, g):
+            y, vjp = jax.vjp(functools.partial(noise.optimal_q_noise, mask=mask), x)
+            return y, vjp(g)[0]
+        hlo = jax.jit(forward_backward).lower(x, x).compile().as_text()
+        assert re.search(r"= f32\[\d[\d,]*\]\S* reduce\(", hlo) is None
+        assert len(re.findall(r" dot\(", hlo)) >= 2  # the sums, forward and backward
+
+    @pytest.mark.parametrize("fn", [
+        noise.optimal_q_noise,
+        functools.partial(noise.optimal_q_noise, mask=jnp.arange(6) < 4),
+        lambda x: noise.linear_transform_noise(x, noise.circulant_q(6, 0.3)),
+        noise.within_image_noise])
+    def test_products_ask_for_full_float32_precision(self, fn):
+        """TPUs multiply float32 in bfloat16 pieces by default and GPUs in
+        TF32: the mixed samples would be rounded to about 3 digits."""
+        x = jnp.ones((6, 4, 4, 2))
+        for lowered in (jax.jit(fn).lower(x),
+                        jax.jit(jax.grad(lambda x: jnp.sum(fn(x) ** 2))).lower(x)):
+            dots = re.findall(r"stablehlo.dot_general[^\n]*", lowered.as_text())
+            assert dots and all("precision = [HIGHEST, HIGHEST]" in d for d in dots), dots
 
     @pytest.mark.parametrize("alpha", [0.3, 0.4])
     def test_circulant_matches_numpy(self, batch, alpha):
@@ -554,6 +599,24 @@ def test_optimal_q_divides_by_the_exact_count_in_bfloat16(real_rows, masked):
     assert np.abs(relative).max() <= 2.0**-8  # one bfloat16 rounding
     assert abs(relative.mean()) < 5e-4
     np.testing.assert_array_equal(out[real_rows:], x[real_rows:])  # padding untouched
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_optimal_q_in_bfloat16_rounds_once(masked):
+    """The batch sum and the mix run in float32 and only the result is
+    rounded to bfloat16, so it is the exact mix of the bfloat16 inputs,
+    correctly rounded (a sum rounded to bfloat16 first, and a bfloat16 add,
+    left about half of them a step off)."""
+    x = np.random.default_rng(6).uniform(0.5, 1.5, size=(300, 16)).astype(np.float32)
+    half = jnp.asarray(x, jnp.bfloat16)
+    mask = jnp.asarray(np.arange(300) < 290) if masked else None
+    real = 290 if masked else 300
+    exact = published_optimal_q(np.asarray(half, np.float64)[:real])
+    out = np.asarray(noise.optimal_q_noise(half, mask=mask), np.float64)[:real]
+    correctly_rounded = np.asarray(jnp.asarray(exact.astype(np.float32), jnp.bfloat16), np.float64)
+    # float32 intermediates may tip a value lying within 1e-7 of a tie
+    assert np.mean(out != correctly_rounded) <= 1e-3
+    assert np.abs(out / exact - 1).max() <= 2.0**-8  # half a step at most
 
 
 @pytest.mark.parametrize("fn", [noise.optimal_q_noise,
