@@ -28,6 +28,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from noisy_flax import batch_axis
+
 Array = jax.Array
 NoiseFn = Callable[..., Array]
 
@@ -143,19 +145,9 @@ def optimal_q_noise(x: Array, *, key=None, mask=None) -> Array:
 
 
 def _batch_total(x: Array) -> Array:
-    """sum_j x_j over axis 0, in float32, repeated on every row (x's shape).
-
-    Two products with a ones vector rather than ``jnp.sum`` and a broadcast:
-    XLA:CPU hands a sum over a short leading axis of long rows to YNNPACK,
-    which ran it 50x slower than the product (BENCHMARKS.md), and the
-    gradient of a broadcast is that sum again, where the products' are products.
-    """
-    k = x.shape[0]
-    ones = jnp.ones((1, k), x.dtype)
-    product = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST,
-                                preferred_element_type=jnp.float32)
-    total = product(ones, x.reshape(k, -1))
-    return product(ones.T.astype(jnp.float32), total).reshape(x.shape)
+    """sum_j x_j over axis 0, in float32, repeated on every row (x's shape);
+    as products (noisy_flax.batch_axis: XLA:CPU's sum is 50x slower)."""
+    return batch_axis.repeat_over_batch(batch_axis.sum_over_batch(x, jnp.float32), x.shape[0])
 
 
 def circulant_noise(x: Array, *, alpha: float, stop_gradient: bool = False,

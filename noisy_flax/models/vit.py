@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from noisy_flax.batch_axis import repeat_over_batch
 from noisy_flax.models.activations import gelu
 from noisy_flax.models.common import (apply_noise, apply_noise_to_patch_tokens, check_nhwc,
                                       noise_is_here, resolve_index)
@@ -190,7 +191,8 @@ class PositionEmbedding(nn.Module):
                     "noisy_flax.pretrained.resample_posemb")
         pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
                          (1, x.shape[1], x.shape[2]))
-        return x + pos.astype(x.dtype)
+        # a product, so that the gradient's sum over the batch is one (batch_axis)
+        return x + repeat_over_batch(pos.astype(x.dtype), x.shape[0])
 
 
 class Encoder(nn.Module):
