@@ -98,7 +98,11 @@ class MultiHeadDotProductAttention(nn.Module):
         to_batch_major = lambda t: t.transpose(0, 2, 1, 3).reshape(batch * heads, -1, head_dim)
         q, k, v = to_batch_major(q * head_dim ** -0.5), to_batch_major(k), to_batch_major(v)
         logits = jnp.matmul(q, k.transpose(0, 2, 1))
-        weights = nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
+        # jax's own softmax derivative from the output, y (dy - sum(y dy)), off
+        # by default: the quotient rule's backward made XLA:CPU write the row
+        # sums out over all 197 x 197 probabilities (BENCHMARKS.md).
+        with jax.softmax_custom_jvp(True):
+            weights = nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
         if dropout:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
         out = jnp.matmul(weights, v).reshape(batch, heads, length, head_dim)
