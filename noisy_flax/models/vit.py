@@ -100,7 +100,7 @@ class MultiHeadDotProductAttention(nn.Module):
         logits = jnp.matmul(q, k.transpose(0, 2, 1))
         # jax's own softmax derivative from the output, y (dy - sum(y dy)), off
         # by default: the quotient rule's backward made XLA:CPU write the row
-        # sums out over all 197 x 197 probabilities (BENCHMARKS.md).
+        # sums out over all the probabilities and read them back (BENCHMARKS.md).
         with jax.softmax_custom_jvp(True):
             weights = nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
         if dropout:
