@@ -356,13 +356,12 @@ def test_vs_torch_compares_train_with_train_and_eval_with_eval(monkeypatch, fast
                                     (jax_eval, torch_eval, "jax_over_torch_eval")):
         assert jax_row[key] == pytest.approx(np.median(torch_row["step_ms"])
                                              / np.median(jax_row["step_ms"]), rel=1e-2)
-    assert "jax_over_torch_eval" not in jax_train
-    # Paired per round with the same step as the ratio, eval with eval: one
-    # step per round here, so the median of the per-step quotients (the rows'
-    # times are rounded to 0.01 ms, hence the tolerance).
-    for jax_row, torch_row in ((jax_train, torch_train), (jax_eval, torch_eval)):
+        # Paired per round with the same step as the ratio, eval with eval: one
+        # step per round here, so the median of the per-step quotients (the
+        # rows' times are rounded to 0.01 ms, hence the tolerance).
         per_round = np.array(torch_row["step_ms"]) / np.array(jax_row["step_ms"])
         assert torch_row["ratio_paired"] == pytest.approx(np.median(per_round), rel=2e-2)
+    assert "jax_over_torch_eval" not in jax_train
     assert set(jax_train["matmul_flops_per_s"]) == {"matmul_64", "matmul_96", "torch.mm 96"}
 
 
